@@ -1,0 +1,29 @@
+"""Exceptions raised by celery-sticky; each message names what is at fault."""
+
+from __future__ import annotations
+
+from celery.exceptions import ImproperlyConfigured
+
+
+class StickyError(Exception):
+    """Base class of every celery-sticky error."""
+
+
+class ConfigurationError(StickyError, ImproperlyConfigured):
+    """A ``sticky_*`` setting (named in the message) is wrong."""
+
+
+class InvalidKeyError(StickyError, ValueError):
+    """A task's workflow key is missing, ``None``, of the wrong type or too long."""
+
+
+class LeaseStoreUnavailable(StickyError, ConnectionError):
+    """The lease store (Redis, URL in the message) does not answer."""
+
+
+class ForwardingError(StickyError):
+    """A message was forwarded more often than ``sticky_max_hops`` allows."""
+
+
+class StateDirError(StickyError, OSError):
+    """The worker's state directory cannot be created, written or opened."""

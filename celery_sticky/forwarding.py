@@ -1,0 +1,66 @@
+"""Forwarding: pass a message that reached the wrong worker on to the key's owner.
+
+Happens when a producer routed under a stale cached lease, or when a queue fixed
+by the caller delivered a task of a key owned elsewhere. The message is
+republished unchanged but for its ``sticky`` header (owner's epoch, one more
+hop), then acknowledged: at least once, never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from kombu.message import Message
+
+from .errors import ForwardingError
+from .message import StickyHeader
+from .router import direct_queue, ensure_queue
+
+logger = logging.getLogger(__name__)
+
+# Message properties worth carrying over; the rest belong to the transport.
+_PROPERTIES = ("correlation_id", "reply_to", "priority", "delivery_mode", "expiration")
+
+
+def forward(app: Celery, message: Message, header: StickyHeader, owner_queue: str,
+            epoch: int, max_hops: int) -> None:
+    """Republish ``message`` to ``owner_queue`` and acknowledge the original.
+
+    Raises :class:`ForwardingError` (after failing the task visibly and acking)
+    when the message has already travelled ``max_hops`` times.
+    """
+    task_id = (message.headers or {}).get("id")
+    task_name = (message.headers or {}).get("task")
+    if header.hops >= max_hops:
+        exc = ForwardingError(
+            f"task {task_name}[{task_id}] of key {header.workflow}:{header.key} was forwarded "
+            f"{header.hops} times (sticky_max_hops={max_hops}); last owner queue {owner_queue}"
+        )
+        task = app.tasks.get(task_name)
+        if task is not None and task_id:
+            task.backend.mark_as_failure(task_id, exc)
+        message.ack()
+        raise exc
+    moved = StickyHeader(header.workflow, header.key, epoch, header.hops + 1)
+    properties: dict[str, Any] = {
+        name: message.properties[name] for name in _PROPERTIES if message.properties.get(name)
+    }
+    ensure_queue(app, owner_queue)
+    queue = direct_queue(owner_queue)
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            message.body,
+            exchange=queue.exchange,
+            routing_key=queue.routing_key,
+            declare=[queue],
+            headers=moved.with_headers(message.headers),
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            retry=True,
+            **properties,
+        )
+    message.ack()
+    logger.info("sticky: forwarded %s[%s] of %s:%s to %s (hop %d)", task_name, task_id,
+                header.workflow, header.key, owner_queue, moved.hops)

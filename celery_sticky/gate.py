@@ -1,0 +1,319 @@
+"""The per-key gate: one task per key at a time, in the order received.
+
+It sits in the worker's main process at the ``Task.Strategy`` level, before the
+pool: locks taken inside tasks were measured to break order and block pool slots
+(see DESIGN.md). Each workflow key has a FIFO of entries; only the head runs.
+Before the head runs, the gate proves this worker owns the key, or forwards the
+message to the owner. Entries waiting behind a busy key give their prefetch slot
+back (as Celery does for ETA tasks), so they do not starve other keys.
+
+Completion is observed on the request's pool callbacks (``on_success`` and
+``on_failure``, which may fire twice: release is idempotent), never on
+``Task.Request`` subclasses (Celery's generated request class bypasses them).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import TaskRevokedError
+from celery.worker.state import task_ready, task_reserved
+from celery.worker.strategy import default as default_strategy
+from kombu.message import Message
+
+from .errors import ForwardingError, InvalidKeyError
+from .forwarding import forward
+from .message import HEADER, StickyHeader
+from .node import StickyNode
+
+logger = logging.getLogger(__name__)
+
+GateKey = tuple[str, str]
+
+
+class _Outcome(enum.Enum):
+    RUNNING = "running"  # handed to the pool; completion will release the key
+    DONE = "done"  # finished, forwarded or dropped: the next entry may go
+    WAIT = "wait"  # ownership cannot be proven now: retry later
+
+
+class _Entry:
+    """A task waiting for, or holding, its key's turn."""
+
+    __slots__ = ("dispatch", "finished", "header", "held", "message", "request", "retry_delay",
+                 "started", "submitted")
+
+    def __init__(self, header: StickyHeader, message: Message,
+                 dispatch: Callable[[], Any] | None = None, request: Any = None) -> None:
+        self.header = header
+        self.message = message
+        self.dispatch = dispatch  # runs Celery's default strategy on the raw message
+        self.request = request  # the Request, once one exists
+        self.held = False  # counted out of prefetch while waiting
+        self.started = False
+        self.submitted = False  # handed to the pool (not only to the semaphore)
+        self.finished = False
+        self.retry_delay = 0.0
+
+    @property
+    def gate_key(self) -> GateKey:
+        return (self.header.workflow, self.header.key)
+
+
+class KeyGate:
+    """The per-key FIFOs of one worker."""
+
+    def __init__(self, app: Celery, node: StickyNode) -> None:
+        self.app = app
+        self.node = node
+        self.consumer: Any = None  # the worker's Consumer, set by the strategy
+        self._queues: dict[GateKey, deque[_Entry]] = {}
+        self._lock = threading.RLock()
+        self._local = threading.local()
+
+    # -- inspection ------------------------------------------------------------
+
+    def busy_keys(self) -> int:
+        return len(self._queues)
+
+    def waiting(self) -> int:
+        with self._lock:
+            return sum(len(q) - 1 for q in self._queues.values())
+
+    # -- entry points ----------------------------------------------------------
+
+    def submit(self, entry: _Entry) -> None:
+        """Queue an entry behind its key; run it now if the key is free."""
+        key = entry.gate_key
+        with self._lock:
+            queue = self._queues.setdefault(key, deque())
+            queue.append(entry)
+            if len(queue) > 1:
+                entry.held = True
+                self._qos("increment_eventually")
+                return
+        self._run_head(key)
+
+    def launch(self, request: Any) -> None:
+        """Hand a request to the pool, watching for its completion.
+
+        Called (through the consumer proxy) by Celery's strategy while the gate
+        dispatches an entry; anything else (rate-limited buckets) passes straight.
+        """
+        entry: _Entry | None = getattr(self._local, "entry", None)
+        if entry is None:
+            self.consumer.on_task_request(request)
+            return
+        entry.request = request
+        self._watch(entry, request)
+        self.consumer.on_task_request(request)
+
+    def on_eta_due(self, request: Any) -> None:
+        """An ETA/countdown task is due: it queues behind its key like a new arrival."""
+        task_reserved(request)
+        self._qos("decrement_eventually")
+        header = StickyHeader.from_headers(request.message.headers)
+        if header is None:  # cannot happen for a message the gate admitted
+            self.consumer.on_task_request(request)
+            return
+        self.submit(_Entry(header, request.message, request=request))
+
+    def forget_unstarted(self) -> None:
+        """After a broker reconnect: drop entries whose messages the broker restores.
+
+        Entries already handed to the pool keep their place until they complete.
+        """
+        with self._lock:
+            for key in list(self._queues):
+                kept = deque(e for e in self._queues[key] if e.submitted and not e.finished)
+                if kept:
+                    self._queues[key] = kept
+                else:
+                    del self._queues[key]
+
+    # -- the head of a key -------------------------------------------------------
+
+    def _run_head(self, key: GateKey) -> None:
+        while True:
+            with self._lock:
+                queue = self._queues.get(key)
+                if not queue:
+                    return
+                head = queue[0]
+                if head.started:
+                    return
+                head.started = True
+                if head.held:
+                    head.held = False
+                    self._qos("decrement_eventually")
+            outcome = self._start(head)
+            if outcome is _Outcome.RUNNING:
+                return
+            if outcome is _Outcome.WAIT:
+                with self._lock:
+                    head.started = False
+                self._retry_later(key, head)
+                return
+            self._pop(key, head)
+
+    def _pop(self, key: GateKey, entry: _Entry) -> None:
+        with self._lock:
+            queue = self._queues.get(key)
+            if queue and queue[0] is entry:
+                queue.popleft()
+                if not queue:
+                    del self._queues[key]
+
+    def _start(self, entry: _Entry) -> _Outcome:
+        header = entry.header
+        lease = self.node.prove(header.workflow, header.key)
+        if lease is None:
+            return _Outcome.WAIT
+        entry.retry_delay = 0.0
+        if lease.owner != self.node.name:
+            self._forward(entry, lease.owner, lease.epoch)
+            return _Outcome.DONE
+        proven = StickyHeader(header.workflow, header.key, lease.epoch, header.hops)
+        entry.message.headers[HEADER] = proven.encode()
+        self._local.entry = entry
+        try:
+            if entry.request is not None:
+                self._watch(entry, entry.request)
+                self.consumer.on_task_request(entry.request)
+            elif entry.dispatch is not None:
+                entry.dispatch()
+        except Exception:
+            logger.exception("sticky: could not start a task of %s:%s", *entry.gate_key)
+            if not entry.message.acknowledged:
+                entry.message.reject(requeue=False)
+            return _Outcome.DONE
+        finally:
+            self._local.entry = None
+        if entry.request is None or entry.finished:
+            # Celery dropped it (revoked, expired) or scheduled it (ETA), or the
+            # pool ran it synchronously (solo): the key is free again.
+            return _Outcome.DONE
+        return _Outcome.RUNNING
+
+    def _forward(self, entry: _Entry, owner: str, epoch: int) -> None:
+        queue = self.node.config.direct_queue_name(owner)
+        try:
+            forward(self.app, entry.message, entry.header, queue, epoch,
+                    self.node.config.max_hops)
+        except ForwardingError as exc:
+            logger.error("sticky: %s", exc)
+        if entry.request is not None:
+            task_ready(entry.request)
+
+    def _retry_later(self, key: GateKey, entry: _Entry) -> None:
+        entry.retry_delay = min(max(entry.retry_delay * 2, 0.1), self.node.config.proof_retry_max)
+        self.consumer.timer.call_after(entry.retry_delay, self._run_head, (key,))
+
+    # -- completion --------------------------------------------------------------
+
+    def _watch(self, entry: _Entry, request: Any) -> None:
+        """Wrap the request's pool callbacks so the key is released when it ends."""
+        on_success, on_failure = request.on_success, request.on_failure
+        execute_using_pool = request.execute_using_pool
+
+        def success(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return on_success(*args, **kwargs)
+            finally:
+                self._finish(entry)
+
+        def failure(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return on_failure(*args, **kwargs)
+            finally:
+                self._finish(entry)
+
+        def execute(*args: Any, **kwargs: Any) -> Any:
+            entry.submitted = True
+            try:
+                return execute_using_pool(*args, **kwargs)
+            except TaskRevokedError:
+                self._finish(entry)  # revoked before it ran: no callback will come
+                raise
+
+        request.on_success = success
+        request.on_failure = failure
+        request.execute_using_pool = execute
+
+    def _finish(self, entry: _Entry) -> None:
+        with self._lock:
+            if entry.finished:
+                return
+            entry.finished = True
+        if getattr(self._local, "entry", None) is entry:
+            return  # finished synchronously inside _start, which pops it
+        key = entry.gate_key
+        self._pop(key, entry)
+        self._run_head(key)
+
+    def _qos(self, method: str) -> None:
+        qos = getattr(self.consumer, "qos", None)
+        if qos is not None:
+            getattr(qos, method)()
+
+
+class _GatedConsumer:
+    """The worker's Consumer as Celery's default strategy sees it under the gate.
+
+    The default strategy hands finished requests to ``on_task_request`` and due
+    ETA requests to ``apply_eta_task``; both go through the gate instead.
+    """
+
+    def __init__(self, consumer: Any, gate: KeyGate) -> None:
+        self._consumer = consumer
+        self.on_task_request = gate.launch
+        self.apply_eta_task = gate.on_eta_due
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+
+def sticky_strategy(task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
+    """``Task.Strategy`` of sticky tasks: Celery's default behind the per-key gate."""
+    node_step = getattr(consumer.controller, "sticky", None)
+    if node_step is None:  # a worker without the sticky bootstep: plain Celery
+        return default_strategy(task, app, consumer, **kwargs)
+    gate: KeyGate = node_step.gate
+    gate.consumer = consumer
+    handler = default_strategy(task, app, _GatedConsumer(consumer, gate), **kwargs)
+
+    def sticky_task_message_handler(message: Message, body: Any, ack: Any, reject: Any,
+                                    callbacks: Any, **kw: Any) -> None:
+        try:
+            header = _header_of(task, message)
+        except InvalidKeyError as exc:
+            logger.error("sticky: %s", exc)
+            task_id = (message.headers or {}).get("id")
+            if task_id:
+                task.backend.mark_as_failure(task_id, exc)
+            message.ack()
+            return
+        gate.submit(_Entry(
+            header, message,
+            dispatch=lambda: handler(message, body, ack, reject, callbacks, **kw),
+        ))
+
+    return sticky_task_message_handler
+
+
+def _header_of(task: Any, message: Message) -> StickyHeader:
+    """The message's sticky header; messages published without the router are parsed."""
+    header = StickyHeader.from_headers(message.headers)
+    if header is not None:
+        return header
+    args, kwargs, _embed = message.decode()
+    key = task.sticky.extract(args, kwargs, task_name=task.name)
+    header = StickyHeader(task.sticky.workflow, key, 0, 0)
+    message.headers[HEADER] = header.encode()
+    return header

@@ -1,0 +1,55 @@
+-- Claim a workflow key, or return its current valid lease.
+--
+-- A lease is valid while its owner's heartbeat (score in the workers zset) is
+-- younger than the TTL. A new claim or a take-over draws the next epoch from a
+-- global counter, so epochs only ever rise: the fencing token.
+--
+-- KEYS[1] lease hash      KEYS[2] workers zset      KEYS[3] epoch counter
+-- ARGV[1] lease TTL (s)   ARGV[2] candidate node, or '' for the least loaded live worker
+-- ARGV[3] key prefix ('<prefix>:')                  ARGV[4] owned-set member ('<workflow>:<key>')
+--
+-- Returns {owner, epoch, status}: status 0 = already owned (valid), 1 = new claim,
+-- 2 = taken over from a dead owner, -1 = no live worker could take it.
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local deadline = now - tonumber(ARGV[1])
+
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner then
+  local beat = redis.call('ZSCORE', KEYS[2], owner)
+  if beat and tonumber(beat) >= deadline then
+    return {owner, redis.call('HGET', KEYS[1], 'epoch'), 0}
+  end
+end
+
+local candidate = ARGV[2]
+if candidate == '' then
+  local best, best_load = nil, nil
+  for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], deadline, '+inf')) do
+    local capacity = tonumber(redis.call('HGET', ARGV[3] .. 'worker:' .. node, 'capacity') or '1') or 1
+    if capacity < 1 then capacity = 1 end
+    local load = redis.call('SCARD', ARGV[3] .. 'owned:' .. node) / capacity
+    if best == nil or load < best_load or (load == best_load and node < best) then
+      best, best_load = node, load
+    end
+  end
+  if best == nil then
+    return {'', '0', -1}
+  end
+  candidate = best
+else
+  local beat = redis.call('ZSCORE', KEYS[2], candidate)
+  if not beat or tonumber(beat) < deadline then
+    return {'', '0', -1}
+  end
+end
+
+local epoch = redis.call('INCR', KEYS[3])
+local status = 1
+if owner then
+  redis.call('SREM', ARGV[3] .. 'owned:' .. owner, ARGV[4])
+  status = 2
+end
+redis.call('HSET', KEYS[1], 'owner', candidate, 'epoch', epoch, 'since', tostring(now))
+redis.call('SADD', ARGV[3] .. 'owned:' .. candidate, ARGV[4])
+return {candidate, tostring(epoch), status}

@@ -1,0 +1,12 @@
+-- Register a worker or renew its heartbeat. Costs the same whatever the
+-- number of keys the worker owns: leases point at the worker, not the clock.
+--
+-- KEYS[1] workers zset    KEYS[2] worker info hash
+-- ARGV[1] node name       ARGV[2] capacity    ARGV[3] direct queue name
+--
+-- Returns the server time, which every liveness decision is measured against.
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1000000
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('HSET', KEYS[2], 'capacity', ARGV[2], 'queue', ARGV[3], 'heartbeat', tostring(now))
+return tostring(now)

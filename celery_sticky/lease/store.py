@@ -1,0 +1,200 @@
+"""The lease store: who owns which workflow key, under which epoch.
+
+Every decision that must be atomic across producers and workers is one Lua
+script (the ``.lua`` files beside this module), run with EVALSHA. Liveness is
+measured against the Redis server's clock, never a worker's.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, NamedTuple, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.commands.core import Script
+
+from ..errors import LeaseStoreUnavailable
+from ..settings import StickyConfig
+
+T = TypeVar("T")
+
+
+class ClaimStatus(enum.IntEnum):
+    NO_LIVE_WORKER = -1
+    OWNED = 0
+    CLAIMED = 1
+    TAKEN_OVER = 2
+
+
+class Lease(NamedTuple):
+    """A key's owner (Celery nodename) and the epoch it holds the key under."""
+
+    owner: str
+    epoch: int
+    status: ClaimStatus
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    name: str
+    heartbeat: float
+    alive: bool
+    capacity: int
+    queue: str
+    keys: int
+
+
+def _load_script(name: str) -> str:
+    return resources.files(__package__).joinpath(f"{name}.lua").read_text()
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for error messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
+
+
+class LeaseStore:
+    """Claims, lookups, releases and the worker registry, one Lua script each."""
+
+    def __init__(self, config: StickyConfig, client: redis.Redis | None = None) -> None:
+        self.config = config
+        self.url = config.redis_url
+        self.prefix = f"{config.key_prefix}:"
+        self.redis: redis.Redis = client or redis.Redis.from_url(
+            config.redis_url,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            health_check_interval=30,
+        )
+        self._claim: Script = self.redis.register_script(_load_script("claim"))
+        self._heartbeat: Script = self.redis.register_script(_load_script("heartbeat"))
+        self._release: Script = self.redis.register_script(_load_script("release"))
+        self._deregister: Script = self.redis.register_script(_load_script("deregister"))
+
+    # -- Redis key names -------------------------------------------------------
+
+    def lease_key(self, workflow: str, key: str) -> str:
+        return f"{self.prefix}lease:{workflow}:{key}"
+
+    @property
+    def workers_key(self) -> str:
+        return f"{self.prefix}workers"
+
+    def worker_key(self, node: str) -> str:
+        return f"{self.prefix}worker:{node}"
+
+    def owned_key(self, node: str) -> str:
+        return f"{self.prefix}owned:{node}"
+
+    @property
+    def epoch_key(self) -> str:
+        return f"{self.prefix}epoch"
+
+    # -- operations ------------------------------------------------------------
+
+    def claim(self, workflow: str, key: str, candidate: str = "") -> Lease:
+        """Return the key's valid lease, or claim it for ``candidate``.
+
+        With no candidate the least loaded live worker is chosen, atomically.
+        """
+        owner, epoch, status = self._call(
+            self._claim,
+            keys=[self.lease_key(workflow, key), self.workers_key, self.epoch_key],
+            args=[self.config.lease_ttl, candidate, self.prefix, f"{workflow}:{key}"],
+        )
+        return Lease(owner, int(epoch), ClaimStatus(int(status)))
+
+    def release(self, workflow: str, key: str, owner: str = "") -> bool:
+        """Drop a lease (only ``owner``'s when given); the next task claims afresh."""
+        released = self._call(
+            self._release,
+            keys=[self.lease_key(workflow, key)],
+            args=[self.prefix, f"{workflow}:{key}", owner],
+        )
+        return bool(released)
+
+    def heartbeat(self, node: str, capacity: int, queue: str) -> float:
+        """Register ``node`` or renew its heartbeat; returns the server time."""
+        now = self._call(
+            self._heartbeat,
+            keys=[self.workers_key, self.worker_key(node)],
+            args=[node, capacity, queue],
+        )
+        return float(now)
+
+    def deregister(self, node: str) -> None:
+        self._call(self._deregister, keys=[self.workers_key, self.worker_key(node)], args=[node])
+
+    def lookup(self, workflow: str, key: str) -> tuple[str, int, bool] | None:
+        """``(owner, epoch, owner_alive)`` of a key, or None when nobody holds it."""
+
+        def read() -> tuple[str, int, bool] | None:
+            lease = self.redis.hgetall(self.lease_key(workflow, key))
+            if not lease:
+                return None
+            beat = self.redis.zscore(self.workers_key, lease["owner"])
+            alive = beat is not None and beat >= self._server_time() - self.config.lease_ttl
+            return lease["owner"], int(lease["epoch"]), alive
+
+        return self._guard(read)
+
+    def workers(self) -> list[WorkerInfo]:
+        """Every registered worker, alive or not, with its load."""
+
+        def read() -> list[WorkerInfo]:
+            now = self._server_time()
+            beats = self.redis.zrange(self.workers_key, 0, -1, withscores=True)
+            pipe = self.redis.pipeline(transaction=False)
+            for node, _ in beats:
+                pipe.hgetall(self.worker_key(node))
+                pipe.scard(self.owned_key(node))
+            replies = pipe.execute()
+            result = []
+            for i, (node, beat) in enumerate(beats):
+                info, keys = replies[2 * i], replies[2 * i + 1]
+                result.append(
+                    WorkerInfo(
+                        name=node,
+                        heartbeat=beat,
+                        alive=beat >= now - self.config.lease_ttl,
+                        capacity=int(info.get("capacity", 1)),
+                        queue=info.get("queue", ""),
+                        keys=int(keys),
+                    )
+                )
+            return result
+
+        return self._guard(read)
+
+    def owned_keys(self, node: str) -> set[tuple[str, str]]:
+        """The ``(workflow, key)`` pairs registered to ``node``."""
+        members = self._guard(lambda: self.redis.smembers(self.owned_key(node)))
+        return {tuple(member.split(":", 1)) for member in members}  # type: ignore[misc]
+
+    def ping(self) -> None:
+        self._guard(self.redis.ping)
+
+    def _server_time(self) -> float:
+        seconds, micros = self.redis.time()
+        return float(seconds) + micros / 1e6
+
+    def _call(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        return self._guard(lambda: script(keys=keys, args=args))
+
+    def _guard(self, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise LeaseStoreUnavailable(
+                f"lease store at {redact_url(self.url)} does not answer: {exc}"
+            ) from exc

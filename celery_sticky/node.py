@@ -1,0 +1,127 @@
+"""The worker node's view of ownership: heartbeats, owned keys, proofs.
+
+A worker may run a key's task only while it can prove it owns the key. The proof
+is cheap while its own heartbeat is fresh and it claimed the key itself: nobody
+can take a key over from a worker whose heartbeat is younger than the TTL.
+Otherwise it asks the lease store (one claim script round trip).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .errors import LeaseStoreUnavailable
+from .lease import ClaimStatus, Lease, LeaseStore
+from .settings import StickyConfig
+
+logger = logging.getLogger(__name__)
+
+
+class StickyNode:
+    """One worker's registration, heartbeat and owned-key table."""
+
+    def __init__(self, name: str, config: StickyConfig, store: LeaseStore, capacity: int) -> None:
+        self.name = name
+        self.config = config
+        self.store = store
+        self.capacity = capacity
+        self.queue = config.direct_queue_name(name)
+        self._owned: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+        # monotonic time at which the last successful heartbeat was *sent*.
+        self._last_beat = float("-inf")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- liveness --------------------------------------------------------------
+
+    @property
+    def fresh(self) -> bool:
+        """True while the registry surely still counts this node alive."""
+        margin = self.config.heartbeat_interval
+        return time.monotonic() < self._last_beat + self.config.lease_ttl - margin
+
+    def beat(self) -> None:
+        sent = time.monotonic()
+        self.store.heartbeat(self.name, self.capacity, self.queue)
+        self._last_beat = sent
+
+    def start(self) -> None:
+        try:
+            self.beat()
+            logger.info("sticky: %s registered, direct queue %s", self.name, self.queue)
+        except LeaseStoreUnavailable as exc:
+            logger.warning("sticky: %s; will keep trying to register", exc)
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._heartbeat_loop, name="sticky-heartbeat", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, deregister: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.config.heartbeat_interval + 1)
+        if deregister:
+            try:
+                self.store.deregister(self.name)
+            except LeaseStoreUnavailable as exc:
+                logger.warning("sticky: could not deregister %s: %s", self.name, exc)
+
+    def _heartbeat_loop(self) -> None:
+        delay = self.config.heartbeat_interval
+        failures = 0
+        while not self._stop.wait(delay):
+            try:
+                self.beat()
+                if failures:
+                    logger.info("sticky: lease store answers again; %s heartbeats", self.name)
+                failures = 0
+                delay = self.config.heartbeat_interval
+            except LeaseStoreUnavailable as exc:
+                failures += 1
+                if failures == 1 or failures % 10 == 0:
+                    logger.warning("sticky: heartbeat of %s failed (%d): %s", self.name,
+                                   failures, exc)
+                delay = min(self.config.heartbeat_interval, 0.2 * 2**failures)
+
+    # -- ownership -------------------------------------------------------------
+
+    def prove(self, workflow: str, key: str) -> Lease | None:
+        """The key's lease, claimed for this node when nobody valid holds it.
+
+        Returns None when ownership cannot be proven now (the lease store does not
+        answer, or this node is not registered alive); the caller waits and retries.
+        """
+        if self.fresh:
+            epoch = self._owned.get((workflow, key))
+            if epoch is not None:
+                return Lease(self.name, epoch, ClaimStatus.OWNED)
+        try:
+            lease = self.store.claim(workflow, key, candidate=self.name)
+        except LeaseStoreUnavailable as exc:
+            logger.warning("sticky: cannot prove ownership of %s:%s: %s", workflow, key, exc)
+            return None
+        if lease.status is ClaimStatus.NO_LIVE_WORKER:
+            return None
+        with self._lock:
+            if lease.owner == self.name:
+                self._owned[(workflow, key)] = lease.epoch
+            else:
+                self._owned.pop((workflow, key), None)
+        if lease.status is not ClaimStatus.OWNED and lease.owner == self.name:
+            logger.info("sticky: %s %s %s:%s at epoch %d", self.name,
+                        "took over" if lease.status is ClaimStatus.TAKEN_OVER else "claimed",
+                        workflow, key, lease.epoch)
+        return lease
+
+    def forget(self, workflow: str, key: str) -> None:
+        with self._lock:
+            self._owned.pop((workflow, key), None)
+
+    @property
+    def owned(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._owned)

@@ -1,0 +1,123 @@
+"""The router: send every task of an owned key to its owner's direct queue.
+
+Runs wherever tasks are published: producers, and workers publishing chain steps
+and chord bodies. It claims unowned keys at publish for the worker the placement
+policy picks, and stamps each sticky message with the ``sticky`` header.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from .keys import KeySpec
+from .lease import ClaimStatus, LeaseStore
+from .message import StickyHeader
+from .settings import StickyConfig, get_config
+
+_CACHE_LIMIT = 100_000
+
+
+def direct_queue(name: str) -> Queue:
+    """A worker's direct queue: durable, never auto-deleted, no ``expires``.
+
+    (``Queue(expires=...)`` on Redis drops the list with its messages.)
+    """
+    return Queue(name, Exchange(name, type="direct"), routing_key=name, durable=True,
+                 auto_delete=False)
+
+
+def ensure_queue(app: Celery, name: str) -> None:
+    """Make ``name`` a known queue of the app, so publishing to it needs no lookup."""
+    queues = app.amqp.queues
+    if name not in queues:
+        queues.add(direct_queue(name))
+
+
+class StickyRouter:
+    """A Celery router (``task_routes`` entry) for tasks made with ``@sticky_task``."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._config: StickyConfig | None = None
+        # (workflow, key) -> (expires at, queue name, epoch); process-local.
+        self._cache: dict[tuple[str, str], tuple[float, str, int]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def config(self) -> StickyConfig:
+        if self._config is None:
+            self._config = get_config(self.app)
+        return self._config
+
+    @property
+    def store(self) -> LeaseStore:
+        from .app import lease_store
+
+        return lease_store(self.app)
+
+    def __call__(
+        self,
+        name: str,
+        args: Any,
+        kwargs: Any,
+        options: dict[str, Any],
+        task: Any = None,
+        **kw: Any,
+    ) -> dict[str, Any] | None:
+        task = task if task is not None else self.app.tasks.get(name)
+        spec = getattr(task, "sticky", None)
+        if not isinstance(spec, KeySpec):
+            return None
+        key = spec.extract(args, kwargs, task_name=name)
+        old = StickyHeader.from_headers(options.get("headers"))
+        hops = old.hops if old is not None and old.key == key else 0
+        if options.get("queue"):
+            # A queue fixed by the caller or the task wins: the router stays out,
+            # and the receiving worker still forwards to the owner if there is one.
+            options["headers"] = StickyHeader(spec.workflow, key, 0, hops).with_headers(
+                options.get("headers")
+            )
+            return None
+        queue, epoch = self._route(spec.workflow, key)
+        # Celery merges the router's dict under the caller's options, so the header
+        # goes into the options of this one publish (a fresh dict, never shared).
+        options["headers"] = StickyHeader(spec.workflow, key, epoch, hops).with_headers(
+            options.get("headers")
+        )
+        if queue is None:
+            return None
+        return {"queue": queue}
+
+    def _route(self, workflow: str, key: str) -> tuple[str | None, int]:
+        now = time.monotonic()
+        cached = self._cache.get((workflow, key))
+        if cached is not None and cached[0] > now:
+            return cached[1], cached[2]
+        config = self.config
+        store = self.store
+        if config.placement == "first_come":
+            found = store.lookup(workflow, key)
+            if found is None or not found[2]:
+                return None, 0
+            owner, epoch = found[0], found[1]
+        else:
+            lease = store.claim(workflow, key)
+            if lease.status is ClaimStatus.NO_LIVE_WORKER:
+                return None, 0
+            owner, epoch = lease.owner, lease.epoch
+        queue = config.direct_queue_name(owner)
+        ensure_queue(self.app, queue)
+        with self._lock:
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[(workflow, key)] = (now + config.lease_cache_ttl, queue, epoch)
+        return queue, epoch
+
+    def forget(self, workflow: str, key: str) -> None:
+        """Drop a cached lease (after a release), so the next publish asks Redis."""
+        self._cache.pop((workflow, key), None)

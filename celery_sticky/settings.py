@@ -1,0 +1,220 @@
+"""Every ``sticky_*`` setting, in one list that also generates the docs.
+
+Settings are read with ``app.conf.get("sticky_<name>", default)`` rather than
+through ``app.add_defaults``: defaults added that way override values loaded by
+``config_from_object`` (a known Celery trap).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+
+from .errors import ConfigurationError
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+socket://")
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "celery-sticky")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its name without the ``sticky_`` prefix, default and meaning."""
+
+    name: str
+    default: Any
+    doc: str
+    convert: Callable[[Any], Any] = lambda value: value
+
+    @property
+    def key(self) -> str:
+        return f"sticky_{self.name}"
+
+
+def _positive_float(value: Any) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError("must be a number greater than 0")
+    return number
+
+
+def _positive_int(value: Any) -> int:
+    number = int(value)
+    if number <= 0 or (isinstance(value, float) and value != number):
+        raise ValueError("must be a whole number greater than 0")
+    return number
+
+
+def _optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else convert(value)
+
+
+def _name(value: Any) -> str:
+    text = str(value)
+    if not text or any(ch.isspace() or ch in ":*?[]" for ch in text):
+        raise ValueError("must be a non-empty name without spaces or any of : * ? [ ]")
+    return text
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "redis_url",
+        None,
+        "URL of the Redis that holds leases, epochs and the worker registry. "
+        "Defaults to `broker_url` when the broker is Redis; with any other broker it must be set.",
+        _optional(str),
+    ),
+    Setting(
+        "state_dir",
+        None,
+        "Directory for local state; each worker uses `<state_dir>/<nodename>/`. Must be on a local "
+        "disk (diskcache uses SQLite: never NFS). Default: `$XDG_STATE_HOME/celery-sticky` "
+        "(`~/.local/state/celery-sticky`).",
+        _optional(str),
+    ),
+    Setting(
+        "lease_ttl",
+        10.0,
+        "Seconds without a heartbeat after which a worker is dead and its keys may move.",
+        _positive_float,
+    ),
+    Setting(
+        "heartbeat_interval",
+        None,
+        "Seconds between a worker's heartbeats. Default: a quarter of `sticky_lease_ttl`. "
+        "Must be shorter than half the TTL.",
+        _optional(_positive_float),
+    ),
+    Setting(
+        "queue_prefix",
+        "sticky",
+        "Prefix of each worker's direct queue, named `<prefix>.<nodename>`.",
+        _name,
+    ),
+    Setting(
+        "key_prefix",
+        "sticky",
+        "Namespace of every Redis key the lease store writes (`<prefix>:lease:...`).",
+        _name,
+    ),
+    Setting(
+        "placement",
+        "least_loaded",
+        "How a new key picks its worker at publish: `least_loaded` (fewest owned keys per unit "
+        "of capacity, decided atomically in Redis) or `first_come` (no claim at publish: the "
+        "first worker that receives the task claims the key).",
+        str,
+    ),
+    Setting(
+        "lease_cache_ttl",
+        1.0,
+        "Seconds a producer reuses a lease it looked up before asking Redis again. A stale "
+        "entry is harmless: the receiving worker checks ownership and forwards.",
+        _positive_float,
+    ),
+    Setting(
+        "max_hops",
+        3,
+        "How many times a message may be forwarded between workers before it fails with "
+        "`ForwardingError`.",
+        _positive_int,
+    ),
+    Setting(
+        "worker_capacity",
+        None,
+        "Capacity a worker advertises to placement. Default: its pool concurrency.",
+        _optional(_positive_int),
+    ),
+    Setting(
+        "proof_retry_max",
+        5.0,
+        "Longest pause, in seconds, between a worker's attempts to prove ownership while the "
+        "lease store does not answer (the backoff starts at 0.1 s and doubles).",
+        _positive_float,
+    ),
+)
+
+SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
+PLACEMENTS = ("least_loaded", "first_come")
+
+
+@dataclass(frozen=True)
+class StickyConfig:
+    """The resolved ``sticky_*`` settings of one app, validated once."""
+
+    redis_url: str
+    state_dir: str
+    lease_ttl: float
+    heartbeat_interval: float
+    queue_prefix: str
+    key_prefix: str
+    placement: str
+    lease_cache_ttl: float
+    max_hops: int
+    worker_capacity: int | None
+    proof_retry_max: float
+
+    @classmethod
+    def from_app(cls, app: Celery) -> StickyConfig:
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = app.conf.get(setting.key, setting.default)
+            try:
+                values[setting.name] = setting.convert(raw)
+            except (TypeError, ValueError) as exc:
+                raise ConfigurationError(f"{setting.key}={raw!r}: {exc}") from None
+        values["redis_url"] = values["redis_url"] or _redis_url_from_broker(app)
+        values["state_dir"] = values["state_dir"] or _default_state_dir()
+        ttl = values["lease_ttl"]
+        interval = values["heartbeat_interval"] or ttl / 4
+        if interval * 2 > ttl:
+            raise ConfigurationError(
+                f"sticky_heartbeat_interval={interval!r} must be less than half of "
+                f"sticky_lease_ttl={ttl!r}, or one lost heartbeat would kill the worker"
+            )
+        values["heartbeat_interval"] = interval
+        if values["placement"] not in PLACEMENTS:
+            raise ConfigurationError(
+                f"sticky_placement={values['placement']!r} is not one of {', '.join(PLACEMENTS)}"
+            )
+        return cls(**values)
+
+    def direct_queue_name(self, nodename: str) -> str:
+        return f"{self.queue_prefix}.{nodename}"
+
+
+def _redis_url_from_broker(app: Celery) -> str:
+    broker = app.conf.broker_url
+    urls = broker if isinstance(broker, list | tuple) else str(broker or "").split(";")
+    first = str(urls[0]).strip() if urls else ""
+    if first.startswith(REDIS_SCHEMES):
+        return first
+    shown = first or "(not set)"
+    raise ConfigurationError(
+        f"sticky_redis_url is not set and broker_url {shown!r} is not a Redis URL: "
+        "set sticky_redis_url to the Redis that holds the leases"
+    )
+
+
+_configs: weakref.WeakKeyDictionary[Celery, StickyConfig] = weakref.WeakKeyDictionary()
+
+
+def get_config(app: Celery) -> StickyConfig:
+    """The app's resolved settings, read on first use (after configuration)."""
+    config = _configs.get(app)
+    if config is None:
+        config = _configs[app] = StickyConfig.from_app(app)
+    return config
+
+
+def reset_config(app: Celery) -> None:
+    """Forget the cached settings, so the next use reads ``app.conf`` again."""
+    _configs.pop(app, None)

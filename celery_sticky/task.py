@@ -1,0 +1,110 @@
+"""``@sticky_task`` and the task base class it registers tasks with."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from celery import Celery, Task, shared_task
+
+from .keys import KeyFunc, KeySpec
+from .message import StickyHeader
+from .settings import get_config
+from .state import StateHandle, current_node, open_cache
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class StickyTask(Task):  # type: ignore[misc]
+    """Base class of sticky tasks: routing by key, the per-key gate, state injection."""
+
+    #: Where the task finds its key; set by ``@sticky_task``.
+    sticky: KeySpec | None = None
+    #: The worker handles these messages through the per-key gate.
+    Strategy = "celery_sticky.gate:sticky_strategy"
+
+    @classmethod
+    def bind(cls, app: Celery) -> Any:
+        bound = super().bind(app)
+        from .app import install
+
+        install(app)
+        return bound
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, *a: Any, **options: Any) -> Any:
+        spec = self.sticky
+        if spec is not None and spec.wants_state and kwargs and "state" in kwargs:
+            raise TypeError(
+                f"{self.name}: do not pass 'state'; the worker injects the key's state handle"
+            )
+        return super().apply_async(args, kwargs, *a, **options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        spec = self.sticky
+        if spec is None or not spec.wants_state:
+            return super().__call__(*args, **kwargs)
+        if "state" in kwargs:
+            raise TypeError(
+                f"{self.name}: do not pass 'state'; the worker injects the key's state handle"
+            )
+        header = StickyHeader.from_headers(getattr(self.request, "headers", None))
+        if header is not None:
+            workflow, key = header.workflow, header.key
+        else:
+            workflow, key = spec.workflow, spec.extract(args, kwargs, task_name=self.name)
+        config = get_config(self.app)
+        nodename = current_node() or self.request.hostname or "local"
+        state = StateHandle(open_cache(config.state_dir, nodename), workflow, key)
+        result = super().__call__(*args, state=state, **kwargs)
+        state.commit()
+        return result
+
+
+def sticky_task(
+    key: str | KeyFunc,
+    workflow: str | None = None,
+    *,
+    base: type[StickyTask] | None = None,
+    **options: Any,
+) -> Callable[[F], Any]:
+    """Register a sticky task, like ``shared_task``, keyed by ``key``.
+
+    ``key`` names an argument of the task (positional or keyword) or is a callable
+    taking the task's arguments and returning the key. ``workflow`` namespaces the
+    key; it defaults to the argument's name. A keyword-only ``state`` parameter
+    receives the key's :class:`~celery_sticky.state.StateHandle`. Every other
+    option passes through to Celery.
+    """
+    base = base or StickyTask
+    if not (isinstance(base, type) and issubclass(base, StickyTask)):
+        raise TypeError(f"sticky_task(base={base!r}): base must subclass StickyTask")
+
+    def decorate(fun: F) -> Any:
+        spec = KeySpec.for_function(fun, key, workflow, bind=bool(options.get("bind")))
+        run: Callable[..., Any] = fun
+        if spec.wants_state:
+            run = _without_state(fun)
+        return shared_task(base=base, sticky=spec, **options)(run)
+
+    return decorate
+
+
+def _without_state(fun: Callable[..., Any]) -> Callable[..., Any]:
+    """``fun`` as Celery should see it: ``state`` is not the caller's to pass.
+
+    Celery checks ``delay()`` arguments against the function's signature; hiding
+    ``state`` keeps that check working for every other parameter.
+    """
+
+    @functools.wraps(fun)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return fun(*args, **kwargs)
+
+    signature = inspect.signature(fun)
+    run.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p for p in signature.parameters.values() if p.name != "state"]
+    )
+    del run.__wrapped__  # type: ignore[attr-defined]
+    return run
