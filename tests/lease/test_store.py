@@ -1,0 +1,108 @@
+"""The lease store's Lua scripts against a real Redis."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from celery_sticky.lease import ClaimStatus, LeaseStore
+from celery_sticky.settings import StickyConfig
+from celery_sticky.testing import start_server
+
+
+@pytest.fixture
+def store(redis_client: Any) -> Iterator[LeaseStore]:
+    import os
+
+    prefix = f"ls{uuid.uuid4().hex[:8]}"
+    app = Celery("store", broker=os.environ["STICKY_TEST_REDIS_URL"], set_as_current=False)
+    app.conf.update(sticky_key_prefix=prefix, sticky_lease_ttl=1.0)
+    store = LeaseStore(StickyConfig.from_app(app))
+    yield store
+    for name in redis_client.scan_iter(f"{prefix}:*"):
+        redis_client.delete(name)
+
+
+def test_claim_epochs_rise_and_a_live_owner_keeps_its_key(store: LeaseStore) -> None:
+    store.heartbeat("a", 1, "q.a")
+    store.heartbeat("b", 1, "q.b")
+    first = store.claim("order", "1", candidate="a")
+    assert (first.owner, first.status) == ("a", ClaimStatus.CLAIMED)
+    again = store.claim("order", "1", candidate="b")
+    assert again == (first.owner, first.epoch, ClaimStatus.OWNED)
+    other = store.claim("order", "2", candidate="b")
+    assert other.epoch > first.epoch
+    assert store.owned_keys("a") == {("order", "1")}
+
+
+def test_dead_owner_is_taken_over_with_a_higher_epoch(store: LeaseStore) -> None:
+    store.heartbeat("a", 1, "q.a")
+    first = store.claim("order", "1", candidate="a")
+    time.sleep(1.2)  # the TTL is 1 s
+    store.heartbeat("b", 1, "q.b")
+    assert store.lookup("order", "1") == ("a", first.epoch, False)
+    moved = store.claim("order", "1", candidate="b")
+    assert (moved.owner, moved.status) == ("b", ClaimStatus.TAKEN_OVER)
+    assert moved.epoch > first.epoch
+    assert store.owned_keys("a") == set() and store.owned_keys("b") == {("order", "1")}
+
+
+def test_no_live_worker_claims_nothing(store: LeaseStore) -> None:
+    assert store.claim("order", "1").status is ClaimStatus.NO_LIVE_WORKER
+    assert store.claim("order", "1", candidate="ghost").status is ClaimStatus.NO_LIVE_WORKER
+    assert store.lookup("order", "1") is None
+
+
+def test_least_loaded_by_capacity(store: LeaseStore) -> None:
+    store.heartbeat("big", 3, "q.big")
+    store.heartbeat("small", 1, "q.small")
+    owners = [store.claim("order", str(i)).owner for i in range(8)]
+    assert owners.count("big") == 6 and owners.count("small") == 2
+
+
+def test_release_only_by_the_owner(store: LeaseStore) -> None:
+    store.heartbeat("a", 1, "q.a")
+    store.claim("order", "1", candidate="a")
+    assert not store.release("order", "1", owner="b")
+    assert store.release("order", "1", owner="a")
+    assert store.lookup("order", "1") is None and store.owned_keys("a") == set()
+
+
+def test_deregistered_worker_loses_its_leases(store: LeaseStore) -> None:
+    store.heartbeat("a", 1, "q.a")
+    store.heartbeat("b", 1, "q.b")
+    store.claim("order", "1", candidate="a")
+    store.deregister("a")
+    assert store.claim("order", "1", candidate="b").status is ClaimStatus.TAKEN_OVER
+
+
+def _commands(client: Any) -> int:
+    return sum(int(v["calls"]) for k, v in client.info("commandstats").items()
+               if k not in ("cmdstat_info", "cmdstat_evalsha"))
+
+
+def test_heartbeat_cost_does_not_grow_with_owned_keys() -> None:
+    """A heartbeat runs the same Redis commands with 0 and with 2,000 owned keys.
+
+    Counted on a private server, where no other client's commands interfere.
+    """
+    with start_server() as port:
+        app = Celery("beat", broker=f"redis://127.0.0.1:{port}/0", set_as_current=False)
+        store = LeaseStore(StickyConfig.from_app(app))
+        client = store.redis
+        store.heartbeat("a", 1, "q.a")
+        before = _commands(client)
+        store.heartbeat("a", 1, "q.a")
+        empty = _commands(client) - before
+        for i in range(2000):
+            store.claim("order", str(i), candidate="a")
+        before = _commands(client)
+        store.heartbeat("a", 1, "q.a")
+        loaded = _commands(client) - before
+        client.close()
+    assert empty == loaded <= 4
