@@ -25,10 +25,7 @@ def install(app: Celery) -> None:
     from .bootsteps import StickyConsumer, StickyWorker
 
     routes = app.conf.task_routes
-    if isinstance(routes, list | tuple):
-        existing = list(routes)
-    else:
-        existing = [routes] if routes else []
+    existing = list(routes) if isinstance(routes, list | tuple) else [routes] if routes else []
     if not any(isinstance(route, StickyRouter) for route in existing):
         app.conf.task_routes = [StickyRouter(app), *existing]
         # The router table is cached on first use; make Celery read it again.

@@ -24,8 +24,9 @@ logger = logging.getLogger(__name__)
 _PROPERTIES = ("correlation_id", "reply_to", "priority", "delivery_mode", "expiration")
 
 
-def forward(app: Celery, message: Message, header: StickyHeader, owner_queue: str,
-            epoch: int, max_hops: int) -> None:
+def forward(
+    app: Celery, message: Message, header: StickyHeader, owner_queue: str, epoch: int, max_hops: int
+) -> None:
     """Republish ``message`` to ``owner_queue`` and acknowledge the original.
 
     Raises :class:`ForwardingError` (after failing the task visibly and acking)
@@ -62,5 +63,12 @@ def forward(app: Celery, message: Message, header: StickyHeader, owner_queue: st
             **properties,
         )
     message.ack()
-    logger.info("sticky: forwarded %s[%s] of %s:%s to %s (hop %d)", task_name, task_id,
-                header.workflow, header.key, owner_queue, moved.hops)
+    logger.info(
+        "sticky: forwarded %s[%s] of %s:%s to %s (hop %d)",
+        task_name,
+        task_id,
+        header.workflow,
+        header.key,
+        owner_queue,
+        moved.hops,
+    )

@@ -46,11 +46,25 @@ class _Outcome(enum.Enum):
 class _Entry:
     """A task waiting for, or holding, its key's turn."""
 
-    __slots__ = ("dispatch", "finished", "header", "held", "message", "request", "retry_delay",
-                 "started", "submitted")
+    __slots__ = (
+        "dispatch",
+        "finished",
+        "header",
+        "held",
+        "message",
+        "request",
+        "retry_delay",
+        "started",
+        "submitted",
+    )
 
-    def __init__(self, header: StickyHeader, message: Message,
-                 dispatch: Callable[[], Any] | None = None, request: Any = None) -> None:
+    def __init__(
+        self,
+        header: StickyHeader,
+        message: Message,
+        dispatch: Callable[[], Any] | None = None,
+        request: Any = None,
+    ) -> None:
         self.header = header
         self.message = message
         self.dispatch = dispatch  # runs Celery's default strategy on the raw message
@@ -204,8 +218,7 @@ class KeyGate:
     def _forward(self, entry: _Entry, owner: str, epoch: int) -> None:
         queue = self.node.config.direct_queue_name(owner)
         try:
-            forward(self.app, entry.message, entry.header, queue, epoch,
-                    self.node.config.max_hops)
+            forward(self.app, entry.message, entry.header, queue, epoch, self.node.config.max_hops)
         except ForwardingError as exc:
             logger.error("sticky: %s", exc)
         if entry.request is not None:
@@ -288,8 +301,9 @@ def sticky_strategy(task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Cal
     gate.consumer = consumer
     handler = default_strategy(task, app, _GatedConsumer(consumer, gate), **kwargs)
 
-    def sticky_task_message_handler(message: Message, body: Any, ack: Any, reject: Any,
-                                    callbacks: Any, **kw: Any) -> None:
+    def sticky_task_message_handler(
+        message: Message, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any
+    ) -> None:
         try:
             header = _header_of(task, message)
         except InvalidKeyError as exc:
@@ -299,10 +313,13 @@ def sticky_strategy(task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Cal
                 task.backend.mark_as_failure(task_id, exc)
             message.ack()
             return
-        gate.submit(_Entry(
-            header, message,
-            dispatch=lambda: handler(message, body, ack, reject, callbacks, **kw),
-        ))
+        gate.submit(
+            _Entry(
+                header,
+                message,
+                dispatch=lambda: handler(message, body, ack, reject, callbacks, **kw),
+            )
+        )
 
     return sticky_task_message_handler
 

@@ -69,7 +69,8 @@ class KeySpec:
         if callable(key):
             if workflow is None:
                 raise TypeError(
-                    f"{name}: a callable key needs an explicit workflow= (the namespace of its keys)"
+                    f"{name}: a callable key needs an explicit workflow= "
+                    "(the namespace of its keys)"
                 )
             return cls(_check_workflow(workflow, name), None, None, key, state is not None)
         if not isinstance(key, str):
@@ -85,9 +86,7 @@ class KeySpec:
             inspect.Parameter.POSITIONAL_OR_KEYWORD,
         ):
             index = params.index(param)
-        return cls(
-            _check_workflow(workflow or key, name), key, index, None, state is not None
-        )
+        return cls(_check_workflow(workflow or key, name), key, index, None, state is not None)
 
     def extract(
         self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None, *, task_name: str
@@ -104,7 +103,7 @@ class KeySpec:
         source = f"argument {self.arg_name!r}"
         if self.arg_index is not None and len(args) > self.arg_index:
             value = args[self.arg_index]
-        elif self.arg_name in kwargs:
+        elif self.arg_name is not None and self.arg_name in kwargs:
             value = kwargs[self.arg_name]
         else:
             raise InvalidKeyError(f"{task_name}: the key {source} is missing")

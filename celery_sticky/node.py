@@ -83,8 +83,9 @@ class StickyNode:
             except LeaseStoreUnavailable as exc:
                 failures += 1
                 if failures == 1 or failures % 10 == 0:
-                    logger.warning("sticky: heartbeat of %s failed (%d): %s", self.name,
-                                   failures, exc)
+                    logger.warning(
+                        "sticky: heartbeat of %s failed (%d): %s", self.name, failures, exc
+                    )
                 delay = min(self.config.heartbeat_interval, 0.2 * 2**failures)
 
     # -- ownership -------------------------------------------------------------
@@ -112,9 +113,14 @@ class StickyNode:
             else:
                 self._owned.pop((workflow, key), None)
         if lease.status is not ClaimStatus.OWNED and lease.owner == self.name:
-            logger.info("sticky: %s %s %s:%s at epoch %d", self.name,
-                        "took over" if lease.status is ClaimStatus.TAKEN_OVER else "claimed",
-                        workflow, key, lease.epoch)
+            logger.info(
+                "sticky: %s %s %s:%s at epoch %d",
+                self.name,
+                "took over" if lease.status is ClaimStatus.TAKEN_OVER else "claimed",
+                workflow,
+                key,
+                lease.epoch,
+            )
         return lease
 
     def forget(self, workflow: str, key: str) -> None:

@@ -27,8 +27,9 @@ def direct_queue(name: str) -> Queue:
 
     (``Queue(expires=...)`` on Redis drops the list with its messages.)
     """
-    return Queue(name, Exchange(name, type="direct"), routing_key=name, durable=True,
-                 auto_delete=False)
+    return Queue(
+        name, Exchange(name, type="direct"), routing_key=name, durable=True, auto_delete=False
+    )
 
 
 def ensure_queue(app: Celery, name: str) -> None:

@@ -21,7 +21,9 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+socket://")
 
 
 def _default_state_dir() -> str:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
     return os.path.join(base, "celery-sticky")
 
 

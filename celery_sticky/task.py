@@ -17,7 +17,7 @@ from .state import StateHandle, current_node, open_cache
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class StickyTask(Task):  # type: ignore[misc]
+class StickyTask(Task):
     """Base class of sticky tasks: routing by key, the per-key gate, state injection."""
 
     #: Where the task finds its key; set by ``@sticky_task``.
@@ -106,5 +106,5 @@ def _without_state(fun: Callable[..., Any]) -> Callable[..., Any]:
     run.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[p for p in signature.parameters.values() if p.name != "state"]
     )
-    del run.__wrapped__  # type: ignore[attr-defined]
+    del run.__wrapped__
     return run

@@ -63,8 +63,18 @@ def record_step(self: Any, key: str, step: int, duration: float = 0.01, *, state
     state["steps"] = [*steps, step]
     time.sleep(duration)
     _, _, epoch, hops = _sticky_header(self)
-    record({"key": key, "step": step, "node": self.request.hostname, "start": start,
-            "end": time.time(), "epoch": epoch, "hops": hops, "id": self.request.id})
+    record(
+        {
+            "key": key,
+            "step": step,
+            "node": self.request.hostname,
+            "start": start,
+            "end": time.time(),
+            "epoch": epoch,
+            "hops": hops,
+            "id": self.request.id,
+        }
+    )
     return list(state["steps"])
 
 
@@ -89,5 +99,8 @@ def tenant_step(self: Any, tenant: str, order: int, *, state: Any) -> dict[str, 
 @shared_task(bind=True)
 def plain_task(self: Any, x: int) -> dict[str, Any]:
     """Not sticky: the router must leave it alone."""
-    return {"node": self.request.hostname, "queue": self.request.delivery_info.get("routing_key"),
-            "x": x}
+    return {
+        "node": self.request.hostname,
+        "queue": self.request.delivery_info.get("routing_key"),
+        "x": x,
+    }

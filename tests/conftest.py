@@ -69,8 +69,11 @@ def sticky_app() -> Any:
     return app
 
 
-def start_cluster(app: Any, specs: dict[str, dict[str, Any]], env: dict[str, str] | None = None,
-                  ) -> WorkerCluster:
+def start_cluster(
+    app: Any,
+    specs: dict[str, dict[str, Any]],
+    env: dict[str, str] | None = None,
+) -> WorkerCluster:
     """Start workers (name -> WorkerCluster.start options) in parallel; wait for all."""
     workdir = Path(os.environ["STICKY_TEST_WORKDIR"]) / "logs"
     cluster = WorkerCluster(app, "tests.cluster_app:app", workdir, env=env, cwd=str(REPO))

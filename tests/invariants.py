@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from typing import Any
 
@@ -15,8 +16,7 @@ def by_key(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return grouped
 
 
-def violations(events: list[dict[str, Any]], expected_steps: dict[str, list[int]]
-               ) -> list[str]:
+def violations(events: list[dict[str, Any]], expected_steps: dict[str, list[int]]) -> list[str]:
     """Every broken invariant, as readable lines (empty when all hold).
 
     - stickiness: all of a key's steps ran on one node;
@@ -30,7 +30,7 @@ def violations(events: list[dict[str, Any]], expected_steps: dict[str, list[int]
         nodes = {e["node"] for e in runs}
         if len(nodes) != 1:
             problems.append(f"{key}: ran on {sorted(nodes)}")
-        for before, after in zip(runs, runs[1:], strict=False):
+        for before, after in itertools.pairwise(runs):
             if after["start"] < before["end"]:
                 problems.append(f"{key}: step {after['step']} overlapped step {before['step']}")
         ran = [e["step"] for e in runs]

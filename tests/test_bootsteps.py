@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from pathlib import Path
@@ -13,8 +12,9 @@ from celery_sticky.testing import WorkerCluster, start_server
 from tests.conftest import REPO, unique
 
 
-def test_workers_register_with_capacity_and_direct_queue(sticky_app: Any, prefix: str,
-                                                         cluster: Any) -> None:
+def test_workers_register_with_capacity_and_direct_queue(
+    sticky_app: Any, prefix: str, cluster: Any
+) -> None:
     infos = {w.name: w for w in lease_store(sticky_app).workers()}
     for name in cluster.workers:
         assert infos[name].alive
@@ -40,8 +40,9 @@ def test_unwritable_state_dir_stops_the_worker_at_start(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     workers = _workers(tmp_path)
-    worker = workers.start("bad-dir@sticky-tests", wait=False,
-                           env={"STICKY_TEST_STATE_DIR": str(blocker / "state")})
+    worker = workers.start(
+        "bad-dir@sticky-tests", wait=False, env={"STICKY_TEST_STATE_DIR": str(blocker / "state")}
+    )
     assert worker.process is not None
     assert worker.process.wait(60) != 0
     assert "sticky_state_dir" in worker.log()
@@ -54,14 +55,19 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_worker_runs_nothing_it_cannot_prove_then_resumes(sticky_app: Any, prefix: str,
-                                                          tmp_path: Path, events: Any) -> None:
+def test_worker_runs_nothing_it_cannot_prove_then_resumes(
+    sticky_app: Any, prefix: str, tmp_path: Path, events: Any
+) -> None:
     """With its lease store down the worker holds the task; when it answers, it runs."""
     port = _free_port()
     name = "lonely@sticky-tests"
     workers = _workers(tmp_path)
-    workers.start(name, wait=False, queues=[f"{prefix}.lonely"],
-                  env={"STICKY_TEST_LEASE_URL": f"redis://127.0.0.1:{port}/0"})
+    workers.start(
+        name,
+        wait=False,
+        queues=[f"{prefix}.lonely"],
+        env={"STICKY_TEST_LEASE_URL": f"redis://127.0.0.1:{port}/0"},
+    )
     try:
         task = sticky_app.tasks["tests.cluster_app.record_step"]
         key = unique("unproven")

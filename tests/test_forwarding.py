@@ -17,8 +17,9 @@ def _owner_and_other(sticky_app: Any, key: str, cluster: Any) -> tuple[str, str]
     return owner, other
 
 
-def test_misdelivered_task_is_forwarded_to_the_owner(sticky_app: Any, prefix: str,
-                                                     cluster: Any, events: Any) -> None:
+def test_misdelivered_task_is_forwarded_to_the_owner(
+    sticky_app: Any, prefix: str, cluster: Any, events: Any
+) -> None:
     task = sticky_app.tasks["tests.cluster_app.record_step"]
     key = unique("fwd")
     task.delay(key, 0).get(timeout=30)
@@ -28,18 +29,22 @@ def test_misdelivered_task_is_forwarded_to_the_owner(sticky_app: Any, prefix: st
     task.delay(key, 2).get(timeout=30)
     runs = events(key)
     assert [(e["step"], e["node"], e["hops"]) for e in runs] == [
-        (0, owner, 0), (1, owner, 1), (2, owner, 0)
+        (0, owner, 0),
+        (1, owner, 1),
+        (2, owner, 0),
     ]
 
 
-def test_forwarding_stops_at_the_hop_limit(sticky_app: Any, prefix: str, cluster: Any,
-                                           events: Any) -> None:
+def test_forwarding_stops_at_the_hop_limit(
+    sticky_app: Any, prefix: str, cluster: Any, events: Any
+) -> None:
     task = sticky_app.tasks["tests.cluster_app.record_step"]
     key = unique("hops")
     task.delay(key, 0).get(timeout=30)
     _, other = _owner_and_other(sticky_app, key, cluster)
-    result = task.apply_async((key, 1), queue=f"{prefix}.{other}",
-                              headers={"sticky": ["key", key, 0, 3]})
+    result = task.apply_async(
+        (key, 1), queue=f"{prefix}.{other}", headers={"sticky": ["key", key, 0, 3]}
+    )
     with pytest.raises(ForwardingError, match="forwarded 3 times"):
         result.get(timeout=30, propagate=True)
     assert [e["step"] for e in events(key)] == [0]

@@ -12,8 +12,9 @@ from tests.invariants import by_key, violations
 STEPS = 8
 
 
-def run_workflows(app: Any, keys: list[str], back_to_back: set[str], steps: int = STEPS,
-                  duration: float = 0.01) -> dict[str, list[int]]:
+def run_workflows(
+    app: Any, keys: list[str], back_to_back: set[str], steps: int = STEPS, duration: float = 0.01
+) -> dict[str, list[int]]:
     """Publish ``steps`` steps per key; returns each key's final state."""
     task = app.tasks["tests.cluster_app.record_step"]
     results: dict[str, list[Any]] = {key: [] for key in keys}
@@ -29,8 +30,9 @@ def run_workflows(app: Any, keys: list[str], back_to_back: set[str], steps: int 
     return {key: rs[-1].get(timeout=60) for key, rs in results.items()}
 
 
-def test_sixty_keys_eight_steps_on_three_workers(cluster: Any, sticky_app: Any,
-                                                  events: Any) -> None:
+def test_sixty_keys_eight_steps_on_three_workers(
+    cluster: Any, sticky_app: Any, events: Any
+) -> None:
     keys = [unique(f"k{i}") for i in range(60)]
     back_to_back = set(keys[::2])
     final = run_workflows(sticky_app, keys, back_to_back)
@@ -76,8 +78,9 @@ def test_other_keys_run_while_a_key_is_busy(cluster: Any, sticky_app: Any, event
 
 
 @pytest.mark.parametrize("pool", ["threads", "solo"])
-def test_serial_and_ordered_with_other_pools(pool: str, sticky_app: Any, prefix: str,
-                                            events: Any) -> None:
+def test_serial_and_ordered_with_other_pools(
+    pool: str, sticky_app: Any, prefix: str, events: Any
+) -> None:
     """The gate holds with the threads pool (callbacks from executor threads) and solo."""
     from tests.cluster_app import make_app
 
@@ -85,8 +88,14 @@ def test_serial_and_ordered_with_other_pools(pool: str, sticky_app: Any, prefix:
     app = make_app(sub)
     env = {"STICKY_TEST_PREFIX": sub}
     concurrency = 4 if pool == "threads" else 1
-    specs = {f"{pool}{i}@sticky-tests": {"pool": pool, "concurrency": concurrency,
-                                        "queues": [f"{sub}.default"]} for i in (1, 2)}
+    specs = {
+        f"{pool}{i}@sticky-tests": {
+            "pool": pool,
+            "concurrency": concurrency,
+            "queues": [f"{sub}.default"],
+        }
+        for i in (1, 2)
+    }
     keys = [unique(pool) for _ in range(12)]
     with start_cluster(app, specs, env=env):
         final = run_workflows(app, keys, back_to_back=set(keys), steps=6, duration=0.02)

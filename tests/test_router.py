@@ -22,8 +22,9 @@ def test_non_sticky_tasks_are_untouched(sticky_app: Any, prefix: str, cluster: A
     assert result["queue"] == f"{prefix}.default"
 
 
-def test_owned_key_routes_to_owner_queue_with_header(sticky_app: Any, prefix: str,
-                                                     cluster: Any) -> None:
+def test_owned_key_routes_to_owner_queue_with_header(
+    sticky_app: Any, prefix: str, cluster: Any
+) -> None:
     router = router_of(sticky_app)
     key = unique("route")
     options: dict[str, Any] = {}
@@ -38,8 +39,9 @@ def test_owned_key_routes_to_owner_queue_with_header(sticky_app: Any, prefix: st
     assert again == route and again is not route
 
 
-def test_queue_fixed_by_caller_wins(sticky_app: Any, prefix: str, cluster: Any,
-                                    events: Any) -> None:
+def test_queue_fixed_by_caller_wins(
+    sticky_app: Any, prefix: str, cluster: Any, events: Any
+) -> None:
     """An unowned key sent to a queue only w3 consumes starts, and stays, on w3."""
     task = sticky_app.tasks["tests.cluster_app.record_step"]
     key = unique("special")
@@ -56,8 +58,7 @@ def test_chain_of_sticky_and_plain_tasks(sticky_app: Any, cluster: Any, events: 
     step = sticky_app.tasks["tests.cluster_app.record_step"]
     plain = sticky_app.tasks["tests.cluster_app.plain_task"]
     key = unique("chain")
-    flow = chain(step.si(key, 0), step.si(key, 1), plain.si(3), step.si(key, 2),
-                 step.si(key, 3))
+    flow = chain(step.si(key, 0), step.si(key, 1), plain.si(3), step.si(key, 2), step.si(key, 3))
     assert flow.apply_async().get(timeout=60) == [0, 1, 2, 3]
     assert violations(events(key), {key: [0, 1, 2, 3]}) == []
 

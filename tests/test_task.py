@@ -37,8 +37,9 @@ def test_argument_checking_still_works_without_state(sticky_app: Any) -> None:
         ("x" * 257, "257 characters long"),
     ],
 )
-def test_bad_keys_fail_at_publish_naming_the_task_and_key(sticky_app: Any, key: Any,
-                                                          message: str) -> None:
+def test_bad_keys_fail_at_publish_naming_the_task_and_key(
+    sticky_app: Any, key: Any, message: str
+) -> None:
     task = sticky_app.tasks["tests.cluster_app.record_step"]
     with pytest.raises(InvalidKeyError, match=message) as info:
         task.delay(key, 0)
@@ -96,8 +97,9 @@ def test_install_is_idempotent() -> None:
 def test_unreachable_lease_store_fails_publish_naming_the_url() -> None:
     from tests.cluster_app import make_app
 
-    app = make_app(f"unreach{uuid.uuid4().hex[:6]}",
-                   sticky_redis_url="redis://:secret@127.0.0.1:1/0")
+    app = make_app(
+        f"unreach{uuid.uuid4().hex[:6]}", sticky_redis_url="redis://:secret@127.0.0.1:1/0"
+    )
     app.finalize()
     with pytest.raises(LeaseStoreUnavailable, match=r"127\.0\.0\.1:1") as info:
         app.tasks["tests.cluster_app.record_step"].delay("k", 0)

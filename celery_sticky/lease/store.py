@@ -69,7 +69,8 @@ class LeaseStore:
         self.config = config
         self.url = config.redis_url
         self.prefix = f"{config.key_prefix}:"
-        self.redis: redis.Redis = client or redis.Redis.from_url(
+        # Typed Any: redis-py types replies as bytes | str, decode_responses makes them str.
+        self.redis: Any = client or redis.Redis.from_url(
             config.redis_url,
             decode_responses=True,
             socket_connect_timeout=2,
@@ -179,7 +180,8 @@ class LeaseStore:
     def owned_keys(self, node: str) -> set[tuple[str, str]]:
         """The ``(workflow, key)`` pairs registered to ``node``."""
         members = self._guard(lambda: self.redis.smembers(self.owned_key(node)))
-        return {tuple(member.split(":", 1)) for member in members}  # type: ignore[misc]
+        pairs = (str(member).split(":", 1) for member in members)
+        return {(workflow, key) for workflow, key in pairs}
 
     def ping(self) -> None:
         self._guard(self.redis.ping)

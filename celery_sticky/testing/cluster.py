@@ -7,6 +7,7 @@ whatever crosses processes is tested against workers started here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -55,8 +56,14 @@ class WorkerCluster:
     imports in the workers; ``env`` is added to their environment.
     """
 
-    def __init__(self, app: Celery, app_path: str, workdir: str | os.PathLike[str],
-                 env: Mapping[str, str] | None = None, cwd: str | None = None) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        app_path: str,
+        workdir: str | os.PathLike[str],
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
         self.app = app
         self.app_path = app_path
         self.workdir = Path(workdir)
@@ -65,14 +72,38 @@ class WorkerCluster:
         self.cwd = cwd
         self.workers: dict[str, Worker] = {}
 
-    def start(self, name: str, *, pool: str = "prefork", concurrency: int = 2,
-              queues: Iterable[str] | None = None, args: Iterable[str] = (),
-              env: Mapping[str, str] | None = None, wait: bool = True,
-              timeout: float = 30.0) -> Worker:
+    def start(
+        self,
+        name: str,
+        *,
+        pool: str = "prefork",
+        concurrency: int = 2,
+        queues: Iterable[str] | None = None,
+        args: Iterable[str] = (),
+        env: Mapping[str, str] | None = None,
+        wait: bool = True,
+        timeout: float = 30.0,
+    ) -> Worker:
         """Start worker ``name`` (a full nodename, ``w1@host``) and wait until it registers."""
-        argv = [sys.executable, "-m", "celery", "-A", self.app_path, "worker", "-n", name,
-                "-P", pool, "-c", str(concurrency), "-l", "info",
-                "--without-gossip", "--without-mingle", *args]
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            self.app_path,
+            "worker",
+            "-n",
+            name,
+            "-P",
+            pool,
+            "-c",
+            str(concurrency),
+            "-l",
+            "info",
+            "--without-gossip",
+            "--without-mingle",
+            *args,
+        ]
         if queues:
             argv += ["-Q", ",".join(queues)]
         worker = self.workers.get(name) or Worker(
@@ -81,8 +112,9 @@ class WorkerCluster:
         worker.argv = argv
         worker.env = {**self.env, **(env or {})}
         with open(worker.log_path, "ab") as log:
-            worker.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                              env=worker.env, cwd=self.cwd)
+            worker.process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=worker.env, cwd=self.cwd
+            )
         self.workers[name] = worker
         if wait:
             self.wait_registered([name], timeout=timeout)
@@ -114,10 +146,8 @@ class WorkerCluster:
         children = _children(worker.pid)
         os.kill(worker.pid, signal.SIGKILL)
         for pid in children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         assert worker.process is not None
         worker.process.wait(10)
 
@@ -136,10 +166,8 @@ class WorkerCluster:
     def stop_all(self) -> None:
         for name, worker in self.workers.items():
             if worker.running:
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     self.stop(name, timeout=20)
-                except subprocess.TimeoutExpired:
-                    pass
 
     def __enter__(self) -> WorkerCluster:
         return self

@@ -77,9 +77,21 @@ def start_server(port: int | None = None) -> Iterator[int]:
     port = port or _free_port()
     workdir = tempfile.mkdtemp(prefix="sticky-redis-")
     proc = subprocess.Popen(
-        [_executable(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            _executable(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         url = f"redis://127.0.0.1:{port}/0"

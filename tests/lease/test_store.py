@@ -82,8 +82,11 @@ def test_deregistered_worker_loses_its_leases(store: LeaseStore) -> None:
 
 
 def _commands(client: Any) -> int:
-    return sum(int(v["calls"]) for k, v in client.info("commandstats").items()
-               if k not in ("cmdstat_info", "cmdstat_evalsha"))
+    return sum(
+        int(v["calls"])
+        for k, v in client.info("commandstats").items()
+        if k not in ("cmdstat_info", "cmdstat_evalsha")
+    )
 
 
 def test_heartbeat_cost_does_not_grow_with_owned_keys() -> None:
