@@ -56,6 +56,7 @@ class _Entry:
         "retry_delay",
         "started",
         "submitted",
+        "task_id",
     )
 
     def __init__(
@@ -74,6 +75,7 @@ class _Entry:
         self.submitted = False  # handed to the pool (not only to the semaphore)
         self.finished = False
         self.retry_delay = 0.0
+        self.task_id: str | None = (message.headers or {}).get("id")
 
     @property
     def gate_key(self) -> GateKey:
@@ -88,6 +90,7 @@ class KeyGate:
         self.node = node
         self.consumer: Any = None  # the worker's Consumer, set by the strategy
         self._queues: dict[GateKey, deque[_Entry]] = {}
+        self._task_ids: set[str] = set()  # of every entry in a queue
         self._lock = threading.RLock()
         self._local = threading.local()
 
@@ -106,6 +109,15 @@ class KeyGate:
         """Queue an entry behind its key; run it now if the key is free."""
         key = entry.gate_key
         with self._lock:
+            if entry.task_id is not None and entry.request is None:
+                if entry.task_id in self._task_ids:
+                    # A second copy of a task the gate holds or runs (a publisher sent
+                    # it twice, or Redis redelivered a held message after its
+                    # visibility timeout): the first copy will run; drop this one.
+                    logger.info("sticky: dropped a duplicate of task %s", entry.task_id)
+                    entry.message.ack()
+                    return
+                self._task_ids.add(entry.task_id)
             queue = self._queues.setdefault(key, deque())
             queue.append(entry)
             if len(queue) > 1:
@@ -150,6 +162,9 @@ class KeyGate:
                     self._queues[key] = kept
                 else:
                     del self._queues[key]
+            self._task_ids = {
+                e.task_id for q in self._queues.values() for e in q if e.task_id is not None
+            }
 
     # -- the head of a key -------------------------------------------------------
 
@@ -181,6 +196,7 @@ class KeyGate:
             queue = self._queues.get(key)
             if queue and queue[0] is entry:
                 queue.popleft()
+                self._task_ids.discard(entry.task_id or "")
                 if not queue:
                     del self._queues[key]
 

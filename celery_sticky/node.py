@@ -1,9 +1,10 @@
-"""The worker node's view of ownership: heartbeats, owned keys, proofs.
+"""The worker node's view of ownership: registration, heartbeats, proofs.
 
 A worker may run a key's task only while it can prove it owns the key. The proof
-is cheap while its own heartbeat is fresh and it claimed the key itself: nobody
-can take a key over from a worker whose heartbeat is younger than the TTL.
-Otherwise it asks the lease store (one claim script round trip).
+is one claim-script round trip to the lease store, made right before each task
+of the key starts. It is not cached: a key can be released (its workflow ended,
+or an operator released it) and claimed elsewhere while this worker still
+remembers owning it, and a cached proof would then run a task in two places.
 """
 
 from __future__ import annotations
@@ -30,23 +31,16 @@ class StickyNode:
         self.queue = config.direct_queue_name(name)
         self._owned: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
-        # monotonic time at which the last successful heartbeat was *sent*.
+        # monotonic time of the last successful heartbeat.
         self._last_beat = float("-inf")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- liveness --------------------------------------------------------------
 
-    @property
-    def fresh(self) -> bool:
-        """True while the registry surely still counts this node alive."""
-        margin = self.config.heartbeat_interval
-        return time.monotonic() < self._last_beat + self.config.lease_ttl - margin
-
     def beat(self) -> None:
-        sent = time.monotonic()
         self.store.heartbeat(self.name, self.capacity, self.queue)
-        self._last_beat = sent
+        self._last_beat = time.monotonic()
 
     def start(self) -> None:
         try:
@@ -96,10 +90,6 @@ class StickyNode:
         Returns None when ownership cannot be proven now (the lease store does not
         answer, or this node is not registered alive); the caller waits and retries.
         """
-        if self.fresh:
-            epoch = self._owned.get((workflow, key))
-            if epoch is not None:
-                return Lease(self.name, epoch, ClaimStatus.OWNED)
         try:
             lease = self.store.claim(workflow, key, candidate=self.name)
         except LeaseStoreUnavailable as exc:

@@ -104,3 +104,17 @@ def test_serial_and_ordered_with_other_pools(
     recorded = [e for e in read_events(app.backend.client, sub) if e["key"] in final]
     assert violations(recorded, {key: list(range(6)) for key in keys}) == []
     assert all(state == list(range(6)) for state in final.values())
+
+
+def test_two_copies_of_a_task_id_run_once(sticky_app: Any, cluster: Any, events: Any) -> None:
+    """Copies of one task id held behind a busy key are dropped by the gate."""
+    task = sticky_app.tasks["tests.cluster_app.record_step"]
+    key = unique("twice")
+    task.delay(key, 0, 0.01).get(timeout=30)
+    busy = task.delay(key, 1, 1.0)
+    copies = [task.apply_async((key, 2, 0.01), task_id=f"{key}-step2") for _ in range(3)]
+    busy.get(timeout=30)
+    assert copies[0].get(timeout=30) == [0, 1, 2]
+    last = task.delay(key, 3, 0.01).get(timeout=30)
+    assert last == [0, 1, 2, 3]
+    assert [e["step"] for e in events(key)] == [0, 1, 2, 3]
