@@ -12,8 +12,10 @@ from .errors import (
     InvalidKeyError,
     LeaseStoreUnavailable,
     StateDirError,
+    StateSizeLimitError,
     StickyError,
 )
+from .lifecycle import release
 from .state import StateHandle
 from .task import StickyTask, sticky_task
 
@@ -26,9 +28,11 @@ __all__ = [
     "LeaseStoreUnavailable",
     "StateDirError",
     "StateHandle",
+    "StateSizeLimitError",
     "StickyError",
     "StickyTask",
     "__version__",
     "install",
+    "release",
     "sticky_task",
 ]

@@ -22,6 +22,7 @@ def install(app: Celery) -> None:
     Binding a ``@sticky_task`` to an app calls this, so users rarely need to.
     Settings are not read here but on first use, after configuration.
     """
+    from . import tasks  # noqa: F401  (registers celery-sticky's own tasks)
     from .bootsteps import StickyConsumer, StickyWorker
 
     routes = app.conf.task_routes

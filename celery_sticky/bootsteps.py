@@ -13,10 +13,12 @@ from typing import Any
 from celery import bootsteps
 
 from .gate import KeyGate
+from .lifecycle import passivate
+from .local_state import NodeState, check_node_directory, set_current_node
 from .node import StickyNode
+from .outbox import send_pending
 from .router import direct_queue
 from .settings import get_config
-from .state import configure_node
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +36,32 @@ class StickyWorker(bootsteps.StartStopStep):
         app = worker.app
         config = get_config(app)
         # Fail at start, not at the first task, when the state dir is unusable.
-        path = configure_node(config.state_dir, worker.hostname)
+        self.state_directory = check_node_directory(config, worker.hostname)
+        set_current_node(worker.hostname)  # before the pool forks: children inherit it
         capacity = config.worker_capacity or int(worker.concurrency or 1)
         self.node = StickyNode(worker.hostname, config, lease_store(app), capacity)
         self.gate = KeyGate(app, self.node)
         # Added before the consumer starts, so it consumes the queue from the start.
         app.amqp.queues.select_add(direct_queue(self.node.queue))
         worker.sticky = self
-        logger.debug("sticky: node %s, state in %s", worker.hostname, path)
+        logger.debug("sticky: node %s, state in %s", worker.hostname, self.state_directory)
 
     def start(self, worker: Any) -> None:
         self.node.start()
+        # The pool has forked by now (this step requires it), so the main process
+        # may open the state briefly: send what a crash left in the outbox.
+        store = NodeState(self.state_directory, self.node.config)
+        try:
+            send_pending(worker.app, store)
+        finally:
+            store.close()
+        idle_timeout = self.node.config.idle_timeout
+        if idle_timeout is not None:
+            worker.timer.call_repeatedly(
+                min(idle_timeout / 2, 60.0),
+                passivate,
+                (worker.app, self.node.queue, self.gate.idle, idle_timeout),
+            )
 
     def stop(self, worker: Any) -> None:
         self.node.stop(deregister=True)

@@ -27,3 +27,7 @@ class ForwardingError(StickyError):
 
 class StateDirError(StickyError, OSError):
     """The worker's state directory cannot be created, written or opened."""
+
+
+class StateSizeLimitError(StickyError):
+    """A commit would take local state past ``sticky_state_size_limit``."""

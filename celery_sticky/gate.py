@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +48,7 @@ class _Entry:
     """A task waiting for, or holding, its key's turn."""
 
     __slots__ = (
+        "copies",
         "dispatch",
         "finished",
         "header",
@@ -76,6 +78,7 @@ class _Entry:
         self.finished = False
         self.retry_delay = 0.0
         self.task_id: str | None = (message.headers or {}).get("id")
+        self.copies: list[Message] = []  # duplicates, acked once this entry is done
 
     @property
     def gate_key(self) -> GateKey:
@@ -90,7 +93,11 @@ class KeyGate:
         self.node = node
         self.consumer: Any = None  # the worker's Consumer, set by the strategy
         self._queues: dict[GateKey, deque[_Entry]] = {}
-        self._task_ids: set[str] = set()  # of every entry in a queue
+        self._task_ids: dict[str, _Entry] = {}  # every raw entry in a queue, by task id
+        #: Keys with nothing queued or running -> when their last task ended
+        #: (monotonic); kept only when idle passivation is on.
+        self.idle: dict[GateKey, float] = {}
+        self._track_idle = node.config.idle_timeout is not None
         self._lock = threading.RLock()
         self._local = threading.local()
 
@@ -110,14 +117,18 @@ class KeyGate:
         key = entry.gate_key
         with self._lock:
             if entry.task_id is not None and entry.request is None:
-                if entry.task_id in self._task_ids:
+                original = self._task_ids.get(entry.task_id)
+                if original is not None:
                     # A second copy of a task the gate holds or runs (a publisher sent
                     # it twice, or Redis redelivered a held message after its
-                    # visibility timeout): the first copy will run; drop this one.
-                    logger.info("sticky: dropped a duplicate of task %s", entry.task_id)
-                    entry.message.ack()
+                    # visibility timeout): the first copy runs; this one is acked when
+                    # it is done (not before: if the worker dies first, it comes back).
+                    logger.info("sticky: holding a duplicate of task %s", entry.task_id)
+                    original.copies.append(entry.message)
                     return
-                self._task_ids.add(entry.task_id)
+                self._task_ids[entry.task_id] = entry
+            if self._track_idle:
+                self.idle.pop(key, None)
             queue = self._queues.setdefault(key, deque())
             queue.append(entry)
             if len(queue) > 1:
@@ -163,7 +174,10 @@ class KeyGate:
                 else:
                     del self._queues[key]
             self._task_ids = {
-                e.task_id for q in self._queues.values() for e in q if e.task_id is not None
+                e.task_id: e
+                for q in self._queues.values()
+                for e in q
+                if e.task_id is not None and e.request is None
             }
 
     # -- the head of a key -------------------------------------------------------
@@ -194,11 +208,18 @@ class KeyGate:
     def _pop(self, key: GateKey, entry: _Entry) -> None:
         with self._lock:
             queue = self._queues.get(key)
-            if queue and queue[0] is entry:
-                queue.popleft()
-                self._task_ids.discard(entry.task_id or "")
-                if not queue:
-                    del self._queues[key]
+            if not queue or queue[0] is not entry:
+                return
+            queue.popleft()
+            if entry.task_id is not None and self._task_ids.get(entry.task_id) is entry:
+                del self._task_ids[entry.task_id]
+            if not queue:
+                del self._queues[key]
+                if self._track_idle:
+                    self.idle[key] = time.monotonic()
+        for copy in entry.copies:
+            if not copy.acknowledged:
+                copy.ack()
 
     def _start(self, entry: _Entry) -> _Outcome:
         header = entry.header
@@ -346,7 +367,7 @@ def _header_of(task: Any, message: Message) -> StickyHeader:
     if header is not None:
         return header
     args, kwargs, _embed = message.decode()
-    key = task.sticky.extract(args, kwargs, task_name=task.name)
-    header = StickyHeader(task.sticky.workflow, key, 0, 0)
+    workflow, key = task.sticky.locate(args, kwargs, task_name=task.name)
+    header = StickyHeader(workflow, key, 0, 0)
     message.headers[HEADER] = header.encode()
     return header

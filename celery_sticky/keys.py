@@ -51,6 +51,9 @@ class KeySpec:
     arg_index: int | None
     key_func: KeyFunc | None
     wants_state: bool
+    #: Name of an argument holding the workflow, for tasks that serve every
+    #: workflow (celery-sticky's own lifecycle task); None: ``workflow`` is fixed.
+    workflow_arg: str | None = None
 
     @classmethod
     def for_function(
@@ -87,6 +90,18 @@ class KeySpec:
         ):
             index = params.index(param)
         return cls(_check_workflow(workflow or key, name), key, index, None, state is not None)
+
+    def locate(
+        self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None, *, task_name: str
+    ) -> tuple[str, str]:
+        """``(workflow, key)`` of one call."""
+        key = self.extract(args, kwargs, task_name=task_name)
+        if self.workflow_arg is None:
+            return self.workflow, key
+        workflow = (kwargs or {}).get(self.workflow_arg)
+        if not isinstance(workflow, str) or not _WORKFLOW_RE.match(workflow):
+            raise InvalidKeyError(f"{task_name}: workflow={workflow!r} is not a workflow name")
+        return workflow, key
 
     def extract(
         self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None, *, task_name: str

@@ -74,20 +74,20 @@ class StickyRouter:
         spec = getattr(task, "sticky", None)
         if not isinstance(spec, KeySpec):
             return None
-        key = spec.extract(args, kwargs, task_name=name)
+        workflow, key = spec.locate(args, kwargs, task_name=name)
         old = StickyHeader.from_headers(options.get("headers"))
         hops = old.hops if old is not None and old.key == key else 0
         if options.get("queue"):
             # A queue fixed by the caller or the task wins: the router stays out,
             # and the receiving worker still forwards to the owner if there is one.
-            options["headers"] = StickyHeader(spec.workflow, key, 0, hops).with_headers(
+            options["headers"] = StickyHeader(workflow, key, 0, hops).with_headers(
                 options.get("headers")
             )
             return None
-        queue, epoch = self._route(spec.workflow, key)
+        queue, epoch = self._route(workflow, key)
         # Celery merges the router's dict under the caller's options, so the header
         # goes into the options of this one publish (a fresh dict, never shared).
-        options["headers"] = StickyHeader(spec.workflow, key, epoch, hops).with_headers(
+        options["headers"] = StickyHeader(workflow, key, epoch, hops).with_headers(
             options.get("headers")
         )
         if queue is None:

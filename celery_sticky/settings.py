@@ -55,6 +55,13 @@ def _positive_int(value: Any) -> int:
     return number
 
 
+def _non_negative_int(value: Any) -> int:
+    number = int(value)
+    if number < 0 or (isinstance(value, float) and value != number):
+        raise ValueError("must be a whole number, 0 or more")
+    return number
+
+
 def _optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None else convert(value)
 
@@ -136,6 +143,50 @@ SETTINGS: tuple[Setting, ...] = (
         _optional(_positive_int),
     ),
     Setting(
+        "dedup_window",
+        1000,
+        "Applied-task records kept per key: a task id among a key's last N applied tasks is "
+        "not run again (its stored result is returned). A copy arriving after N newer tasks "
+        "of the key runs again.",
+        _positive_int,
+    ),
+    Setting(
+        "finished_dedup_ttl",
+        3600.0,
+        "Seconds the record of a workflow's last task outlives the workflow, so a redelivered "
+        "copy of the task that ended it is still recognized (matches Redis's default "
+        "`visibility_timeout`).",
+        _positive_float,
+    ),
+    Setting(
+        "memory_cache_bytes",
+        256 * 2**20,
+        "Bytes of decoded state values each pool process keeps in memory, so a large value "
+        "that has not changed is not unpickled again. 0 turns the memory tier off.",
+        _non_negative_int,
+    ),
+    Setting(
+        "memory_cache_min_bytes",
+        64 * 2**10,
+        "Values smaller than this (pickled) are read from disk every time: cheap enough.",
+        _non_negative_int,
+    ),
+    Setting(
+        "state_size_limit",
+        None,
+        "Most bytes a worker's state directory may hold. A commit that would pass it fails "
+        "the task with `StateSizeLimitError`; nothing is evicted. Default: no limit.",
+        _optional(_positive_int),
+    ),
+    Setting(
+        "idle_timeout",
+        None,
+        "Seconds without a task after which a key is passivated: its lease released and its "
+        "local state deleted, as if its workflow had ended. Default: off (keys live until "
+        "their workflow ends).",
+        _optional(_positive_float),
+    ),
+    Setting(
         "proof_retry_max",
         5.0,
         "Longest pause, in seconds, between a worker's attempts to prove ownership while the "
@@ -162,6 +213,12 @@ class StickyConfig:
     lease_cache_ttl: float
     max_hops: int
     worker_capacity: int | None
+    dedup_window: int
+    finished_dedup_ttl: float
+    memory_cache_bytes: int
+    memory_cache_min_bytes: int
+    state_size_limit: int | None
+    idle_timeout: float | None
     proof_retry_max: float
 
     @classmethod

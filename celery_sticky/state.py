@@ -1,123 +1,75 @@
-"""The state handle: a mapping over the key's state on the worker's local disk.
+"""The state handle: a task's mapping over its key's local state.
 
-State lives in one diskcache ``Cache`` per worker node, under
-``<sticky_state_dir>/<nodename>/``, shared by the node's pool processes. Each
-process opens it itself on first use, after the fork (an SQLite connection must
-not cross a fork). A task's writes are buffered in the handle and committed in
-one short transaction when the task succeeds; a task that raises writes nothing.
+Reads see the task's own writes; writes are buffered and committed when the task
+succeeds, in one transaction with the record that the task was applied (see
+:mod:`celery_sticky.local_state`). A task that raises, or retries, applies
+nothing. Messages published with :meth:`StateHandle.publish` leave after the
+commit, with task ids derived from the publishing task's id.
 """
 
 from __future__ import annotations
 
-import os
-import threading
+import uuid
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
-import diskcache
+from celery.canvas import Signature
 
-from .errors import StateDirError
+from .local_state import DELETED, NodeState
+from .memory_tier import MISS
 
-_DELETED = object()
-_MISSING = object()
-
-# Set by the worker bootstep in the main process, before the pool forks.
-_node_name: str | None = None
-_state_dir: str | None = None
-_caches: dict[tuple[int, str], diskcache.Cache] = {}
-_caches_lock = threading.Lock()
+#: Namespace of outbox task ids: uuid5(namespace, "<publishing task id>/<position>").
+OUTBOX_NAMESPACE = uuid.UUID("6f1f4d6c-3c0e-5a57-9b0e-5f3c8d1c2a77")
 
 
-def node_state_dir(state_dir: str, nodename: str) -> str:
-    return os.path.join(state_dir, nodename)
-
-
-def configure_node(state_dir: str, nodename: str) -> str:
-    """Check (at worker start, not at the first task) that the state dir is usable.
-
-    Returns the node's directory. Raises :class:`StateDirError` naming the path.
-    """
-    global _node_name, _state_dir
-    path = node_state_dir(state_dir, nodename)
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-probe-{os.getpid()}")
-        with open(probe, "wb") as fh:
-            fh.write(b"ok")
-        os.remove(probe)
-        # Open and close once: a corrupt database fails here, at start.
-        diskcache.Cache(path, eviction_policy="none").close()
-    except Exception as exc:
-        raise StateDirError(
-            f"sticky_state_dir: cannot use {path!r} for local state: {exc}"
-        ) from exc
-    _node_name, _state_dir = nodename, state_dir
-    return path
-
-
-def current_node() -> str | None:
-    """The nodename of the worker this process belongs to, if it is one."""
-    return _node_name
-
-
-def open_cache(state_dir: str, nodename: str) -> diskcache.Cache:
-    """This process's handle on the node's state cache, opened on first use."""
-    path = node_state_dir(state_dir, nodename)
-    slot = (os.getpid(), path)
-    cache = _caches.get(slot)
-    if cache is None:
-        with _caches_lock:
-            cache = _caches.get(slot)
-            if cache is None:
-                cache = _caches[slot] = diskcache.Cache(
-                    path, eviction_policy="none", size_limit=2**62, statistics=False
-                )
-    return cache
+def outbox_task_id(task_id: str, position: int) -> str:
+    """The id of the ``position``-th message a task publishes: the same on every run."""
+    return str(uuid.uuid5(OUTBOX_NAMESPACE, f"{task_id}/{position}"))
 
 
 class StateHandle(MutableMapping[str, Any]):
     """A task's view of one workflow key's state.
 
-    Reads see the task's own writes. Values are any picklable object, stored by
-    value: mutating an object you read does not change the state until you
-    assign it back (``state["items"] = items``).
+    Values are any picklable object. Treat values you read as read-only and
+    assign a new object to change one (``state["items"] = [*items, sku]``): large
+    values are shared with later tasks of the same process (the memory tier).
     """
 
-    def __init__(self, cache: diskcache.Cache, workflow: str, key: str) -> None:
-        self._cache = cache
+    def __init__(
+        self, store: NodeState, workflow: str, key: str, *, task_id: str = "", epoch: int = 0
+    ) -> None:
+        self._store = store
         self.workflow = workflow
         self.key = key
+        self.task_id = task_id
+        #: The lease epoch this task runs under: a fencing token for external writes.
+        self.epoch = epoch
         self._writes: dict[str, Any] = {}
         self._cleared = False
         self._fields: frozenset[str] | None = None
+        self._outbox: list[dict[str, Any]] = []
+        self._finish = False
+        self._read_slots: list[str] = []
 
-    # -- storage layout --------------------------------------------------------
-
-    def _value_key(self, field: str) -> tuple[str, str, str, str]:
-        return ("v", self.workflow, self.key, field)
-
-    @property
-    def _index_key(self) -> tuple[str, str, str]:
-        return ("i", self.workflow, self.key)
+    # -- mapping API -----------------------------------------------------------
 
     def _committed_fields(self) -> frozenset[str]:
         if self._fields is None:
-            self._fields = frozenset(self._cache.get(self._index_key, default=()))
+            self._fields = frozenset(self._store.fields(self.workflow, self.key))
         return self._fields
-
-    # -- mapping API -----------------------------------------------------------
 
     def __getitem__(self, field: str) -> Any:
         if field in self._writes:
             value = self._writes[field]
-            if value is _DELETED:
+            if value is DELETED:
                 raise KeyError(field)
             return value
         if self._cleared:
             raise KeyError(field)
-        value = self._cache.get(self._value_key(field), default=_MISSING)
-        if value is _MISSING:
+        value = self._store.read(self.workflow, self.key, field)
+        if value is MISS:
             raise KeyError(field)
+        self._read_slots.append(field)
         return value
 
     def __setitem__(self, field: str, value: Any) -> None:
@@ -128,21 +80,21 @@ class StateHandle(MutableMapping[str, Any]):
     def __delitem__(self, field: str) -> None:
         if field not in self:
             raise KeyError(field)
-        self._writes[field] = _DELETED
+        self._writes[field] = DELETED
 
     def __contains__(self, field: object) -> bool:
         if field in self._writes:
-            return self._writes[field] is not _DELETED
+            return self._writes[field] is not DELETED
         return not self._cleared and field in self._committed_fields()
 
     def _current_fields(self) -> list[str]:
-        base = set() if self._cleared else set(self._committed_fields())
+        fields = set() if self._cleared else set(self._committed_fields())
         for field, value in self._writes.items():
-            if value is _DELETED:
-                base.discard(field)
+            if value is DELETED:
+                fields.discard(field)
             else:
-                base.add(field)
-        return sorted(base)
+                fields.add(field)
+        return sorted(fields)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._current_fields())
@@ -157,38 +109,57 @@ class StateHandle(MutableMapping[str, Any]):
     def __repr__(self) -> str:
         return f"<StateHandle {self.workflow}:{self.key} fields={self._current_fields()!r}>"
 
-    # -- commit ----------------------------------------------------------------
+    # -- effects beyond the state ----------------------------------------------
+
+    def publish(self, signature: Signature) -> str:
+        """Send ``signature`` after this task commits; returns its task id.
+
+        The id is derived from this task's id and the message's position, so a
+        task that runs again after a crash publishes the same ids, and a sticky
+        receiver drops the copy. Messages of a failed task are never sent.
+        """
+        if not isinstance(signature, Signature):
+            raise TypeError(f"state.publish() takes a signature, not {type(signature).__name__}")
+        task_id = outbox_task_id(self.task_id, len(self._outbox))
+        message = dict(signature)
+        message["options"] = {**message.get("options", {}), "task_id": task_id}
+        self._outbox.append(message)
+        return task_id
+
+    def finish(self) -> None:
+        """End the workflow when this task commits: release the key, delete its state."""
+        self._finish = True
 
     @property
-    def dirty(self) -> bool:
-        return self._cleared or bool(self._writes)
+    def finishing(self) -> bool:
+        return self._finish
 
-    def commit(self) -> None:
-        """Write the buffered changes in one transaction (all or nothing)."""
-        if not self.dirty:
-            return
-        fields = self._current_fields()
-        previous = self._committed_fields()
-        cache = self._cache
-        with cache.transact():
-            if self._cleared:
-                for field in previous:
-                    cache.delete(self._value_key(field))
-            for field, value in self._writes.items():
-                if value is _DELETED:
-                    cache.delete(self._value_key(field))
-                    continue
-                try:
-                    cache.set(self._value_key(field), value)
-                except Exception as exc:
-                    raise TypeError(
-                        f"state field {field!r} of {self.workflow}:{self.key} cannot be "
-                        f"stored: {exc}"
-                    ) from exc
-            if fields:
-                cache.set(self._index_key, tuple(fields))
-            else:
-                cache.delete(self._index_key)
-        self._fields = frozenset(fields)
-        self._writes.clear()
+    @property
+    def last_commit(self) -> float | None:
+        """Wall-clock time of the key's last commit (None for a new key)."""
+        return self._store.last_commit(self.workflow, self.key)
+
+    # -- commit ----------------------------------------------------------------
+
+    def commit(self, result: Any = None, *, finish: bool = False) -> None:
+        """Write the buffered changes and the applied record (all or nothing)."""
+        self._store.commit(
+            self.workflow,
+            self.key,
+            self.task_id,
+            writes=self._writes,
+            cleared=self._cleared,
+            result=result,
+            outbox=self._outbox,
+            finish=finish or self._finish,
+        )
+        self._fields = None
+        self._writes = {}
         self._cleared = False
+
+    def discard(self) -> None:
+        """The task failed: forget its writes and the shared values it read."""
+        self._writes.clear()
+        self._outbox.clear()
+        for field in self._read_slots:
+            self._store.memory.discard((self._store.directory, self.workflow, self.key, field))

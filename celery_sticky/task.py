@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery import Celery, Task, shared_task
 
 from .keys import KeyFunc, KeySpec
+from .lifecycle import end_lease
+from .local_state import AlreadyApplied, current_node, open_node_state
 from .message import StickyHeader
+from .outbox import send_outbox
 from .settings import get_config
-from .state import StateHandle, current_node, open_cache
+from .state import StateHandle
 
 F = TypeVar("F", bound=Callable[..., Any])
+logger = logging.getLogger(__name__)
 
 
 class StickyTask(Task):
@@ -24,6 +30,8 @@ class StickyTask(Task):
     sticky: KeySpec | None = None
     #: The worker handles these messages through the per-key gate.
     Strategy = "celery_sticky.gate:sticky_strategy"
+    #: Every successful run of this task ends its workflow (like ``state.finish()``).
+    ends_workflow: bool = False
 
     @classmethod
     def bind(cls, app: Celery) -> Any:
@@ -51,14 +59,37 @@ class StickyTask(Task):
             )
         header = StickyHeader.from_headers(getattr(self.request, "headers", None))
         if header is not None:
-            workflow, key = header.workflow, header.key
+            workflow, key, epoch = header.workflow, header.key, header.epoch
         else:
-            workflow, key = spec.workflow, spec.extract(args, kwargs, task_name=self.name)
+            workflow, key = spec.locate(args, kwargs, task_name=self.name)
+            epoch = 0
         config = get_config(self.app)
         nodename = current_node() or self.request.hostname or "local"
-        state = StateHandle(open_cache(config.state_dir, nodename), workflow, key)
-        result = super().__call__(*args, state=state, **kwargs)
-        state.commit()
+        store = open_node_state(config, nodename)
+        task_id = self.request.id or str(uuid.uuid4())
+
+        applied, result = store.applied(workflow, key, task_id)
+        if applied:
+            # A redelivered or re-published copy: its effects are in; finish what a
+            # crash may have interrupted (the outbox) and answer as the first run did.
+            logger.info("sticky: task %s was already applied to %s:%s", task_id, workflow, key)
+            send_outbox(self.app, store, workflow, key, task_id)
+            return result
+
+        state = StateHandle(store, workflow, key, task_id=task_id, epoch=epoch)
+        try:
+            result = super().__call__(*args, state=state, **kwargs)
+        except BaseException:
+            state.discard()
+            raise
+        finish = state.finishing or self.ends_workflow
+        try:
+            state.commit(result, finish=finish)
+        except AlreadyApplied as done:
+            return done.result
+        send_outbox(self.app, store, workflow, key, task_id)
+        if finish:
+            end_lease(self.app, workflow, key, nodename)
         return result
 
 

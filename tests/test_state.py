@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Celery
 
-from celery_sticky.state import StateHandle, open_cache
+from celery_sticky.errors import StateSizeLimitError
+from celery_sticky.local_state import AlreadyApplied, NodeState
+from celery_sticky.settings import StickyConfig
+from celery_sticky.state import StateHandle, outbox_task_id
 from tests.conftest import unique
+
+
+def _config(**settings: Any) -> StickyConfig:
+    app = Celery("state", broker="redis://127.0.0.1:6379/0", set_as_current=False)
+    app.conf.update(settings)
+    return StickyConfig.from_app(app)
 
 
 @pytest.fixture
 def cache(tmp_path: Path) -> Any:
-    return open_cache(str(tmp_path), "node@test")
+    store = NodeState(str(tmp_path / "node@test"), _config())
+    yield store
+    store.close()
+
+
+def handle(store: NodeState, workflow: str = "order_id", key: str = "o1") -> StateHandle:
+    return StateHandle(store, workflow, key, task_id=uuid.uuid4().hex)
 
 
 def test_mapping_api_reads_its_own_writes(cache: Any) -> None:
-    state = StateHandle(cache, "order_id", "o1")
+    state = handle(cache)
     assert state.get("items") is None and len(state) == 0 and "items" not in state
     state["items"] = [1]
     state.update(total=3, note="x")
@@ -33,34 +50,135 @@ def test_mapping_api_reads_its_own_writes(cache: Any) -> None:
 
 
 def test_writes_are_invisible_until_commit(cache: Any) -> None:
-    writer = StateHandle(cache, "order_id", "o1")
+    writer = handle(cache)
     writer["items"] = ["a"]
-    assert "items" not in StateHandle(cache, "order_id", "o1")
+    assert "items" not in handle(cache)
     writer.commit()
-    reader = StateHandle(cache, "order_id", "o1")
+    reader = handle(cache)
     assert reader["items"] == ["a"] and list(reader.keys()) == ["items"]
     reader.clear()
     reader["fresh"] = 1
     reader.commit()
-    assert dict(StateHandle(cache, "order_id", "o1")) == {"fresh": 1}
+    assert dict(handle(cache)) == {"fresh": 1}
 
 
 def test_keys_and_workflows_are_isolated(cache: Any) -> None:
     for workflow, key in [("order_id", "1"), ("order_id", "2"), ("invoice", "1")]:
-        state = StateHandle(cache, workflow, key)
+        state = handle(cache, workflow, key)
         state["who"] = f"{workflow}:{key}"
         state.commit()
-    assert dict(StateHandle(cache, "invoice", "1")) == {"who": "invoice:1"}
-    assert dict(StateHandle(cache, "order_id", "2")) == {"who": "order_id:2"}
+    assert dict(handle(cache, "invoice", "1")) == {"who": "invoice:1"}
+    assert dict(handle(cache, "order_id", "2")) == {"who": "order_id:2"}
 
 
 def test_unpicklable_value_applies_nothing_and_names_the_field(cache: Any) -> None:
-    state = StateHandle(cache, "order_id", "o1")
+    state = handle(cache)
     state["good"] = 1
     state["lock"] = threading.Lock()
     with pytest.raises(TypeError, match="state field 'lock' of order_id:o1"):
         state.commit()
-    assert dict(StateHandle(cache, "order_id", "o1")) == {}
+    assert dict(handle(cache)) == {}
+    assert cache.applied("order_id", "o1", state.task_id) == (False, None)
+
+
+def test_an_applied_task_id_applies_nothing_again(cache: Any) -> None:
+    first = StateHandle(cache, "order_id", "o1", task_id="t-1")
+    first["n"] = 1
+    first.commit(result="first result")
+    assert cache.applied("order_id", "o1", "t-1") == (True, "first result")
+    again = StateHandle(cache, "order_id", "o1", task_id="t-1")
+    again["n"] = 2
+    with pytest.raises(AlreadyApplied) as info:
+        again.commit(result="second result")
+    assert info.value.result == "first result"
+    assert handle(cache)["n"] == 1
+
+
+def test_applied_records_are_trimmed_to_the_window(tmp_path: Path) -> None:
+    store = NodeState(str(tmp_path / "n"), _config(sticky_dedup_window=3))
+    for i in range(5):
+        state = StateHandle(store, "order_id", "o1", task_id=f"t-{i}")
+        state["i"] = i
+        state.commit(result=i)
+    applied = [store.applied("order_id", "o1", f"t-{i}")[0] for i in range(5)]
+    assert applied == [False, False, True, True, True]
+    store.close()
+
+
+def test_finish_deletes_the_key_but_remembers_the_last_task(cache: Any) -> None:
+    for i in range(3):
+        state = StateHandle(cache, "order_id", "o1", task_id=f"t-{i}")
+        state["i"] = i
+        state.commit(result=i)
+    last = StateHandle(cache, "order_id", "o1", task_id="t-end")
+    last.finish()
+    last.commit(result="done")
+    assert dict(handle(cache)) == {} and cache.last_commit("order_id", "o1") is None
+    assert [cache.applied("order_id", "o1", f"t-{i}")[0] for i in range(3)] == [False] * 3
+    assert cache.applied("order_id", "o1", "t-end") == (True, "done")
+
+
+def test_outbox_is_kept_with_the_commit_until_sent(cache: Any) -> None:
+    from celery import signature
+
+    state = StateHandle(cache, "order_id", "o1", task_id="t-1")
+    first = state.publish(signature("some.task", args=(1,)))
+    second = state.publish(signature("some.task", args=(2,)))
+    assert first == outbox_task_id("t-1", 0) != second
+    state.commit()
+    assert cache.pending_outboxes() == [("order_id", "o1", "t-1")]
+    assert [m["options"]["task_id"] for m in cache.outbox("order_id", "o1", "t-1")] == [
+        first,
+        second,
+    ]
+    cache.outbox_sent("order_id", "o1", "t-1")
+    assert cache.pending_outboxes() == []
+
+
+def test_failed_task_publishes_nothing(cache: Any) -> None:
+    from celery import signature
+
+    state = StateHandle(cache, "order_id", "o1", task_id="t-1")
+    state.publish(signature("some.task"))
+    state.discard()
+    state.commit()
+    assert cache.pending_outboxes() == []
+
+
+def test_size_limit_refuses_the_commit_and_names_the_setting(tmp_path: Path) -> None:
+    store = NodeState(str(tmp_path / "n"), _config(sticky_state_size_limit=200_000))
+    state = handle(store)
+    state["blob"] = b"x" * 500_000
+    with pytest.raises(StateSizeLimitError, match="sticky_state_size_limit=200000"):
+        state.commit()
+    assert dict(handle(store)) == {}
+    store.close()
+
+
+def test_memory_tier_serves_an_unchanged_large_value_without_unpickling(cache: Any) -> None:
+    big = list(range(100_000))  # ~ 500 kB pickled: above the 64 kB threshold
+    writer = handle(cache)
+    writer["big"] = big
+    writer["small"] = 1
+    writer.commit()
+    assert handle(cache)["big"] is big  # the committed object itself
+    other = NodeState(cache.directory, cache.config)  # as another pool process would
+    replacement = handle(other)
+    replacement["big"] = [1, 2, 3]
+    replacement.commit()
+    assert handle(cache)["big"] == [1, 2, 3], "a changed version is read again"
+    other.close()
+
+
+def test_failed_task_drops_the_shared_values_it_read(cache: Any) -> None:
+    writer = handle(cache)
+    writer["big"] = list(range(100_000))
+    writer.commit()
+    reader = handle(cache)
+    value = reader["big"]
+    value.append("mutated in place")
+    reader.discard()
+    assert handle(cache)["big"][-1] == 99_999
 
 
 def test_failed_task_leaves_no_trace(sticky_app: Any, cluster: Any) -> None:

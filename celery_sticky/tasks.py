@@ -1,0 +1,32 @@
+"""celery-sticky's own tasks (registered on every app, like ``shared_task``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from .keys import KeySpec
+from .lifecycle import END_WORKFLOW
+from .state import StateHandle
+from .task import StickyTask, _without_state
+
+
+def _end_workflow(
+    self: Any, *, workflow: str, key: str, idle_since: float | None = None, state: StateHandle
+) -> bool:
+    """End the key's workflow; when passivating, only if it stayed idle."""
+    if idle_since is not None:
+        last = state.last_commit
+        if last is not None and last > idle_since:
+            return False
+    state.finish()
+    return True
+
+
+end_workflow = shared_task(
+    base=StickyTask,
+    name=END_WORKFLOW,
+    bind=True,
+    sticky=KeySpec("*", "key", None, None, True, workflow_arg="workflow"),
+)(_without_state(_end_workflow))
