@@ -77,7 +77,11 @@ class _Entry:
         self.submitted = False  # handed to the pool (not only to the semaphore)
         self.finished = False
         self.retry_delay = 0.0
-        self.task_id: str | None = (message.headers or {}).get("id")
+        headers = message.headers or {}
+        # A retry reuses its task's id: a copy is the same id *and* the same retry.
+        self.task_id: str | None = (
+            f"{headers['id']}/{headers.get('retries') or 0}" if headers.get("id") else None
+        )
         self.copies: list[Message] = []  # duplicates, acked once this entry is done
 
     @property

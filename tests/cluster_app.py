@@ -17,6 +17,11 @@ from celery import Celery, shared_task
 from celery_sticky import sticky_task
 
 
+def _float_env(name: str) -> float | None:
+    value = os.environ.get(name)
+    return float(value) if value else None
+
+
 def make_app(prefix: str | None = None, **settings: Any) -> Celery:
     prefix = prefix or os.environ["STICKY_TEST_PREFIX"]
     url = os.environ["STICKY_TEST_REDIS_URL"]
@@ -32,7 +37,16 @@ def make_app(prefix: str | None = None, **settings: Any) -> Celery:
         worker_prefetch_multiplier=int(os.environ.get("STICKY_TEST_PREFETCH", "4")),
         broker_connection_retry_on_startup=True,
         result_expires=3600,
+        sticky_idle_timeout=_float_env("STICKY_TEST_IDLE_TIMEOUT"),
     )
+    visibility = _float_env("STICKY_TEST_VISIBILITY_TIMEOUT")
+    if visibility is not None:
+        # kombu sweeps for expired unacked messages every interval x throttle seconds.
+        app.conf.broker_transport_options = {
+            "visibility_timeout": visibility,
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+        }
     app.conf.update(settings)
     return app
 
@@ -104,3 +118,73 @@ def plain_task(self: Any, x: int) -> dict[str, Any]:
         "queue": self.request.delivery_info.get("routing_key"),
         "x": x,
     }
+
+
+@sticky_task(key="key", bind=True, acks_late=True)
+def slow_write(self: Any, key: str, step: int, *, state: Any) -> list[int]:
+    """Writes, says it is inside its body, then takes long enough to be killed."""
+    state["steps"] = [*state.get("steps", []), step]
+    record(
+        {
+            "key": key,
+            "step": step,
+            "node": self.request.hostname,
+            "inside": True,
+            "start": time.time(),
+            "end": time.time(),
+            "epoch": 0,
+            "hops": 0,
+            "id": self.request.id,
+        }
+    )
+    time.sleep(float(os.environ.get("STICKY_TEST_SLOW_WRITE", "30")))
+    return list(state["steps"])
+
+
+@sticky_task(key="key", bind=True, acks_late=True)
+def fan_out(self: Any, key: str, target: str, count: int, *, state: Any) -> list[str]:
+    """Publishes ``count`` steps of ``target`` through the outbox."""
+    state["fanned"] = state.get("fanned", 0) + 1
+    return [state.publish(record_step.si(target, i)) for i in range(count)]
+
+
+@sticky_task(key="key", bind=True)
+def finish_now(self: Any, key: str, *, state: Any) -> dict[str, Any]:
+    seen = dict(state.items())
+    state.finish()
+    return {"node": self.request.hostname, "state": seen}
+
+
+@sticky_task(key="key", bind=True, ends_workflow=True)
+def last_step(self: Any, key: str, *, state: Any) -> dict[str, Any]:
+    return {"node": self.request.hostname, "state": dict(state.items())}
+
+
+@sticky_task(key="key", bind=True, acks_late=True, max_retries=3)
+def retry_once(self: Any, key: str, *, state: Any) -> int:
+    """Writes, then asks for a retry on its first run: only the retry's write counts."""
+    state["runs"] = state.get("runs", 0) + 1
+    if self.request.retries == 0:
+        raise self.retry(countdown=0.1)
+    return int(state["runs"])
+
+
+if os.environ.get("STICKY_TEST_CRASH_BEFORE_OUTBOX"):
+    # Fault injection for the outbox test: the first task to reach the outbox
+    # after its commit kills its whole worker, as a power cut would.
+    import signal
+
+    import celery_sticky.task as _task_module
+
+    _send_outbox = _task_module.send_outbox
+    _marker = os.environ["STICKY_TEST_CRASH_BEFORE_OUTBOX"]
+
+    def _crash_then_send(app: Any, store: Any, workflow: str, key: str, task_id: str) -> int:
+        if store.outbox(workflow, key, task_id) and not os.path.exists(_marker):
+            with open(_marker, "w") as fh:
+                fh.write("crashed")
+            os.kill(os.getppid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return int(_send_outbox(app, store, workflow, key, task_id))
+
+    _task_module.send_outbox = _crash_then_send  # type: ignore[assignment]
