@@ -76,7 +76,8 @@ class StickyRouter:
             return None
         workflow, key = spec.locate(args, kwargs, task_name=name)
         old = StickyHeader.from_headers(options.get("headers"))
-        hops = old.hops if old is not None and old.key == key else 0
+        same = old is not None and (old.workflow, old.key) == (workflow, key)
+        hops = old.hops if same and old is not None else 0
         if options.get("queue"):
             # A queue fixed by the caller or the task wins: the router stays out,
             # and the receiving worker still forwards to the owner if there is one.

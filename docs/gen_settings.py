@@ -48,8 +48,8 @@ def render(settings: Iterable[Setting] = SETTINGS) -> str:
 
 
 def default(setting: Setting) -> str:
-    """A setting's default for the summary table; ``None`` is derived from other values."""
-    return "derived" if setting.default is None else f"`{setting.default!r}`"
+    """A setting's default for the summary table; ``None`` means "see the description"."""
+    return "`None` (see below)" if setting.default is None else f"`{setting.default!r}`"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,6 +79,7 @@ class LeaseStore:
         )
         self._claim: Script = self.redis.register_script(_load_script("claim"))
         self._heartbeat: Script = self.redis.register_script(_load_script("heartbeat"))
+        self._lookup: Script = self.redis.register_script(_load_script("lookup"))
         self._release: Script = self.redis.register_script(_load_script("release"))
         self._deregister: Script = self.redis.register_script(_load_script("deregister"))
 
@@ -138,16 +139,15 @@ class LeaseStore:
 
     def lookup(self, workflow: str, key: str) -> tuple[str, int, bool] | None:
         """``(owner, epoch, owner_alive)`` of a key, or None when nobody holds it."""
-
-        def read() -> tuple[str, int, bool] | None:
-            lease = self.redis.hgetall(self.lease_key(workflow, key))
-            if not lease:
-                return None
-            beat = self.redis.zscore(self.workers_key, lease["owner"])
-            alive = beat is not None and beat >= self._server_time() - self.config.lease_ttl
-            return lease["owner"], int(lease["epoch"]), alive
-
-        return self._guard(read)
+        found = self._call(
+            self._lookup,
+            keys=[self.lease_key(workflow, key), self.workers_key],
+            args=[self.config.lease_ttl],
+        )
+        if not found:
+            return None
+        owner, epoch, alive = found
+        return str(owner), int(epoch), bool(int(alive))
 
     def workers(self) -> list[WorkerInfo]:
         """Every registered worker, alive or not, with its load."""

@@ -1,0 +1,16 @@
+-- Look a lease up without claiming: {owner, epoch, alive} or {} when nobody holds it.
+--
+-- KEYS[1] lease hash      KEYS[2] workers zset
+-- ARGV[1] lease TTL (s)
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner then
+  return {}
+end
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local beat = redis.call('ZSCORE', KEYS[2], owner)
+local alive = 0
+if beat and tonumber(beat) >= now - tonumber(ARGV[1]) then
+  alive = 1
+end
+return {owner, redis.call('HGET', KEYS[1], 'epoch'), alive}
