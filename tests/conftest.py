@@ -45,8 +45,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if prefix:
         with contextlib.suppress(redis.RedisError):
             client = redis.Redis.from_url(os.environ["STICKY_TEST_REDIS_URL"])
-            patterns = (f"{prefix}*", f"_kombu.binding.{prefix}*",
-                        f"_kombu.binding_permanent.{prefix}*")
+            patterns = (
+                f"{prefix}*",
+                f"_kombu.binding.{prefix}*",
+                f"_kombu.binding_permanent.{prefix}*",
+            )
             for pattern in patterns:
                 for name in client.scan_iter(pattern, count=1000):
                     client.delete(name)

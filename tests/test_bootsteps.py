@@ -49,6 +49,21 @@ def test_unwritable_state_dir_stops_the_worker_at_start(tmp_path: Path) -> None:
     assert str(blocker / "state") in worker.log()
 
 
+def test_corrupt_state_is_reported_at_start(tmp_path: Path) -> None:
+    """A state database that is not one fails the worker's start, naming the directory."""
+    state_dir = tmp_path / "state"
+    node_dir = state_dir / "corrupt@sticky-tests"
+    node_dir.mkdir(parents=True)
+    (node_dir / "cache.db").write_bytes(b"this is not an SQLite database" * 100)
+    workers = _workers(tmp_path)
+    worker = workers.start(
+        "corrupt@sticky-tests", wait=False, env={"STICKY_TEST_STATE_DIR": str(state_dir)}
+    )
+    assert worker.process is not None
+    assert worker.process.wait(60) != 0
+    assert f"sticky_state_dir: cannot use '{node_dir}'" in worker.log()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
