@@ -97,6 +97,8 @@ class StickyNode:
             return None
         if lease.status is ClaimStatus.NO_LIVE_WORKER:
             return None
+        if lease.status is ClaimStatus.PENDING and lease.owner == self.name:
+            return None  # the registry counts this node dead: it must not run the key
         with self._lock:
             if lease.owner == self.name:
                 self._owned[(workflow, key)] = lease.epoch

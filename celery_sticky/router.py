@@ -102,18 +102,24 @@ class StickyRouter:
             return cached[1], cached[2]
         config = self.config
         store = self.store
+        cacheable = True
         if config.placement == "first_come":
             found = store.lookup(workflow, key)
-            if found is None or not found[2]:
+            if found is None or not found.alive:
                 return None, 0
-            owner, epoch = found[0], found[1]
+            owner, epoch = found.owner, found.epoch
         else:
             lease = store.claim(workflow, key)
             if lease.status is ClaimStatus.NO_LIVE_WORKER:
                 return None, 0
             owner, epoch = lease.owner, lease.epoch
+            # A dead owner's queue is about to be moved on: send the task after
+            # the ones already there (the reaper keeps their order), uncached.
+            cacheable = lease.status is not ClaimStatus.PENDING
         queue = config.direct_queue_name(owner)
         ensure_queue(self.app, queue)
+        if not cacheable:
+            return queue, epoch
         with self._lock:
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()

@@ -1,4 +1,5 @@
--- Look a lease up without claiming: {owner, epoch, alive} or {} when nobody holds it.
+-- Look a lease up without claiming: {owner, epoch, alive, origin}, or {} when nobody
+-- holds it. origin is 'claimed' or 'taken_over' (from a dead owner).
 --
 -- KEYS[1] lease hash      KEYS[2] workers zset
 -- ARGV[1] lease TTL (s)
@@ -13,4 +14,5 @@ local alive = 0
 if beat and tonumber(beat) >= now - tonumber(ARGV[1]) then
   alive = 1
 end
-return {owner, redis.call('HGET', KEYS[1], 'epoch'), alive}
+return {owner, redis.call('HGET', KEYS[1], 'epoch'), alive,
+        redis.call('HGET', KEYS[1], 'origin') or 'claimed'}

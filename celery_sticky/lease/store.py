@@ -24,6 +24,7 @@ T = TypeVar("T")
 
 
 class ClaimStatus(enum.IntEnum):
+    PENDING = -2  # the owner is dead, its queue not reaped yet: route to it still
     NO_LIVE_WORKER = -1
     OWNED = 0
     CLAIMED = 1
@@ -38,6 +39,13 @@ class Lease(NamedTuple):
     status: ClaimStatus
 
 
+class LeaseInfo(NamedTuple):
+    owner: str
+    epoch: int
+    alive: bool
+    origin: str  # "claimed", or "taken_over" from a dead owner (its state may be lost)
+
+
 @dataclass(frozen=True)
 class WorkerInfo:
     name: str
@@ -46,6 +54,8 @@ class WorkerInfo:
     capacity: int
     queue: str
     keys: int
+    draining: bool = False
+    reaped: bool = False
 
 
 def _load_script(name: str) -> str:
@@ -104,15 +114,19 @@ class LeaseStore:
 
     # -- operations ------------------------------------------------------------
 
-    def claim(self, workflow: str, key: str, candidate: str = "") -> Lease:
+    def claim(self, workflow: str, key: str, candidate: str = "", *, force: bool = False
+              ) -> Lease:
         """Return the key's valid lease, or claim it for ``candidate``.
 
-        With no candidate the least loaded live worker is chosen, atomically.
+        With no candidate the least loaded live worker is chosen, atomically. A
+        dead owner whose queue was not reaped yet keeps the key (``PENDING``)
+        unless ``force`` (the reaper moving that queue on).
         """
         owner, epoch, status = self._call(
             self._claim,
             keys=[self.lease_key(workflow, key), self.workers_key, self.epoch_key],
-            args=[self.config.lease_ttl, candidate, self.prefix, f"{workflow}:{key}"],
+            args=[self.config.lease_ttl, candidate, self.prefix, f"{workflow}:{key}",
+                  "1" if force else ""],
         )
         return Lease(owner, int(epoch), ClaimStatus(int(status)))
 
@@ -135,10 +149,61 @@ class LeaseStore:
         return float(now)
 
     def deregister(self, node: str) -> None:
+        """Mark ``node`` dead now; its keys stay pending until it is reaped."""
         self._call(self._deregister, keys=[self.workers_key, self.worker_key(node)], args=[node])
 
-    def lookup(self, workflow: str, key: str) -> tuple[str, int, bool] | None:
-        """``(owner, epoch, owner_alive)`` of a key, or None when nobody holds it."""
+    def dead_workers(self) -> list[str]:
+        """Registered workers whose heartbeat is older than the TTL (or that drained)."""
+        return self._guard(
+            lambda: self.redis.zrangebyscore(
+                self.workers_key, "-inf", f"({self._server_time() - self.config.lease_ttl}"
+            )
+        )
+
+    def try_lock_reaping(self, node: str, reaper: str, seconds: float) -> bool:
+        """Become the one worker that reaps ``node`` for ``seconds``."""
+        return bool(self._guard(lambda: self.redis.set(
+            f"{self.prefix}reaping:{node}", reaper, nx=True, px=int(seconds * 1000)
+        )))
+
+    def unlock_reaping(self, node: str) -> None:
+        self._guard(lambda: self.redis.delete(f"{self.prefix}reaping:{node}"))
+
+    def reaping(self, node: str) -> bool:
+        return bool(self._guard(lambda: self.redis.exists(f"{self.prefix}reaping:{node}")))
+
+    def mark_reaped(self, node: str) -> float | None:
+        """Record that ``node``'s queue was moved on (its keys may now be taken over).
+
+        Returns when it was first marked reaped (server time), or None when the
+        node came back to life meanwhile (then nothing is marked).
+        """
+
+        def mark() -> float | None:
+            now = self._server_time()
+            beat = self.redis.zscore(self.workers_key, node)
+            if beat is not None and beat >= now - self.config.lease_ttl:
+                return None
+            info = self.worker_key(node)
+            self.redis.hsetnx(info, "reaped_at", now)
+            self.redis.hset(info, "reaped", "1")
+            return float(self.redis.hget(info, "reaped_at"))
+
+        return self._guard(mark)
+
+    def forget_worker(self, node: str) -> None:
+        """Drop a long-dead, reaped worker from the registry."""
+
+        def forget() -> None:
+            pipe = self.redis.pipeline()
+            pipe.zrem(self.workers_key, node)
+            pipe.delete(self.worker_key(node), self.owned_key(node))
+            pipe.execute()
+
+        self._guard(forget)
+
+    def lookup(self, workflow: str, key: str) -> LeaseInfo | None:
+        """``(owner, epoch, owner_alive, origin)`` of a key, or None when nobody holds it."""
         found = self._call(
             self._lookup,
             keys=[self.lease_key(workflow, key), self.workers_key],
@@ -146,8 +211,8 @@ class LeaseStore:
         )
         if not found:
             return None
-        owner, epoch, alive = found
-        return str(owner), int(epoch), bool(int(alive))
+        owner, epoch, alive, origin = found
+        return LeaseInfo(str(owner), int(epoch), bool(int(alive)), str(origin))
 
     def workers(self) -> list[WorkerInfo]:
         """Every registered worker, alive or not, with its load."""
@@ -171,6 +236,8 @@ class LeaseStore:
                         capacity=int(info.get("capacity", 1)),
                         queue=info.get("queue", ""),
                         keys=int(keys),
+                        draining=info.get("draining") == "1",
+                        reaped=info.get("reaped") == "1",
                     )
                 )
             return result

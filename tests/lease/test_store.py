@@ -45,11 +45,14 @@ def test_dead_owner_is_taken_over_with_a_higher_epoch(store: LeaseStore) -> None
     first = store.claim("order", "1", candidate="a")
     time.sleep(1.2)  # the TTL is 1 s
     store.heartbeat("b", 1, "q.b")
-    assert store.lookup("order", "1") == ("a", first.epoch, False)
+    assert store.lookup("order", "1") == ("a", first.epoch, False, "claimed")
+    assert store.claim("order", "1", candidate="b").status is ClaimStatus.PENDING
+    assert store.mark_reaped("a") is not None
     moved = store.claim("order", "1", candidate="b")
     assert (moved.owner, moved.status) == ("b", ClaimStatus.TAKEN_OVER)
     assert moved.epoch > first.epoch
     assert store.owned_keys("a") == set() and store.owned_keys("b") == {("order", "1")}
+    assert store.lookup("order", "1") == ("b", moved.epoch, True, "taken_over")
 
 
 def test_no_live_worker_claims_nothing(store: LeaseStore) -> None:
@@ -73,12 +76,23 @@ def test_release_only_by_the_owner(store: LeaseStore) -> None:
     assert store.lookup("order", "1") is None and store.owned_keys("a") == set()
 
 
-def test_deregistered_worker_loses_its_leases(store: LeaseStore) -> None:
+def test_deregistered_worker_keeps_its_keys_until_reaped(store: LeaseStore) -> None:
     store.heartbeat("a", 1, "q.a")
     store.heartbeat("b", 1, "q.b")
     store.claim("order", "1", candidate="a")
     store.deregister("a")
-    assert store.claim("order", "1", candidate="b").status is ClaimStatus.TAKEN_OVER
+    assert store.dead_workers() == ["a"]
+    assert store.claim("order", "1", candidate="b").status is ClaimStatus.PENDING
+    assert store.claim("order", "1", force=True).status is ClaimStatus.TAKEN_OVER
+    store.heartbeat("a", 1, "q.a")  # the same node comes back: alive, not reaped
+    assert store.dead_workers() == []
+
+
+def test_epochs_survive_a_store_that_forgot_everything(store: LeaseStore) -> None:
+    store.heartbeat("a", 1, "q.a")
+    before = store.claim("order", "1", candidate="a").epoch
+    store.redis.delete(store.epoch_key, store.lease_key("order", "1"))
+    assert store.claim("order", "1", candidate="a").epoch > before
 
 
 def _commands(client: Any) -> int:
