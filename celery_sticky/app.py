@@ -7,6 +7,7 @@ import threading
 import weakref
 
 from celery import Celery
+from celery.signals import worker_shutdown
 
 from .lease import LeaseStore
 from .router import StickyRouter
@@ -23,7 +24,7 @@ def install(app: Celery) -> None:
     Settings are not read here but on first use, after configuration.
     """
     from . import tasks  # noqa: F401  (registers celery-sticky's own tasks)
-    from .bootsteps import StickyConsumer, StickyWorker
+    from .bootsteps import StickyConsumer, StickyWorker, on_worker_shutdown
 
     routes = app.conf.task_routes
     existing = list(routes) if isinstance(routes, list | tuple) else [routes] if routes else []
@@ -34,6 +35,7 @@ def install(app: Celery) -> None:
         app.amqp.__dict__.pop("router", None)
     app.steps["worker"].add(StickyWorker)
     app.steps["consumer"].add(StickyConsumer)
+    worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid="celery_sticky.drain")
 
 
 def router_of(app: Celery) -> StickyRouter | None:

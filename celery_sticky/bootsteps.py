@@ -8,15 +8,20 @@ gate when the broker connection restarts.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 from celery import bootsteps
 
+from .drain import drain_safely
+from .errors import LeaseStoreUnavailable
 from .gate import KeyGate
 from .lifecycle import passivate
-from .local_state import NodeState, check_node_directory, set_current_node
+from .local_state import NodeState, check_node_directory, open_node_state, set_current_node
 from .node import StickyNode
 from .outbox import send_pending
+from .reaper import Reaper
 from .router import direct_queue
 from .settings import get_config
 
@@ -43,11 +48,21 @@ class StickyWorker(bootsteps.StartStopStep):
         self.gate = KeyGate(app, self.node)
         # Added before the consumer starts, so it consumes the queue from the start.
         app.amqp.queues.select_add(direct_queue(self.node.queue))
+        self.reaper = Reaper(
+            app, self.node.store, self.node.name, min(1.0, config.heartbeat_interval)
+        )
+        self.drained = False
         worker.sticky = self
         logger.debug("sticky: node %s, state in %s", worker.hostname, self.state_directory)
 
     def start(self, worker: Any) -> None:
+        # If another worker is moving this node's queue on (it was dead), let it finish.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and self._being_reaped():
+            time.sleep(0.2)
         self.node.start()
+        self.reaper.start()
+        threading.Thread(target=self._drop_stale_state, name="sticky-cleanup", daemon=True).start()
         # The pool has forked by now (this step requires it), so the main process
         # may open the state briefly: send what a crash left in the outbox.
         store = NodeState(self.state_directory, self.node.config)
@@ -64,10 +79,40 @@ class StickyWorker(bootsteps.StartStopStep):
             )
 
     def stop(self, worker: Any) -> None:
+        # Marked dead now: from here on this node's keys are routed to its queue,
+        # which the drain (after the pool finished) moves on.
+        self.reaper.stop()
         self.node.stop(deregister=True)
 
-    def shutdown(self, worker: Any) -> None:
-        self.node.stop(deregister=True)
+    shutdown = stop
+
+    def drain(self, worker: Any) -> None:
+        """After the pool stopped (``worker_shutdown``): hand keys over, move the queue."""
+        if self.drained:
+            return
+        self.drained = True
+        drain_safely(worker.app, self.node, self.state_directory, self.gate.held_order)
+
+    def _being_reaped(self) -> bool:
+        try:
+            return self.node.store.reaping(self.node.name)
+        except LeaseStoreUnavailable:
+            return False  # the heartbeat loop keeps trying; proofs wait for the store
+
+    def _drop_stale_state(self) -> None:
+        """Free the disk of keys whose lease moved on while this node was away."""
+        try:
+            store = open_node_state(self.node.config, self.node.name)
+            dropped = 0
+            for workflow, key, epoch in store.local_keys():
+                info = self.node.store.lookup(workflow, key)
+                if info is None or info.owner != self.node.name or info.epoch != epoch:
+                    store.delete_key(workflow, key)
+                    dropped += 1
+            if dropped:
+                logger.info("sticky: dropped the local state of %d key(s) that moved on", dropped)
+        except Exception:
+            logger.exception("sticky: could not check local state against the leases")
 
 
 class StickyConsumer(bootsteps.StartStopStep):
@@ -82,3 +127,10 @@ class StickyConsumer(bootsteps.StartStopStep):
             step.gate.forget_unstarted()
 
     shutdown = stop
+
+
+def on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
+    """``worker_shutdown`` handler: drain the node once its pool has stopped."""
+    step = getattr(sender, "sticky", None)
+    if isinstance(step, StickyWorker):
+        step.drain(sender)

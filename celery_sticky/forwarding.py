@@ -45,24 +45,7 @@ def forward(
         message.ack()
         raise exc
     moved = StickyHeader(header.workflow, header.key, epoch, header.hops + 1)
-    properties: dict[str, Any] = {
-        name: message.properties[name] for name in _PROPERTIES if message.properties.get(name)
-    }
-    ensure_queue(app, owner_queue)
-    queue = direct_queue(owner_queue)
-    with app.producer_or_acquire() as producer:
-        producer.publish(
-            message.body,
-            exchange=queue.exchange,
-            routing_key=queue.routing_key,
-            declare=[queue],
-            headers=moved.with_headers(message.headers),
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            retry=True,
-            **properties,
-        )
-    message.ack()
+    republish(app, message, moved, owner_queue)
     logger.info(
         "sticky: forwarded %s[%s] of %s:%s to %s (hop %d)",
         task_name,
@@ -72,3 +55,28 @@ def forward(
         owner_queue,
         moved.hops,
     )
+
+
+def republish(app: Celery, message: Message, header: StickyHeader | None, queue_name: str) -> None:
+    """Publish ``message`` unchanged (but for its sticky header) to a queue, then ack it."""
+    properties: dict[str, Any] = {
+        name: message.properties[name] for name in _PROPERTIES if message.properties.get(name)
+    }
+    headers = dict(message.headers or {})
+    if header is not None:
+        headers = header.with_headers(headers)
+    ensure_queue(app, queue_name)
+    queue = direct_queue(queue_name)
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            message.body,
+            exchange=queue.exchange,
+            routing_key=queue.routing_key,
+            declare=[queue],
+            headers=headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            retry=True,
+            **properties,
+        )
+    message.ack()

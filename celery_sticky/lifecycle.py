@@ -26,9 +26,14 @@ END_WORKFLOW = "celery_sticky.end_workflow"
 def end_lease(app: Celery, workflow: str, key: str, owner: str) -> None:
     """Release ``owner``'s lease of the key after its workflow ended."""
     from .app import lease_store, router_of
+    from .handoff import handoff_store
+    from .settings import get_config
 
     try:
-        lease_store(app).release(workflow, key, owner=owner)
+        leases = lease_store(app)
+        # A replicated copy of an ended workflow must not come back to life.
+        handoff_store(get_config(app), leases).delete(workflow, key)
+        leases.release(workflow, key, owner=owner)
     except LeaseStoreUnavailable as exc:
         # The state is gone already; the lease lapses with the owner or moves on.
         logger.warning("sticky: could not release %s:%s: %s", workflow, key, exc)

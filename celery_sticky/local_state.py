@@ -14,6 +14,7 @@ tuples:
 ``("t", workflow, key)``         time of the key's last commit
 ``("o", workflow, key, id)``     messages task ``id`` published, not yet sent
 ``("O",)``                       the set of pending outbox records
+``("e", workflow, key)``         the lease epoch the key's state belongs to
 ==============================  ==========================================
 
 A commit writes a task's changes, its applied record and its outbox in one short
@@ -116,6 +117,7 @@ class NodeState:
         result: Any,
         outbox: list[dict[str, Any]],
         finish: bool,
+        epoch: int = 0,
     ) -> None:
         """Apply a task's changes and record it as applied, atomically.
 
@@ -174,6 +176,8 @@ class NodeState:
                 else:
                     cache.delete(("i", workflow, key))
                 self._record_applied(workflow, key, task_id, pickled_result)
+                if epoch:
+                    cache.set(("e", workflow, key), epoch)
             if outbox:
                 cache.set(("o", workflow, key, task_id), outbox)
                 pending = cache.get(("O",), default=frozenset())
@@ -218,12 +222,85 @@ class NodeState:
                 cache.delete(("a", workflow, key, old))
         cache.delete(("n", workflow, key))
         cache.delete(("t", workflow, key))
+        cache.delete(("e", workflow, key))
 
     def delete_key(self, workflow: str, key: str) -> None:
         """Forget everything about a key (its lease moved on, or it was released)."""
         with self.cache.transact():
             self._delete_key(workflow, key, self.fields(workflow, key))
         self.memory.discard_key(self.directory, workflow, key)
+
+    # -- ownership changes -------------------------------------------------------
+
+    def epoch(self, workflow: str, key: str) -> int | None:
+        """The lease epoch the key's local state belongs to (None: no local state)."""
+        epoch = self.cache.get(("e", workflow, key))
+        return None if epoch is None else int(epoch)
+
+    def local_keys(self) -> list[tuple[str, str, int]]:
+        """``(workflow, key, epoch)`` of every key with local state (a full scan)."""
+        found = []
+        for record in self.cache.iterkeys():
+            if isinstance(record, tuple) and len(record) == 3 and record[0] == "e":
+                epoch = self.cache.get(record)
+                if epoch is not None:
+                    found.append((record[1], record[2], int(epoch)))
+        return found
+
+    def export_key(self, workflow: str, key: str) -> dict[str, Any] | None:
+        """The key's state and applied records, as raw bytes, for a hand-over."""
+        cache = self.cache
+        with cache.transact():
+            epoch = cache.get(("e", workflow, key))
+            fields = self.fields(workflow, key)
+            if epoch is None and not fields:
+                return None
+            seq = int(cache.get(("n", workflow, key), default=0))
+            applied = []
+            for number in range(max(1, seq - self.config.dedup_window + 1), seq + 1):
+                task_id = cache.get(("s", workflow, key, number))
+                record = None if task_id is None else cache.get(("a", workflow, key, task_id))
+                if record is not None:
+                    applied.append((task_id, record[0], record[1]))
+            return {
+                "workflow": workflow,
+                "key": key,
+                "epoch": epoch,
+                "seq": seq,
+                "fields": {f: cache.get(("v", workflow, key, f)) for f in fields},
+                "applied": applied,
+                "last_commit": cache.get(("t", workflow, key)),
+            }
+
+    def import_key(self, workflow: str, key: str, data: dict[str, Any], epoch: int) -> None:
+        """Replace the key's local state with an exported copy, under ``epoch``."""
+        cache = self.cache
+        with cache.transact():
+            self._delete_key(workflow, key, self.fields(workflow, key))
+            fields = data.get("fields") or {}
+            for field, blob in fields.items():
+                cache.set(("v", workflow, key, field), blob)
+                cache.set(("m", workflow, key, field), new_version())
+            if fields:
+                cache.set(("i", workflow, key), tuple(sorted(fields)))
+            for task_id, seq, result in data.get("applied") or ():
+                cache.set(("a", workflow, key, task_id), (seq, result))
+                cache.set(("s", workflow, key, seq), task_id)
+            cache.set(("n", workflow, key), int(data.get("seq") or 0))
+            if data.get("last_commit") is not None:
+                cache.set(("t", workflow, key), data["last_commit"])
+            cache.set(("e", workflow, key), epoch)
+        self.memory.discard_key(self.directory, workflow, key)
+
+    def reset_key(self, workflow: str, key: str, epoch: int) -> bool:
+        """Start the key afresh under ``epoch``; True when there was local state to drop."""
+        cache = self.cache
+        with cache.transact():
+            had = ("e", workflow, key) in cache or bool(self.fields(workflow, key))
+            self._delete_key(workflow, key, self.fields(workflow, key))
+            cache.set(("e", workflow, key), epoch)
+        self.memory.discard_key(self.directory, workflow, key)
+        return had
 
     def _check_size(self, workflow: str, key: str, incoming: int) -> None:
         limit = self.config.state_size_limit

@@ -62,6 +62,15 @@ def _non_negative_int(value: Any) -> int:
     return number
 
 
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return str(value)
+
+    return convert
+
+
 def _optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None else convert(value)
 
@@ -187,6 +196,32 @@ SETTINGS: tuple[Setting, ...] = (
         _optional(_positive_float),
     ),
     Setting(
+        "state_replication",
+        "on_handoff",
+        "Where copies of a key's state exist besides its owner's disk: `off` (nowhere: a "
+        "key whose owner drains or dies starts empty elsewhere), `on_handoff` (a drained "
+        "worker hands each key's state over), `sync` (every commit also refreshes the copy "
+        "before the task is acknowledged, so a new owner rebuilds the state after a crash; "
+        "costs a write of the key's state per commit).",
+        _choice("off", "on_handoff", "sync"),
+    ),
+    Setting(
+        "handoff_store",
+        "redis",
+        "Where hand-over copies wait: `redis` (the lease store, in chunks), "
+        "`dir:/path` (a directory every worker mounts), or a dotted path to a class taking "
+        "`(config, lease_store)`.",
+        str,
+    ),
+    Setting(
+        "on_state_lost",
+        None,
+        "Dotted path to a function `(workflow, key)` called when a key is taken over with "
+        "no usable copy of its state. It may return a mapping to start the state from "
+        "(rebuilt from your source of truth); the task also sees `state.recovered is False`.",
+        _optional(str),
+    ),
+    Setting(
         "proof_retry_max",
         5.0,
         "Longest pause, in seconds, between a worker's attempts to prove ownership while the "
@@ -219,6 +254,9 @@ class StickyConfig:
     memory_cache_min_bytes: int
     state_size_limit: int | None
     idle_timeout: float | None
+    state_replication: str
+    handoff_store: str
+    on_state_lost: str | None
     proof_retry_max: float
 
     @classmethod

@@ -36,7 +36,14 @@ class StateHandle(MutableMapping[str, Any]):
     """
 
     def __init__(
-        self, store: NodeState, workflow: str, key: str, *, task_id: str = "", epoch: int = 0
+        self,
+        store: NodeState,
+        workflow: str,
+        key: str,
+        *,
+        task_id: str = "",
+        epoch: int = 0,
+        recovered: bool | None = None,
     ) -> None:
         self._store = store
         self.workflow = workflow
@@ -44,6 +51,10 @@ class StateHandle(MutableMapping[str, Any]):
         self.task_id = task_id
         #: The lease epoch this task runs under: a fencing token for external writes.
         self.epoch = epoch
+        #: True: the state was just imported from a hand-over or replicated copy.
+        #: False: the key moved without a usable copy; it starts empty (or from
+        #: what ``sticky_on_state_lost`` returned). None: nothing moved.
+        self.recovered = recovered
         self._writes: dict[str, Any] = {}
         self._cleared = False
         self._fields: frozenset[str] | None = None
@@ -141,7 +152,7 @@ class StateHandle(MutableMapping[str, Any]):
 
     # -- commit ----------------------------------------------------------------
 
-    def commit(self, result: Any = None, *, finish: bool = False) -> None:
+    def commit(self, result: Any = None, *, finish: bool = False, epoch: int = 0) -> None:
         """Write the buffered changes and the applied record (all or nothing)."""
         self._store.commit(
             self.workflow,
@@ -152,6 +163,7 @@ class StateHandle(MutableMapping[str, Any]):
             result=result,
             outbox=self._outbox,
             finish=finish or self._finish,
+            epoch=epoch or self.epoch,
         )
         self._fields = None
         self._writes = {}

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery import Celery, Task, shared_task
+from celery.exceptions import Ignore
 
+from .handoff import adopt, holds_lease, replicate
 from .keys import KeyFunc, KeySpec
 from .lifecycle import end_lease
 from .local_state import AlreadyApplied, current_node, open_node_state
@@ -76,17 +78,38 @@ class StickyTask(Task):
             send_outbox(self.app, store, workflow, key, task_id)
             return result
 
-        state = StateHandle(store, workflow, key, task_id=task_id, epoch=epoch)
+        recovered = None
+        if epoch and store.epoch(workflow, key) != epoch:
+            # First task of the key here under this lease: import its hand-over copy,
+            # or drop a stale local copy.
+            recovered = adopt(self.app, config, store, workflow, key, epoch)
+        state = StateHandle(store, workflow, key, task_id=task_id, epoch=epoch, recovered=recovered)
         try:
             result = super().__call__(*args, state=state, **kwargs)
         except BaseException:
             state.discard()
             raise
+        if epoch and not holds_lease(self.app, workflow, key, nodename, epoch):
+            # Fenced: this worker lost the key while the task ran (paused, cut off).
+            # Nothing is committed; the task goes to the key's owner instead.
+            state.discard()
+            logger.warning(
+                "sticky: %s lost %s:%s (epoch %d) while task %s ran; sending it to the new owner",
+                nodename,
+                workflow,
+                key,
+                epoch,
+                task_id,
+            )
+            self.signature_from_request().apply_async()
+            raise Ignore()
         finish = state.finishing or self.ends_workflow
         try:
-            state.commit(result, finish=finish)
+            state.commit(result, finish=finish, epoch=epoch)
         except AlreadyApplied as done:
             return done.result
+        if config.state_replication == "sync" and not finish:
+            replicate(self.app, config, store, workflow, key)
         send_outbox(self.app, store, workflow, key, task_id)
         if finish:
             end_lease(self.app, workflow, key, nodename)

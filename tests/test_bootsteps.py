@@ -28,12 +28,16 @@ def _workers(tmp_path: Path) -> WorkerCluster:
     return WorkerCluster(app, "tests.cluster_app:app", tmp_path, cwd=str(REPO))
 
 
-def test_clean_stop_deregisters(sticky_app: Any, prefix: str, tmp_path: Path) -> None:
+def test_clean_stop_drains_and_deregisters(sticky_app: Any, prefix: str, tmp_path: Path) -> None:
     workers = _workers(tmp_path)
     workers.start("w4@sticky-tests", queues=[f"{prefix}.unused"])
-    assert "w4@sticky-tests" in {w.name for w in lease_store(sticky_app).workers()}
+    infos = {w.name: w for w in lease_store(sticky_app).workers()}
+    assert infos["w4@sticky-tests"].alive
     assert workers.stop("w4@sticky-tests") == 0
-    assert "w4@sticky-tests" not in {w.name for w in lease_store(sticky_app).workers()}
+    infos = {w.name: w for w in lease_store(sticky_app).workers()}
+    info = infos["w4@sticky-tests"]
+    assert not info.alive and info.draining and info.reaped
+    assert "drained w4@sticky-tests" in workers.workers["w4@sticky-tests"].log()
 
 
 def test_unwritable_state_dir_stops_the_worker_at_start(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def test_owned_key_routes_to_owner_queue_with_header(
     route = router("tests.cluster_app.record_step", (key, 0), {}, options)
     lease = lease_store(sticky_app).lookup("key", key)
     assert lease is not None and lease[2], "the key was claimed at publish for a live worker"
-    owner, epoch, _ = lease
+    owner, epoch = lease.owner, lease.epoch
     assert route == {"queue": f"{prefix}.{owner}"}
     assert options["headers"][HEADER] == ["key", key, epoch, 0]
     # Each call returns a new dict: Celery mutates what a router returns.

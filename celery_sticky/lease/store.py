@@ -114,8 +114,7 @@ class LeaseStore:
 
     # -- operations ------------------------------------------------------------
 
-    def claim(self, workflow: str, key: str, candidate: str = "", *, force: bool = False
-              ) -> Lease:
+    def claim(self, workflow: str, key: str, candidate: str = "", *, force: bool = False) -> Lease:
         """Return the key's valid lease, or claim it for ``candidate``.
 
         With no candidate the least loaded live worker is chosen, atomically. A
@@ -125,8 +124,13 @@ class LeaseStore:
         owner, epoch, status = self._call(
             self._claim,
             keys=[self.lease_key(workflow, key), self.workers_key, self.epoch_key],
-            args=[self.config.lease_ttl, candidate, self.prefix, f"{workflow}:{key}",
-                  "1" if force else ""],
+            args=[
+                self.config.lease_ttl,
+                candidate,
+                self.prefix,
+                f"{workflow}:{key}",
+                "1" if force else "",
+            ],
         )
         return Lease(owner, int(epoch), ClaimStatus(int(status)))
 
@@ -162,9 +166,13 @@ class LeaseStore:
 
     def try_lock_reaping(self, node: str, reaper: str, seconds: float) -> bool:
         """Become the one worker that reaps ``node`` for ``seconds``."""
-        return bool(self._guard(lambda: self.redis.set(
-            f"{self.prefix}reaping:{node}", reaper, nx=True, px=int(seconds * 1000)
-        )))
+        return bool(
+            self._guard(
+                lambda: self.redis.set(
+                    f"{self.prefix}reaping:{node}", reaper, nx=True, px=int(seconds * 1000)
+                )
+            )
+        )
 
     def unlock_reaping(self, node: str) -> None:
         self._guard(lambda: self.redis.delete(f"{self.prefix}reaping:{node}"))

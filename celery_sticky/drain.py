@@ -1,0 +1,76 @@
+"""Draining a worker: its keys, their state and their queued tasks move on.
+
+Runs on a warm shutdown (SIGTERM, ``celery control shutdown``, the ``drain``
+command), after the pool finished its running tasks. The worker was marked dead
+in the registry when it stopped consuming, so publishers keep sending its keys'
+tasks to its queue (behind the ones already there) rather than elsewhere. Then:
+
+1. each key it owns gets its state exported to the hand-over store;
+2. its queue (the tasks it held back first, in the order it received them) is
+   moved to the keys' new owners, which import the state on their first task;
+3. it is marked reaped, stragglers are moved, and its leases released.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from celery import Celery
+
+from .errors import LeaseStoreUnavailable
+from .handoff import handoff_store
+from .local_state import NodeState
+from .node import StickyNode
+from .reaper import move_queue
+
+logger = logging.getLogger(__name__)
+
+
+def drain_node(app: Celery, node: StickyNode, directory: str, held_order: list[str]) -> None:
+    """Hand every key of ``node`` over and move its queue on (see the module doc)."""
+    config = node.config
+    leases = node.store
+    started = time.monotonic()
+    owned = leases.owned_keys(node.name)
+    exported = 0
+    if config.state_replication != "off":
+        copies = handoff_store(config, leases)
+        store = NodeState(directory, config)
+        try:
+            for workflow, key in sorted(owned):
+                info = leases.lookup(workflow, key)
+                if info is None or info.owner != node.name:
+                    continue
+                data = store.export_key(workflow, key)
+                if data is not None:
+                    copies.put(workflow, key, data)
+                    exported += 1
+        finally:
+            store.close()
+    moved = move_queue(app, leases, node.queue, held_order=held_order)
+    leases.mark_reaped(node.name)
+    time.sleep(0.1)  # publishes that looked a lease up just before
+    moved += move_queue(app, leases, node.queue)
+    for workflow, key in owned:
+        leases.release(workflow, key, owner=node.name)
+    logger.info(
+        "sticky: drained %s in %.1f s: %d key(s) handed over, %d task(s) moved, "
+        "%d lease(s) released",
+        node.name,
+        time.monotonic() - started,
+        exported,
+        moved,
+        len(owned),
+    )
+
+
+def drain_safely(app: Celery, node: StickyNode, directory: str, held_order: list[str]) -> None:
+    try:
+        drain_node(app, node, directory, held_order)
+    except LeaseStoreUnavailable as exc:
+        logger.error(
+            "sticky: could not drain %s (its queue waits for the reaper): %s", node.name, exc
+        )
+    except Exception:
+        logger.exception("sticky: drain of %s failed (its queue waits for the reaper)", node.name)

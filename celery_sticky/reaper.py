@@ -1,0 +1,176 @@
+"""Moving a dead or drained worker's queue on, in order, to the keys' new owners.
+
+On Redis a dead worker's prefetched, unacknowledged messages would come back
+only after ``visibility_timeout`` (an hour by default), into its own queue, and
+the queue itself is consumed by nobody. Every live worker runs a :class:`Reaper`;
+for each dead worker exactly one of them (a lock in Redis) restores the dead
+worker's unacknowledged messages to the head of its queue in delivery order,
+then takes the queue's messages one by one and republishes each to the key's new
+owner (a claim that takes the key over from the dead worker), then marks the
+worker reaped: only then may publishers take its other keys over, so newer tasks
+never overtake the ones that were queued. On RabbitMQ the broker requeues a dead
+connection's unacknowledged messages itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery
+from kombu.message import Message
+
+from .errors import LeaseStoreUnavailable
+from .forwarding import republish
+from .lease import ClaimStatus, LeaseStore
+from .message import StickyHeader
+from .router import direct_queue
+
+logger = logging.getLogger(__name__)
+
+#: How long a reaped worker's registry entry and queue are kept for stragglers
+#: (tasks published under a lease looked up just before the reaping).
+RETIRE_AFTER = 60.0
+
+
+def restore_unacked(channel: Any, queue: str) -> int:
+    """Put a queue's unacknowledged Redis messages back at its head, oldest first."""
+    qos = getattr(channel, "qos", None)
+    if qos is None or not hasattr(qos, "restore_by_tag"):
+        return 0  # not Redis: the broker requeues them itself
+    client = channel.client
+    found = []
+    for tag, raw in client.hscan_iter(channel.unacked_key):
+        try:
+            _payload, exchange, routing_key = json.loads(raw)
+        except (TypeError, ValueError):
+            continue
+        if queue in (exchange, routing_key):
+            score = client.zscore(channel.unacked_index_key, tag) or 0.0
+            found.append((score, tag))
+    # The consuming end is the right; pushing the newest first leaves the oldest
+    # rightmost, to be taken first.
+    for _score, tag in sorted(found, reverse=True):
+        qos.restore_by_tag(tag, client, leftmost=False)
+    return len(found)
+
+
+def take_all(channel: Any, queue: str) -> list[Message]:
+    """Every message waiting in ``queue``, unacknowledged, in queue order."""
+    bound = direct_queue(queue).bind(channel)
+    messages: list[Message] = []
+    while True:
+        message = bound.get(no_ack=False, accept={"json", "pickle", "yaml", "msgpack"})
+        if message is None:
+            return messages
+        messages.append(message)
+
+
+def ordered(messages: list[Message], first: Sequence[str]) -> list[Message]:
+    """Messages whose task ids appear in ``first`` in that order, then the rest as given.
+
+    A worker that drains itself knows the order in which it received the messages it
+    held back; a broker restoring them may have reversed it.
+    """
+    rank = {task_id: i for i, task_id in enumerate(first)}
+    held = [m for m in messages if _task_id(m) in rank]
+    held.sort(key=lambda m: rank[_task_id(m)])
+    return held + [m for m in messages if _task_id(m) not in rank]
+
+
+def _task_id(message: Message) -> str:
+    headers = message.headers or {}
+    return f"{headers.get('id')}/{headers.get('retries') or 0}"
+
+
+def move_queue(
+    app: Celery, store: LeaseStore, queue: str, *, held_order: Sequence[str] = ()
+) -> int:
+    """Move every message of ``queue`` to its key's owner; returns how many moved."""
+    moved = 0
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        restore_unacked(channel, queue)
+        messages = ordered(take_all(channel, queue), held_order)
+        for message in messages:
+            header = StickyHeader.from_headers(message.headers)
+            if header is None:
+                # Not a sticky task: back to the default queue it would have taken.
+                republish(app, message, None, app.conf.task_default_queue)
+            else:
+                lease = store.claim(header.workflow, header.key, force=True)
+                if lease.status is ClaimStatus.NO_LIVE_WORKER:
+                    message.requeue()
+                    logger.warning(
+                        "sticky: no live worker to take %s:%s", header.workflow, header.key
+                    )
+                    continue
+                destination = store.config.direct_queue_name(lease.owner)
+                republish(app, message, header._replace(epoch=lease.epoch), destination)
+            moved += 1
+    return moved
+
+
+def reap(app: Celery, store: LeaseStore, node: str) -> int:
+    """Move a dead worker's queue on and mark it reaped; forget it when long dead."""
+    queue = store.config.direct_queue_name(node)
+    moved = move_queue(app, store, queue)
+    reaped_at = store.mark_reaped(node)
+    if reaped_at is None:
+        logger.info("sticky: %s came back while being reaped", node)
+        return moved
+    time.sleep(0.1)  # publishes that looked the lease up before it was marked
+    moved += move_queue(app, store, queue)
+    if moved:
+        logger.info("sticky: moved %d task(s) from dead worker %s", moved, node)
+    if time.time() - reaped_at > RETIRE_AFTER:
+        with app.connection_for_write() as connection:
+            direct_queue(queue).bind(connection.default_channel).delete()
+        store.forget_worker(node)
+        logger.info("sticky: forgot dead worker %s and deleted its queue", node)
+    return moved
+
+
+class Reaper:
+    """A thread in every worker that reaps dead workers (each by exactly one reaper)."""
+
+    def __init__(self, app: Celery, store: LeaseStore, node: str, interval: float) -> None:
+        self.app = app
+        self.store = store
+        self.node = node
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="sticky-reaper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def run_once(self) -> int:
+        moved = 0
+        for node in self.store.dead_workers():
+            if node == self.node or not self.store.try_lock_reaping(node, self.node, 120):
+                continue
+            try:
+                moved += reap(self.app, self.store, node)
+            finally:
+                self.store.unlock_reaping(node)
+        return moved
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.run_once()
+            except LeaseStoreUnavailable as exc:
+                logger.debug("sticky: reaper paused: %s", exc)
+            except Exception:
+                logger.exception("sticky: reaper failed; retrying")
