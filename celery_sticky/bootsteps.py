@@ -79,10 +79,13 @@ class StickyWorker(bootsteps.StartStopStep):
             )
 
     def stop(self, worker: Any) -> None:
-        # Marked dead now: from here on this node's keys are routed to its queue,
-        # which the drain (after the pool finished) moves on.
+        # Draining from now on: this node's keys are routed to its queue, which the
+        # drain (after the pool finished its tasks) moves on.
         self.reaper.stop()
-        self.node.stop(deregister=True)
+        try:
+            self.node.store.set_draining(self.node.name)
+        except LeaseStoreUnavailable as exc:
+            logger.warning("sticky: could not mark %s draining: %s", self.node.name, exc)
 
     shutdown = stop
 
@@ -91,7 +94,10 @@ class StickyWorker(bootsteps.StartStopStep):
         if self.drained:
             return
         self.drained = True
-        drain_safely(worker.app, self.node, self.state_directory, self.gate.held_order)
+        try:
+            drain_safely(worker.app, self.node, self.state_directory)
+        finally:
+            self.node.stop(deregister=True)
 
     def _being_reaped(self) -> bool:
         try:

@@ -1,14 +1,16 @@
 """Draining a worker: its keys, their state and their queued tasks move on.
 
 Runs on a warm shutdown (SIGTERM, ``celery control shutdown``, the ``drain``
-command), after the pool finished its running tasks. The worker was marked dead
-in the registry when it stopped consuming, so publishers keep sending its keys'
-tasks to its queue (behind the ones already there) rather than elsewhere. Then:
+command), after the pool finished its running tasks. The worker was marked
+draining when it stopped consuming: it keeps its heartbeat (so no reaper takes
+its queue), new keys go elsewhere, and publishers keep sending its keys' tasks to
+its queue, behind the ones already there. Then:
 
 1. each key it owns gets its state exported to the hand-over store;
-2. its queue (the tasks it held back first, in the order it received them) is
-   moved to the keys' new owners, which import the state on their first task;
-3. it is marked reaped, stragglers are moved, and its leases released.
+2. its queue is moved, in publish order, to the keys' new owners, which import
+   the state on their first task;
+3. it stops heartbeating, is marked dead and reaped, stragglers are moved, and
+   its leases released.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .reaper import move_queue
 logger = logging.getLogger(__name__)
 
 
-def drain_node(app: Celery, node: StickyNode, directory: str, held_order: list[str]) -> None:
+def drain_node(app: Celery, node: StickyNode, directory: str) -> None:
     """Hand every key of ``node`` over and move its queue on (see the module doc)."""
     config = node.config
     leases = node.store
@@ -48,7 +50,8 @@ def drain_node(app: Celery, node: StickyNode, directory: str, held_order: list[s
                     exported += 1
         finally:
             store.close()
-    moved = move_queue(app, leases, node.queue, held_order=held_order)
+    moved = move_queue(app, leases, node.queue)
+    node.stop(deregister=True)
     leases.mark_reaped(node.name)
     time.sleep(0.1)  # publishes that looked a lease up just before
     moved += move_queue(app, leases, node.queue)
@@ -65,9 +68,9 @@ def drain_node(app: Celery, node: StickyNode, directory: str, held_order: list[s
     )
 
 
-def drain_safely(app: Celery, node: StickyNode, directory: str, held_order: list[str]) -> None:
+def drain_safely(app: Celery, node: StickyNode, directory: str) -> None:
     try:
-        drain_node(app, node, directory, held_order)
+        drain_node(app, node, directory)
     except LeaseStoreUnavailable as exc:
         logger.error(
             "sticky: could not drain %s (its queue waits for the reaper): %s", node.name, exc

@@ -44,7 +44,7 @@ def forward(
             task.backend.mark_as_failure(task_id, exc)
         message.ack()
         raise exc
-    moved = StickyHeader(header.workflow, header.key, epoch, header.hops + 1)
+    moved = header._replace(epoch=epoch, hops=header.hops + 1)
     republish(app, message, moved, owner_queue)
     logger.info(
         "sticky: forwarded %s[%s] of %s:%s to %s (hop %d)",

@@ -101,9 +101,6 @@ class KeyGate:
         #: Keys with nothing queued or running -> when their last task ended
         #: (monotonic); kept only when idle passivation is on.
         self.idle: dict[GateKey, float] = {}
-        #: Task ids the gate held back when the consumer last stopped, in the
-        #: order received: a drain moves them on in this order.
-        self.held_order: list[str] = []
         self._track_idle = node.config.idle_timeout is not None
         self._lock = threading.RLock()
         self._local = threading.local()
@@ -174,14 +171,6 @@ class KeyGate:
         Entries already handed to the pool keep their place until they complete.
         """
         with self._lock:
-            held = [
-                e.task_id
-                for q in self._queues.values()
-                for e in q
-                if e.task_id is not None and not e.submitted
-            ]
-            if held:
-                self.held_order = held
             for key in list(self._queues):
                 kept = deque(e for e in self._queues[key] if e.submitted and not e.finished)
                 if kept:
@@ -245,7 +234,7 @@ class KeyGate:
         if lease.owner != self.node.name:
             self._forward(entry, lease.owner, lease.epoch)
             return _Outcome.DONE
-        proven = StickyHeader(header.workflow, header.key, lease.epoch, header.hops)
+        proven = header._replace(epoch=lease.epoch)
         entry.message.headers[HEADER] = proven.encode()
         self._local.entry = entry
         try:

@@ -1,7 +1,8 @@
-"""The ``sticky`` message header: workflow, key, epoch and hop count.
+"""The ``sticky`` message header: workflow, key, epoch, hop count, publish time.
 
 The router writes it at publish; the worker's gate, forwarding and fencing read
-it without decoding the task's arguments.
+it without decoding the task's arguments. The publish time (nanoseconds) puts a
+moved queue back in publish order, whatever order a broker restored it in.
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ class StickyHeader(NamedTuple):
     key: str
     epoch: int  # the lease epoch the message was routed under; 0 when none was known
     hops: int  # how often a worker forwarded it
+    sent: int = 0  # time.time_ns() at publish
 
     def encode(self) -> list[Any]:
-        return [self.workflow, self.key, self.epoch, self.hops]
+        return [self.workflow, self.key, self.epoch, self.hops, self.sent]
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, Any] | None) -> StickyHeader | None:
         value = (headers or {}).get(HEADER)
         if not value:
             return None
-        workflow, key, epoch, hops = value
-        return cls(str(workflow), str(key), int(epoch), int(hops))
+        workflow, key, epoch, hops, *rest = value
+        return cls(str(workflow), str(key), int(epoch), int(hops), int(rest[0]) if rest else 0)
 
     def with_headers(self, headers: Mapping[str, Any] | None) -> dict[str, Any]:
         """A new headers dict with this header set (the input is not changed)."""

@@ -35,16 +35,18 @@ class StickyNode:
         self._last_beat = float("-inf")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._registered = False
 
     # -- liveness --------------------------------------------------------------
 
-    def beat(self) -> None:
-        self.store.heartbeat(self.name, self.capacity, self.queue)
+    def beat(self, register: bool = False) -> None:
+        self.store.heartbeat(self.name, self.capacity, self.queue, register=register)
         self._last_beat = time.monotonic()
+        self._registered = True
 
     def start(self) -> None:
         try:
-            self.beat()
+            self.beat(register=True)
             logger.info("sticky: %s registered, direct queue %s", self.name, self.queue)
         except LeaseStoreUnavailable as exc:
             logger.warning("sticky: %s; will keep trying to register", exc)
@@ -69,7 +71,7 @@ class StickyNode:
         failures = 0
         while not self._stop.wait(delay):
             try:
-                self.beat()
+                self.beat(register=not self._registered)
                 if failures:
                     logger.info("sticky: lease store answers again; %s heartbeats", self.name)
                 failures = 0

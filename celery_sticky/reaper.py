@@ -18,7 +18,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
@@ -70,32 +69,28 @@ def take_all(channel: Any, queue: str) -> list[Message]:
         messages.append(message)
 
 
-def ordered(messages: list[Message], first: Sequence[str]) -> list[Message]:
-    """Messages whose task ids appear in ``first`` in that order, then the rest as given.
+def in_publish_order(messages: list[Message]) -> list[Message]:
+    """Messages sorted by the publish time in their sticky header (stable).
 
-    A worker that drains itself knows the order in which it received the messages it
-    held back; a broker restoring them may have reversed it.
+    A broker may put messages back out of order: Redis restores a worker's
+    prefetched messages reversed at shutdown, and requeues a rejected one at the
+    tail. Sorting by publish time restores each producer's order per key.
     """
-    rank = {task_id: i for i, task_id in enumerate(first)}
-    held = [m for m in messages if _task_id(m) in rank]
-    held.sort(key=lambda m: rank[_task_id(m)])
-    return held + [m for m in messages if _task_id(m) not in rank]
+
+    def sent(message: Message) -> int:
+        header = StickyHeader.from_headers(message.headers)
+        return header.sent if header is not None else 0
+
+    return sorted(messages, key=sent)
 
 
-def _task_id(message: Message) -> str:
-    headers = message.headers or {}
-    return f"{headers.get('id')}/{headers.get('retries') or 0}"
-
-
-def move_queue(
-    app: Celery, store: LeaseStore, queue: str, *, held_order: Sequence[str] = ()
-) -> int:
+def move_queue(app: Celery, store: LeaseStore, queue: str) -> int:
     """Move every message of ``queue`` to its key's owner; returns how many moved."""
     moved = 0
     with app.connection_for_write() as connection:
         channel = connection.default_channel
         restore_unacked(channel, queue)
-        messages = ordered(take_all(channel, queue), held_order)
+        messages = in_publish_order(take_all(channel, queue))
         for message in messages:
             header = StickyHeader.from_headers(message.headers)
             if header is None:

@@ -81,14 +81,14 @@ class StickyRouter:
         if options.get("queue"):
             # A queue fixed by the caller or the task wins: the router stays out,
             # and the receiving worker still forwards to the owner if there is one.
-            options["headers"] = StickyHeader(workflow, key, 0, hops).with_headers(
+            options["headers"] = StickyHeader(workflow, key, 0, hops, time.time_ns()).with_headers(
                 options.get("headers")
             )
             return None
         queue, epoch = self._route(workflow, key)
         # Celery merges the router's dict under the caller's options, so the header
         # goes into the options of this one publish (a fresh dict, never shared).
-        options["headers"] = StickyHeader(workflow, key, epoch, hops).with_headers(
+        options["headers"] = StickyHeader(workflow, key, epoch, hops, time.time_ns()).with_headers(
             options.get("headers")
         )
         if queue is None:

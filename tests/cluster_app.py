@@ -38,6 +38,8 @@ def make_app(prefix: str | None = None, **settings: Any) -> Celery:
         broker_connection_retry_on_startup=True,
         result_expires=3600,
         sticky_idle_timeout=_float_env("STICKY_TEST_IDLE_TIMEOUT"),
+        sticky_state_replication=os.environ.get("STICKY_TEST_REPLICATION", "on_handoff"),
+        sticky_on_state_lost="tests.cluster_app.rebuild_lost_state",
     )
     visibility = _float_env("STICKY_TEST_VISIBILITY_TIMEOUT")
     if visibility is not None:
@@ -64,6 +66,14 @@ def record(event: dict[str, Any]) -> None:
     _recorder.rpush(f"{os.environ['STICKY_TEST_PREFIX']}:events", json.dumps(event))
 
 
+def rebuild_lost_state(workflow: str, key: str) -> dict[str, Any] | None:
+    """``sticky_on_state_lost`` hook: logs the loss; rebuilds keys marked ``rebuild-``."""
+    record({"key": key, "lost": True, "workflow": workflow, "time": time.time()})
+    if key.startswith("rebuild-"):
+        return {"steps": ["rebuilt"]}
+    return None
+
+
 def _sticky_header(task: Any) -> list[Any]:
     headers = getattr(task.request, "headers", None) or {}
     return list(headers.get("sticky") or [None, None, 0, 0])
@@ -76,7 +86,7 @@ def record_step(self: Any, key: str, step: int, duration: float = 0.01, *, state
     steps = state.get("steps", [])
     state["steps"] = [*steps, step]
     time.sleep(duration)
-    _, _, epoch, hops = _sticky_header(self)
+    _, _, epoch, hops = _sticky_header(self)[:4]
     record(
         {
             "key": key,
@@ -87,6 +97,8 @@ def record_step(self: Any, key: str, step: int, duration: float = 0.01, *, state
             "epoch": epoch,
             "hops": hops,
             "id": self.request.id,
+            "recovered": state.recovered,
+            "pid": os.getpid(),
         }
     )
     return list(state["steps"])

@@ -78,9 +78,10 @@ def start_cluster(
     app: Any,
     specs: dict[str, dict[str, Any]],
     env: dict[str, str] | None = None,
+    workdir: Path | None = None,
 ) -> WorkerCluster:
     """Start workers (name -> WorkerCluster.start options) in parallel; wait for all."""
-    workdir = Path(os.environ["STICKY_TEST_WORKDIR"]) / "logs"
+    workdir = workdir or Path(os.environ["STICKY_TEST_WORKDIR"]) / "logs"
     cluster = WorkerCluster(app, "tests.cluster_app:app", workdir, env=env, cwd=str(REPO))
     for name, options in specs.items():
         cluster.start(name, wait=False, **options)
@@ -115,7 +116,7 @@ def events(redis_client: redis.Redis, prefix: str) -> Any:
 
     def read(key: str | None = None) -> list[dict[str, Any]]:
         found = read_events(redis_client, prefix)
-        return [e for e in found if key is None or e["key"] == key]
+        return [e for e in found if "step" in e and (key is None or e["key"] == key)]
 
     return read
 

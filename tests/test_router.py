@@ -33,7 +33,7 @@ def test_owned_key_routes_to_owner_queue_with_header(
     assert lease is not None and lease[2], "the key was claimed at publish for a live worker"
     owner, epoch = lease.owner, lease.epoch
     assert route == {"queue": f"{prefix}.{owner}"}
-    assert options["headers"][HEADER] == ["key", key, epoch, 0]
+    assert options["headers"][HEADER][:4] == ["key", key, epoch, 0]
     # Each call returns a new dict: Celery mutates what a router returns.
     again = router("tests.cluster_app.record_step", (key, 1), {}, {})
     assert again == route and again is not route

@@ -1,7 +1,8 @@
 -- Claim a workflow key, or return its current lease.
 --
 -- A lease is valid while its owner's heartbeat (score in the workers zset) is
--- younger than the TTL. When the owner is dead (or draining: score 0) but its
+-- younger than the TTL and the owner is not draining. When the owner is dead or
+-- draining but its
 -- direct queue has not been reaped yet, the key stays with it ("pending"): its
 -- queued tasks must move first, or newer tasks would overtake them. A new claim
 -- or a take-over draws the next epoch from a global counter; the counter starts
@@ -20,12 +21,18 @@ local now = redis.call('TIME')
 now = tonumber(now[1]) + tonumber(now[2]) / 1000000
 local deadline = now - tonumber(ARGV[1])
 
+local function draining(node)
+  return redis.call('HGET', ARGV[3] .. 'worker:' .. node, 'draining') == '1'
+end
+
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner then
   local beat = redis.call('ZSCORE', KEYS[2], owner)
-  if beat and tonumber(beat) >= deadline then
+  local alive = beat and tonumber(beat) >= deadline
+  if alive and not draining(owner) then
     return {owner, redis.call('HGET', KEYS[1], 'epoch'), 0}
   end
+  -- Dead or draining: the key waits in the owner's queue until that queue moved on.
   if ARGV[5] ~= '1' and beat and redis.call('HGET', ARGV[3] .. 'worker:' .. owner, 'reaped') ~= '1' then
     return {owner, redis.call('HGET', KEYS[1], 'epoch'), -2}
   end
@@ -35,11 +42,13 @@ local candidate = ARGV[2]
 if candidate == '' then
   local best, best_load = nil, nil
   for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], deadline, '+inf')) do
-    local capacity = tonumber(redis.call('HGET', ARGV[3] .. 'worker:' .. node, 'capacity') or '1') or 1
-    if capacity < 1 then capacity = 1 end
-    local load = redis.call('SCARD', ARGV[3] .. 'owned:' .. node) / capacity
-    if best == nil or load < best_load or (load == best_load and node < best) then
-      best, best_load = node, load
+    if not draining(node) then
+      local capacity = tonumber(redis.call('HGET', ARGV[3] .. 'worker:' .. node, 'capacity') or '1') or 1
+      if capacity < 1 then capacity = 1 end
+      local load = redis.call('SCARD', ARGV[3] .. 'owned:' .. node) / capacity
+      if best == nil or load < best_load or (load == best_load and node < best) then
+        best, best_load = node, load
+      end
     end
   end
   if best == nil then
@@ -48,7 +57,7 @@ if candidate == '' then
   candidate = best
 else
   local beat = redis.call('ZSCORE', KEYS[2], candidate)
-  if not beat or tonumber(beat) < deadline then
+  if not beat or tonumber(beat) < deadline or draining(candidate) then
     return {'', '0', -1}
   end
 end

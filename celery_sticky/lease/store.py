@@ -143,18 +143,22 @@ class LeaseStore:
         )
         return bool(released)
 
-    def heartbeat(self, node: str, capacity: int, queue: str) -> float:
-        """Register ``node`` or renew its heartbeat; returns the server time."""
+    def heartbeat(self, node: str, capacity: int, queue: str, *, register: bool = False) -> float:
+        """Renew ``node``'s heartbeat (``register``: at start); returns the server time."""
         now = self._call(
             self._heartbeat,
             keys=[self.workers_key, self.worker_key(node)],
-            args=[node, capacity, queue],
+            args=[node, capacity, queue, "1" if register else ""],
         )
         return float(now)
 
     def deregister(self, node: str) -> None:
         """Mark ``node`` dead now; its keys stay pending until it is reaped."""
         self._call(self._deregister, keys=[self.workers_key, self.worker_key(node)], args=[node])
+
+    def set_draining(self, node: str) -> None:
+        """``node`` stops taking keys: new claims skip it, its keys wait in its queue."""
+        self._guard(lambda: self.redis.hset(self.worker_key(node), "draining", "1"))
 
     def dead_workers(self) -> list[str]:
         """Registered workers whose heartbeat is older than the TTL (or that drained)."""
