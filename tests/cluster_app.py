@@ -25,10 +25,11 @@ def _float_env(name: str) -> float | None:
 def make_app(prefix: str | None = None, **settings: Any) -> Celery:
     prefix = prefix or os.environ["STICKY_TEST_PREFIX"]
     url = os.environ["STICKY_TEST_REDIS_URL"]
-    app = Celery(f"tests-{prefix}", broker=url, backend=url, set_as_current=False)
+    broker = os.environ.get("STICKY_TEST_BROKER_URL") or url
+    app = Celery(f"tests-{prefix}", broker=broker, backend=url, set_as_current=False)
     app.conf.update(
         task_default_queue=f"{prefix}.default",
-        sticky_redis_url=os.environ.get("STICKY_TEST_LEASE_URL"),
+        sticky_redis_url=os.environ.get("STICKY_TEST_LEASE_URL") or url,
         sticky_key_prefix=prefix,
         sticky_queue_prefix=prefix,
         sticky_state_dir=os.environ.get("STICKY_TEST_STATE_DIR", "/tmp/sticky-test-state"),
@@ -49,6 +50,10 @@ def make_app(prefix: str | None = None, **settings: Any) -> Celery:
             "unacked_restore_interval": 1,
             "unacked_restore_throttle": 1,
         }
+    if broker.startswith("amqp"):
+        # A frozen worker's prefetched tasks return when RabbitMQ drops its
+        # connection: after two missed heartbeats.
+        app.conf.broker_heartbeat = 2
     app.conf.update(settings)
     return app
 

@@ -201,7 +201,10 @@ def test_a_paused_owner_does_not_run_or_commit_after_it_resumes(run: Run) -> Non
     ]
     assert late == [], "the zombie started a task after it resumed"
     first_moved = min(e["start"] for e in runs if e["node"] != zombie)
-    assert first_moved - stopped_at <= BOUND, "failover bound"
+    # On RabbitMQ the paused worker's prefetched tasks come back only when the broker
+    # drops its connection, after two missed heartbeats (broker_heartbeat = 2 here).
+    amqp = os.environ.get("STICKY_TEST_BROKER_URL", "").startswith("amqp")
+    assert first_moved - stopped_at <= BOUND + (4.0 if amqp else 0.0), "failover bound"
 
 
 @pytest.mark.parametrize("run", ["on_handoff"], indirect=True)

@@ -1,0 +1,1030 @@
+"""Per-step cost of workflow state: a shared Redis store against local state.
+
+One workflow step reads a little of a large state and changes a little of it.
+This benchmark times that step, for states of 1, 10 and 100 MB, in five ways,
+side by side in one process, interleaved round by round (medians, because the
+machine it runs on may be shared and noisy):
+
+(a) shared store: GET the whole pickled state (a dict of ~1 KB ``bytes``
+    entries) from Redis, change one entry, SET it back. What a stateless
+    Celery task does.
+(b) Redis hash, one field per entry: HGET one field, HSET it (two round trips).
+(c) this library: a new ``StateHandle`` with a new task id reads one entry,
+    writes it and commits, exactly as a sticky task step does (the commit is a
+    diskcache transaction that also writes the task's applied record).
+(d) a large object of the state's size (a ``dict[str, int]``, slow to unpickle)
+    committed earlier and unchanged, read through a new ``StateHandle``: the
+    memory tier answers without unpickling.
+(d0) the same read with the memory tier off (``sticky_memory_cache_bytes=0``).
+
+(a) and (b) are measured twice: against Redis on loopback, and through a TCP
+proxy (started here, in a child process) that delays every chunk by 0.5 ms each
+way, as a Redis on another machine would. (c), (d) and (d0) never touch Redis.
+Each case also times its own step, so freeing the objects a step leaves behind
+is not counted.
+
+A whole sticky task does a little more around (c): ``StickyTask.__call__`` checks
+the applied record and the epoch, asks Redis whether it still holds the lease
+before committing, and looks for an outbox. The details section times that too,
+on both networks.
+
+Targets: (c) under 0.1 ms; (d) at least 300x faster than (a) at 100 MB; (c)
+ahead of (b) once Redis is remote. They are reported, not enforced: the exit
+status is 1 only when the benchmark itself fails. The details below the table
+say where (c)'s time goes (``--profile`` adds a cProfile listing).
+
+    python benchmarks/state_access.py [--sizes 1,10,100] [--rounds 5] [--budget 0.1]
+        [--entry-bytes 1000] [--delay-ms 0.5] [--profile]
+
+``BENCH_REDIS_URL`` (default ``redis://127.0.0.1:6379/15``) names the Redis;
+when nothing answers there an embedded one is started. Every Redis key the
+benchmark writes starts with a per-run prefix and is deleted at the end; local
+state lives in a temporary directory, deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import gc
+import io
+import itertools
+import multiprocessing
+import os
+import pickle
+import platform
+import pstats
+import random
+import resource
+import selectors
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import diskcache
+import redis
+from celery import Celery
+
+from celery_sticky.lease.store import LeaseStore
+from celery_sticky.local_state import NodeState
+from celery_sticky.settings import StickyConfig
+from celery_sticky.state import StateHandle
+from celery_sticky.testing import redis_at
+
+DEFAULT_URL = "redis://127.0.0.1:6379/15"
+MB = 1_000_000
+WORKFLOW = "bench"
+BIG_FIELD = "big"
+EPOCH = 1  # a task's lease epoch, from its message: every real step has one
+PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+C_TARGET = 100e-6  # seconds
+D_TARGET = 300.0  # times faster than (a)
+D_TARGET_SIZE = 100  # MB
+PROXY_CHUNK = 1 << 18
+clock = time.perf_counter
+
+Step = Callable[[], float]  # runs one step, returns the seconds it took
+
+
+# -- the latency proxy -------------------------------------------------------------
+
+
+def _proxy_main(conn: Connection, host: str, port: int, delay: float) -> None:
+    """Child process entry point: serve until the parent says stop (or goes away)."""
+    # select() takes microsecond timeouts; epoll and poll round 0.5 ms up to 1 ms.
+    loop = asyncio.SelectorEventLoop(selectors.SelectSelector())
+    try:
+        loop.run_until_complete(_serve(conn, host, port, delay))
+    finally:
+        loop.close()
+        conn.close()
+
+
+async def _pump(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: dict[str, float]
+) -> None:
+    """Forward one direction, each chunk ``delay["each_way"]`` after it arrived, in order.
+
+    Chunks are queued rather than slept on in line, so the delay is latency only:
+    a large transfer is not also slowed by one delay per chunk.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+
+    async def forward() -> None:
+        while (item := await queue.get()) is not None:
+            due, data = item
+            wait = due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            writer.write(data)
+            await writer.drain()
+
+    sender = asyncio.create_task(forward())
+    try:
+        while data := await reader.read(PROXY_CHUNK):
+            queue.put_nowait((loop.time() + delay["each_way"], data))
+    finally:
+        queue.put_nowait(None)
+        try:
+            await sender
+        finally:
+            writer.close()
+
+
+async def _serve(conn: Connection, host: str, port: int, delay: float) -> None:
+    """Accept connections until the parent sends "stop" (or dies); a float sets the delay."""
+    loop = asyncio.get_running_loop()
+    setting = {"each_way": delay}
+    handlers: set[asyncio.Task[Any]] = set()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        upstream_w: asyncio.StreamWriter | None = None
+        try:
+            upstream_r, upstream_w = await asyncio.open_connection(host, port, limit=PROXY_CHUNK)
+            # Each pump closes its writer when it ends, which ends the other one.
+            await asyncio.gather(
+                _pump(client_r, upstream_w, setting),
+                _pump(upstream_r, client_w, setting),
+                return_exceptions=True,
+            )
+        except (OSError, asyncio.CancelledError):
+            pass  # upstream refused, or the proxy is stopping: just close
+        finally:
+            client_w.close()
+            if upstream_w is not None:
+                upstream_w.close()
+            handlers.discard(task)
+
+    try:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, limit=PROXY_CHUNK)
+    except OSError as exc:
+        conn.send(f"cannot listen: {exc}")
+        return
+    conn.send(server.sockets[0].getsockname()[1])
+    stop = asyncio.Event()
+
+    def command() -> None:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            message = "stop"  # the parent went away
+        if isinstance(message, float):
+            setting["each_way"] = message
+            conn.send("ok")
+        else:
+            stop.set()
+
+    loop.add_reader(conn.fileno(), command)
+    await stop.wait()
+    loop.remove_reader(conn.fileno())
+    server.close()
+    for task in list(handlers):
+        task.cancel()
+    await asyncio.gather(*handlers, return_exceptions=True)
+    await server.wait_closed()
+
+
+class LatencyProxy:
+    """A loopback TCP proxy to ``host:port`` that delays every chunk, each way.
+
+    It runs in a child process so that its event loop never waits for this
+    process's GIL (a step that unpickles 100 MB would otherwise delay it).
+    """
+
+    def __init__(self, host: str, port: int, delay: float) -> None:
+        self.upstream = (host, port)
+        self.delay = delay
+        self.port = 0
+        self._conn: Connection | None = None
+        self._process: multiprocessing.process.BaseProcess | None = None
+
+    def __enter__(self) -> LatencyProxy:
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        process = context.Process(
+            target=_proxy_main,
+            args=(child, *self.upstream, self.delay),
+            name="bench-latency-proxy",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        self._conn, self._process = parent, process
+        message = self._receive("start", timeout=60)
+        if isinstance(message, str):
+            self.__exit__()
+            raise RuntimeError(f"the latency proxy failed: {message}")
+        self.port = int(message)
+        return self
+
+    def set_delay(self, delay: float) -> None:
+        """Change the delay each way; returns once the proxy applies it."""
+        assert self._conn is not None
+        self._conn.send(float(delay))
+        self._receive("set the delay", timeout=10)
+        self.delay = delay
+
+    def _receive(self, what: str, timeout: float) -> Any:
+        assert self._conn is not None
+        if not self._conn.poll(timeout):
+            self.__exit__()
+            raise RuntimeError(f"the latency proxy did not {what} within {timeout:g} s")
+        return self._conn.recv()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.send("stop")
+            self._conn.close()
+            self._conn = None
+        if self._process is not None:
+            self._process.join(10)
+            if self._process.is_alive():
+                self._process.terminate()
+                self._process.join(10)
+            self._process = None
+
+
+def calibrate_proxy(
+    proxy: LatencyProxy, local: redis.Redis, remote: redis.Redis, each_way: float
+) -> tuple[float, float]:
+    """Set the proxy's sleep so a round trip through it gains ``2 * each_way`` in all.
+
+    Waking up for each delayed chunk and the extra loopback hops cost the proxy
+    itself a few hundred µs per round trip on a busy VM; the sleep is shortened by
+    that much. Returns the PING round trips, loopback and through the proxy.
+    """
+    sleep = each_way
+    for _ in range(5):
+        proxy.set_delay(sleep)
+        direct, via = ping_rtt(local, 500), ping_rtt(remote, 500)
+        excess = (via - direct) - 2 * each_way
+        if abs(excess) < 0.05 * 2 * each_way:
+            break
+        sleep = min(each_way, max(0.0, sleep - excess / 2))
+    proxy.set_delay(sleep)
+    return ping_rtt(local, 500), ping_rtt(remote, 500)
+
+
+# -- cases and rounds --------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One way of doing a step; ``network`` is "loopback", "remote" or "local" (no Redis)."""
+
+    name: str
+    label: str
+    network: str
+    step: Step
+    batch: int = 1
+    samples: list[float] = field(default_factory=list)
+    round_medians: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def spread(self) -> float:
+        """Range of the per-round medians, relative to the median: the run's noise."""
+        if len(self.round_medians) < 2:
+            return 0.0
+        return (max(self.round_medians) - min(self.round_medians)) / self.median
+
+    def calibrate(self, budget: float, max_batch: int) -> None:
+        """Warm up, and size the batch so one round of this case takes about ``budget``."""
+        warm: list[float] = []
+        deadline = clock() + budget
+        while len(warm) < max_batch and (not warm or clock() < deadline):
+            warm.append(self.step())
+        typical = statistics.median(warm)
+        self.batch = max(1, min(max_batch, round(budget / max(typical, 1e-9))))
+
+
+def run_rounds(cases: list[Case], rounds: int) -> None:
+    """Interleave the cases: each round runs a batch of each, in a rotated order."""
+    for number in range(rounds):
+        shift = number % len(cases)
+        for case in cases[shift:] + cases[:shift]:
+            samples = [case.step() for _ in range(case.batch)]
+            case.samples += samples
+            case.round_medians.append(statistics.median(samples))
+
+
+# -- state for one size --------------------------------------------------------------
+
+
+def make_config(url: str, state_dir: str, **settings: Any) -> StickyConfig:
+    app = Celery("state-bench", broker=url, set_as_current=False)
+    app.conf.update(sticky_state_dir=state_dir, **settings)
+    return StickyConfig.from_app(app)
+
+
+def make_state(size: int, entry_bytes: int, rng: random.Random) -> dict[str, bytes]:
+    """A dict of ~``entry_bytes`` entries whose pickle is about ``size`` bytes."""
+    count = max(1, size // (entry_bytes + 16))  # ~16 bytes of pickle framing per entry
+    return {f"e{i:07d}": rng.randbytes(entry_bytes) for i in range(count)}
+
+
+def make_big_object(size: int) -> dict[str, int]:
+    """A ``dict[str, int]`` whose pickle is about ``size`` bytes: slow to unpickle."""
+    per_entry = len(pickle.dumps({f"k{i:09d}": i * 7919 for i in range(10_000)})) / 10_000
+    return {f"k{i:09d}": i * 7919 for i in range(int(size / per_entry))}
+
+
+def rss_bytes() -> int | None:
+    """Resident memory of this process (Linux), to show what the memory tier holds."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return None
+
+
+def field_order(fields: list[str], rng: random.Random) -> Iterator[str]:
+    """Fields in a fixed random order, so each step touches a different entry."""
+    order = rng.sample(fields, len(fields))
+    return itertools.cycle(order)
+
+
+class CountingCache:
+    """Wraps a diskcache ``Cache`` and counts the operations a step makes."""
+
+    COUNTED = ("get", "set", "delete", "pop", "transact")
+
+    def __init__(self, cache: diskcache.Cache) -> None:
+        self._cache = cache
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._cache, name)
+        if name not in self.COUNTED:
+            return attr
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return attr(*args, **kwargs)
+
+        return counted
+
+    def __contains__(self, key: object) -> bool:
+        self.calls["contains"] = self.calls.get("contains", 0) + 1
+        return key in self._cache
+
+
+@dataclass
+class Breakdown:
+    """Where the time of a (c) step goes, beyond its median."""
+
+    fields: int
+    index_bytes: int
+    calls: dict[str, int]
+    encode_tuple: float
+    encode_str: float
+    get_tuple: float
+    get_str: float
+    profile: str = ""
+
+
+def median_of(fn: Callable[[], object], count: int = 2000) -> float:
+    samples = []
+    for _ in range(count):
+        start = clock()
+        fn()
+        samples.append(clock() - start)
+    return statistics.median(samples)
+
+
+class SizeRun:
+    """Everything one state size needs: Redis data, local state, the cases."""
+
+    def __init__(self, ctx: Context, size_mb: int) -> None:
+        self.ctx = ctx
+        self.size_mb = size_mb
+        size = size_mb * MB
+        rng = random.Random(size_mb)
+        self.names = {
+            "blob": f"{ctx.prefix}:{size_mb}:blob",
+            "hash": f"{ctx.prefix}:{size_mb}:hash",
+        }
+        state = make_state(size, ctx.entry_bytes, rng)
+        self.fields = list(state)
+        self.new_values = [rng.randbytes(ctx.entry_bytes) for _ in range(16)]
+        blob = pickle.dumps(state, protocol=PICKLE_PROTOCOL)
+        self.state_bytes = len(blob)
+        client = ctx.local
+        client.set(self.names["blob"], blob)
+        del blob
+        with client.pipeline(transaction=False) as pipe:
+            for start in range(0, len(self.fields), 1000):
+                chunk: dict[Any, Any] = {n: state[n] for n in self.fields[start : start + 1000]}
+                pipe.hset(self.names["hash"], mapping=chunk)
+            pipe.execute()
+
+        self.directory = os.path.join(ctx.tmp, f"node-{size_mb}")
+        self.store = NodeState(self.directory, ctx.config)
+        self.store_off = NodeState(self.directory, ctx.config_off)  # same data, no memory tier
+        self.state_key = f"state-{size_mb}"
+        self.small_key = f"small-{size_mb}"
+        self.big_key = f"big-{size_mb}"
+        # Reach the steady state first: past sticky_dedup_window applied records
+        # every commit also trims the oldest one.
+        for key in (self.state_key, self.small_key):
+            for number in range(ctx.config.dedup_window + 10):
+                handle = StateHandle(
+                    self.store, WORKFLOW, key, task_id=f"warm-{number}", epoch=EPOCH
+                )
+                handle[self.fields[0]] = state[self.fields[0]]
+                handle.commit()
+        loader = StateHandle(self.store, WORKFLOW, self.state_key, task_id="load", epoch=EPOCH)
+        loader.update(state)
+        started = clock()
+        loader.commit()
+        self.load_seconds = clock() - started
+        del state, loader
+
+        before = rss_bytes()
+        big = make_big_object(size)
+        after = rss_bytes()
+        self.big_len = len(big)
+        self.big_rss = None if before is None or after is None else after - before
+        handle = StateHandle(self.store, WORKFLOW, self.big_key, task_id="load-big", epoch=EPOCH)
+        handle[BIG_FIELD] = big
+        handle.commit()
+        self.big_bytes = len(self.store.cache.get(("v", WORKFLOW, self.big_key, BIG_FIELD)))
+        self._big_id = id(big)
+        del big, handle  # the memory tier keeps it
+
+        self.cases = self._cases()
+        self.detail = self._detail_cases()
+
+    # -- steps -----------------------------------------------------------------------
+
+    def _shared_step(self, client: redis.Redis) -> Step:
+        fields, values = field_order(self.fields, random.Random(1)), self.new_values
+        name = self.names["blob"]
+        counter = itertools.count()
+
+        def step() -> float:
+            value = values[next(counter) % len(values)]
+            start = clock()
+            state = pickle.loads(cast(bytes, client.get(name)))
+            state[next(fields)] = value
+            client.set(name, pickle.dumps(state, protocol=PICKLE_PROTOCOL))
+            return clock() - start
+
+        return step
+
+    def _hash_step(self, client: redis.Redis) -> Step:
+        fields, values = field_order(self.fields, random.Random(2)), self.new_values
+        name = self.names["hash"]
+        counter = itertools.count()
+
+        def step() -> float:
+            entry, value = next(fields), values[next(counter) % len(values)]
+            start = clock()
+            client.hget(name, entry)
+            client.hset(name, entry, value)
+            return clock() - start
+
+        return step
+
+    def _handle_step(self, key: str, fields: list[str], read: bool, write: bool) -> Step:
+        store, values = self.store, self.new_values
+        order = field_order(fields, random.Random(3))
+        counter = itertools.count()
+
+        def step() -> float:
+            task_id, entry = str(uuid.uuid4()), next(order)
+            value = values[next(counter) % len(values)]
+            start = clock()
+            handle = StateHandle(store, WORKFLOW, key, task_id=task_id, epoch=EPOCH)
+            if read:
+                _ = handle[entry]
+            if write:
+                handle[entry] = value
+                handle.commit()
+            return clock() - start
+
+        return step
+
+    def _commit_only_step(self) -> Step:
+        store, key = self.store, self.state_key
+
+        def step() -> float:
+            task_id = str(uuid.uuid4())
+            start = clock()
+            StateHandle(store, WORKFLOW, key, task_id=task_id, epoch=EPOCH).commit()
+            return clock() - start
+
+        return step
+
+    def _task_step(self, lease: LeaseStore) -> Step:
+        """(c) with what ``StickyTask.__call__`` adds around it today, Celery aside.
+
+        Before the task body: was this task id applied already, does the local
+        state belong to the message's epoch; after it: does this worker still hold
+        the lease (a Redis round trip: the fence), commit, any outbox to send.
+        """
+        store, key, values = self.store, self.state_key, self.new_values
+        order = field_order(self.fields, random.Random(4))
+        counter = itertools.count()
+        epoch_of = getattr(store, "epoch", None)  # stores that record the epoch
+
+        def step() -> float:
+            task_id, entry = str(uuid.uuid4()), next(order)
+            value = values[next(counter) % len(values)]
+            start = clock()
+            store.applied(WORKFLOW, key, task_id)
+            if epoch_of is not None:
+                epoch_of(WORKFLOW, key)
+            handle = StateHandle(store, WORKFLOW, key, task_id=task_id, epoch=EPOCH)
+            _ = handle[entry]
+            handle[entry] = value
+            lease.lookup(WORKFLOW, key)
+            handle.commit()
+            store.outbox(WORKFLOW, key, task_id)
+            return clock() - start
+
+        return step
+
+    def _big_step(self, store: NodeState) -> Step:
+        key = self.big_key
+
+        def step() -> float:
+            task_id = str(uuid.uuid4())
+            start = clock()
+            value = StateHandle(store, WORKFLOW, key, task_id=task_id, epoch=EPOCH)[BIG_FIELD]
+            elapsed = clock() - start
+            del value  # freeing a decoded copy is not part of the read
+            return elapsed
+
+        return step
+
+    def _cases(self) -> list[Case]:
+        ctx = self.ctx
+        return [
+            Case(
+                "(a)",
+                "shared store: GET, change one entry, SET",
+                "loopback",
+                self._shared_step(ctx.local),
+            ),
+            Case(
+                "(a)",
+                "shared store: GET, change one entry, SET",
+                "remote",
+                self._shared_step(ctx.remote),
+            ),
+            Case(
+                "(b)", "Redis hash: HGET + HSET one field", "loopback", self._hash_step(ctx.local)
+            ),
+            Case("(b)", "Redis hash: HGET + HSET one field", "remote", self._hash_step(ctx.remote)),
+            Case(
+                "(c)",
+                "handle: read + write one entry, commit",
+                "local",
+                self._handle_step(self.state_key, self.fields, read=True, write=True),
+            ),
+            Case("(d)", "handle: large object, memory tier", "local", self._big_step(self.store)),
+            Case("(d0)", "handle: large object, tier off", "local", self._big_step(self.store_off)),
+        ]
+
+    def _detail_cases(self) -> list[Case]:
+        key, fields = self.state_key, self.fields
+        return [
+            Case(
+                "c.read",
+                "new handle + read one entry",
+                "local",
+                self._handle_step(key, fields, True, False),
+            ),
+            Case(
+                "c.write",
+                "new handle + write one entry + commit",
+                "local",
+                self._handle_step(key, fields, False, True),
+            ),
+            Case("c.commit", "new handle + commit, no writes", "local", self._commit_only_step()),
+            Case(
+                "c.1field",
+                "(c) on a key with 1 field",
+                "local",
+                self._handle_step(self.small_key, fields[:1], True, True),
+            ),
+            Case(
+                "c.task",
+                "(c) + task wrapper's checks, loopback Redis",
+                "loopback",
+                self._task_step(self.ctx.lease_local),
+            ),
+            Case(
+                "c.task",
+                "(c) + task wrapper's checks, remote Redis",
+                "remote",
+                self._task_step(self.ctx.lease_remote),
+            ),
+        ]
+
+    # -- checks and analysis ---------------------------------------------------------
+
+    def verify(self) -> None:
+        """Fail unless every case did what it claims (so no case measured nothing)."""
+        state = pickle.loads(cast(bytes, self.ctx.local.get(self.names["blob"])))
+        if len(state) != len(self.fields):
+            raise RuntimeError(f"(a) state has {len(state)} entries, expected {len(self.fields)}")
+        del state
+        if self.ctx.local.hlen(self.names["hash"]) != len(self.fields):
+            raise RuntimeError("(b) hash lost entries")
+        task_id = str(uuid.uuid4())
+        handle = StateHandle(self.store, WORKFLOW, self.state_key, task_id=task_id, epoch=EPOCH)
+        handle[self.fields[0]] = b"verify"
+        handle.commit()
+        if StateHandle(self.store, WORKFLOW, self.state_key)[self.fields[0]] != b"verify":
+            raise RuntimeError("(c) a committed entry did not read back")
+        if not self.store.applied(WORKFLOW, self.state_key, task_id)[0]:
+            raise RuntimeError("(c) a commit left no applied record")
+        if len(self.store.fields(WORKFLOW, self.state_key)) != len(self.fields):
+            raise RuntimeError("(c) the key lost fields")
+        big = StateHandle(self.store, WORKFLOW, self.big_key)[BIG_FIELD]
+        if id(big) != self._big_id:
+            raise RuntimeError("(d) the memory tier did not answer: the value was decoded again")
+        del big
+        decoded = StateHandle(self.store_off, WORKFLOW, self.big_key)[BIG_FIELD]
+        if len(decoded) != self.big_len:
+            raise RuntimeError("(d0) read back a different object")
+        del decoded
+
+    def transfer_times(self) -> tuple[float, float]:
+        """Median GET of the pickled state, loopback and through the proxy (for (a))."""
+        name = self.names["blob"]
+        return (
+            median_of(lambda: self.ctx.local.get(name), 3),
+            median_of(lambda: self.ctx.remote.get(name), 3),
+        )
+
+    def breakdown(self, profile: bool) -> Breakdown:
+        """Count and price what a (c) step does in diskcache (untimed by the rounds)."""
+        store, key = self.store, self.state_key
+        counting = CountingCache(store.cache)
+        store.cache = counting
+        try:
+            self._handle_step(key, self.fields, True, True)()
+        finally:
+            store.cache = counting._cache
+        cache = store.cache
+        tuple_key = ("m", WORKFLOW, key, self.fields[0])
+        str_key = "\x1f".join(tuple_key)
+        cache.set(str_key, cache.get(tuple_key))
+        try:
+            result = Breakdown(
+                fields=len(self.fields),
+                index_bytes=len(pickle.dumps(store.fields(WORKFLOW, key), PICKLE_PROTOCOL)),
+                calls=counting.calls,
+                encode_tuple=median_of(lambda: cache.disk.put(tuple_key)),
+                encode_str=median_of(lambda: cache.disk.put(str_key)),
+                get_tuple=median_of(lambda: cache.get(tuple_key)),
+                get_str=median_of(lambda: cache.get(str_key)),
+            )
+        finally:
+            cache.delete(str_key)
+        if profile:
+            step = self._handle_step(key, self.fields, True, True)
+            typical = next(case for case in self.cases if case.name == "(c)").median
+            count = max(20, min(2000, round(2.0 / max(typical, 1e-6))))
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(count):
+                step()
+            profiler.disable()
+            out = io.StringIO()
+            stats = pstats.Stats(profiler, stream=out)
+            stats.sort_stats("tottime").print_stats(14)
+            result.profile = f"{count} steps of (c) under cProfile:\n{out.getvalue()}"
+        return result
+
+    def close(self) -> None:
+        self.store.close()
+        self.store_off.close()
+        self.store.memory.discard_key(self.directory, WORKFLOW, self.big_key)
+        self.ctx.local.delete(*self.names.values())
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclass
+class Context:
+    """What every size shares: clients, configs, names."""
+
+    url: str
+    prefix: str
+    tmp: str
+    entry_bytes: int
+    local: redis.Redis
+    remote: redis.Redis
+    config: StickyConfig
+    config_off: StickyConfig
+    lease_local: LeaseStore
+    lease_remote: LeaseStore
+
+
+@dataclass
+class SizeResult:
+    size_mb: int
+    state_bytes: int
+    entries: int
+    big_bytes: int
+    big_len: int
+    big_rss: int | None
+    load_seconds: float
+    transfer: tuple[float, float]
+    cases: list[Case]
+    detail: list[Case]
+    breakdown: Breakdown
+
+
+# -- report ----------------------------------------------------------------------------
+
+
+def fmt(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def fmt_ratio(ratio: float) -> str:
+    if ratio >= 100:
+        return f"{ratio:,.0f}x"
+    return f"{ratio:.1f}x" if ratio >= 1 else f"{ratio:.2f}x"
+
+
+def ping_rtt(client: redis.Redis, count: int = 300) -> float:
+    client.ping()
+    return median_of(client.ping, count)
+
+
+def report_header(
+    ctx: Context, args: argparse.Namespace, rtt: tuple[float, float], sleep: float
+) -> None:
+    server = ctx.local.info("server")
+    print(
+        f"celery-sticky state access: {args.rounds} interleaved rounds, ~{args.budget:g} s per "
+        f"case per round, entries of {args.entry_bytes} bytes, {os.cpu_count()} CPUs"
+    )
+    print(
+        f"Python {platform.python_version()}, diskcache {diskcache.__version__}, "
+        f"redis-py {redis.__version__}, Redis {server.get('redis_version')} at {ctx.url}; "
+        f"local state in {ctx.tmp}"
+    )
+    print(
+        f"PING round trip: loopback {fmt(rtt[0])}, through the proxy {fmt(rtt[1])}: "
+        f"+{fmt(rtt[1] - rtt[0])} (asked +{2 * args.delay_ms:g} ms; the proxy sleeps "
+        f"{fmt(sleep)} each way, the rest is its own cost)"
+    )
+
+
+def report(results: list[SizeResult], args: argparse.Namespace) -> None:
+    print()
+    print("Medians per step; x(a) = how many times faster than (a) of the same size and network;")
+    print("spread = range of the per-round medians relative to the median.")
+    header = (
+        f"{'state':>6}  {'case':<5} {'what':<42} {'loopback':>10} {'x(a)':>7} {'spread':>6}"
+        f" {'+' + format(args.delay_ms, 'g') + ' ms/way':>11} {'x(a)':>7} {'spread':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for res in results:
+        by = {(c.name, c.network): c for c in res.cases}
+        base = {net: by["(a)", net].median for net in ("loopback", "remote")}
+        for number, name in enumerate(("(a)", "(b)", "(c)", "(d)", "(d0)")):
+            loop = by.get((name, "loopback")) or by[name, "local"]
+            remote = by.get((name, "remote")) or by[name, "local"]
+            size = f"{res.size_mb} MB" if number == 0 else ""
+            print(
+                f"{size:>6}  {name:<5} {loop.label:<42} {fmt(loop.median):>10}"
+                f" {fmt_ratio(base['loopback'] / loop.median):>7} {loop.spread:>6.0%}"
+                f" {fmt(remote.median):>11} {fmt_ratio(base['remote'] / remote.median):>7}"
+                f" {remote.spread:>6.0%}"
+            )
+    print("(c), (d) and (d0) never touch Redis: one measurement, shown in both columns.")
+
+    print()
+    print("Targets")
+    for res in results:
+        by = {(c.name, c.network): c for c in res.cases}
+        c, b_remote = by["(c)", "local"].median, by["(b)", "remote"].median
+        verdict = "PASS" if c < C_TARGET else "FAIL"
+        print(f"  {res.size_mb:>3} MB  (c) < {fmt(C_TARGET)}: {fmt(c)}  {verdict}")
+        verdict = "PASS" if c < b_remote else "FAIL"
+        print(
+            f"  {res.size_mb:>3} MB  (c) ahead of remote (b): {fmt(c)} vs {fmt(b_remote)}"
+            f" ({fmt_ratio(b_remote / c)})  {verdict}"
+        )
+        d = by["(d)", "local"].median
+        for net in ("loopback", "remote"):
+            ratio = by["(a)", net].median / d
+            if res.size_mb == D_TARGET_SIZE:
+                verdict = "PASS" if ratio >= D_TARGET else "FAIL"
+            else:
+                verdict = f"(target at {D_TARGET_SIZE} MB)"
+            print(
+                f"  {res.size_mb:>3} MB  (d) >= {D_TARGET:g}x faster than {net} (a):"
+                f" {fmt_ratio(ratio)}  {verdict}"
+            )
+    if not any(res.size_mb == D_TARGET_SIZE for res in results):
+        print(f"  (d) target not checked: run with {D_TARGET_SIZE} among --sizes")
+
+    print()
+    print("Details: where (c)'s time goes (medians, interleaved with the cases above), and more")
+    for res in results:
+        by_name = {case.name: case for case in res.detail}
+        bd = res.breakdown
+        c = next(case for case in res.cases if case.name == "(c)").median
+        d, d0 = (next(x for x in res.cases if x.name == n).median for n in ("(d)", "(d0)"))
+        calls = ", ".join(f"{name} {count}" for name, count in sorted(bd.calls.items()))
+        print(
+            f"  {res.size_mb} MB: {bd.fields} fields; the field index rewritten by every commit"
+            f" is {bd.index_bytes / 1e3:,.1f} kB pickled"
+        )
+        print(f"    {'(c) full step':<46} {fmt(c):>10}")
+        for case in res.detail:
+            print(f"    {case.label:<46} {fmt(case.median):>10}")
+        floor = by_name["c.1field"].median
+        print(
+            f"    => {fmt(max(0.0, c - floor))} of (c) grows with the key's field count"
+            f" ((c) minus the same step on a 1-field key)"
+        )
+        print(f"    diskcache calls per (c) step: {calls}")
+        print(
+            f"    diskcache key encoding: tuple key {fmt(bd.encode_tuple)}, str key"
+            f" {fmt(bd.encode_str)}; get: tuple key {fmt(bd.get_tuple)}, str key"
+            f" {fmt(bd.get_str)}"
+        )
+        rss = "" if res.big_rss is None else f", about {res.big_rss / MB:,.0f} MB in memory"
+        print(
+            f"    memory tier: saves {fmt_ratio(d0 / d)} on (d); its {res.big_bytes / MB:.0f} MB"
+            f" (pickled) object is a dict of {res.big_len:,} entries{rss}"
+        )
+        print(
+            f"    loading the state ({res.entries:,} fields, one commit): {fmt(res.load_seconds)}"
+        )
+    for res in results:
+        if res.breakdown.profile:
+            print()
+            print(f"{res.size_mb} MB: {res.breakdown.profile}")
+
+
+# -- main --------------------------------------------------------------------------------
+
+
+def proxied_url(url: str, port: int) -> str:
+    """``url`` with its host and port replaced by the proxy's."""
+    parts = urlsplit(url)
+    auth = parts.netloc.rpartition("@")[0]
+    netloc = f"{auth}@127.0.0.1:{port}" if auth else f"127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def cleanup_redis(client: redis.Redis, prefix: str) -> None:
+    names = list(client.scan_iter(match=f"{prefix}:*"))
+    if names:
+        client.delete(*names)
+
+
+def bench(url: str, args: argparse.Namespace) -> None:
+    parts = urlsplit(url)
+    tmp = tempfile.mkdtemp(prefix="sticky-state-bench-")
+    prefix = f"bench-state-{uuid.uuid4().hex[:10]}"
+    results: list[SizeResult] = []
+    try:
+        with LatencyProxy(parts.hostname or "127.0.0.1", parts.port or 6379, args.delay) as proxy:
+            remote_url = proxied_url(url, proxy.port)
+            local, remote = redis.Redis.from_url(url), redis.Redis.from_url(remote_url)
+            config = make_config(url, tmp, sticky_key_prefix=prefix)
+            ctx = Context(
+                url=url,
+                prefix=prefix,
+                tmp=tmp,
+                entry_bytes=args.entry_bytes,
+                local=local,
+                remote=remote,
+                config=config,
+                config_off=make_config(url, tmp, sticky_memory_cache_bytes=0),
+                lease_local=LeaseStore(config, redis.Redis.from_url(url, decode_responses=True)),
+                lease_remote=LeaseStore(
+                    config, redis.Redis.from_url(remote_url, decode_responses=True)
+                ),
+            )
+            try:
+                rtt = calibrate_proxy(proxy, local, remote, args.delay)
+                report_header(ctx, args, rtt, proxy.delay)
+                for size_mb in args.sizes:
+                    print(f"... {size_mb} MB: preparing", file=sys.stderr, flush=True)
+                    run = SizeRun(ctx, size_mb)
+                    try:
+                        cases = run.cases + run.detail
+                        for case in cases:
+                            case.calibrate(args.budget, args.max_batch)
+                        print(f"... {size_mb} MB: measuring", file=sys.stderr, flush=True)
+                        run_rounds(cases, args.rounds)
+                        run.verify()
+                        breakdown = run.breakdown(args.profile and size_mb == max(args.sizes))
+                        results.append(
+                            SizeResult(
+                                size_mb=size_mb,
+                                state_bytes=run.state_bytes,
+                                entries=len(run.fields),
+                                big_bytes=run.big_bytes,
+                                big_len=run.big_len,
+                                big_rss=run.big_rss,
+                                load_seconds=run.load_seconds,
+                                transfer=run.transfer_times(),
+                                cases=run.cases,
+                                detail=run.detail,
+                                breakdown=breakdown,
+                            )
+                        )
+                    finally:
+                        run.close()
+                        del run
+                        gc.collect()
+            finally:
+                cleanup_redis(local, prefix)
+                for client in (local, remote, ctx.lease_local.redis, ctx.lease_remote.redis):
+                    client.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(results, args)
+
+
+def sizes(value: str) -> list[int]:
+    try:
+        found = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: sizes are whole MB, e.g. 1,10,100") from None
+    if not found or any(size <= 0 for size in found):
+        raise argparse.ArgumentTypeError(f"{value!r}: sizes are whole MB greater than 0")
+    return found
+
+
+def positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
+    def convert(value: str) -> int | float:
+        number = kind(value)
+        if number <= 0:
+            raise argparse.ArgumentTypeError(f"{value} is not greater than 0")
+        return number
+
+    return convert
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--sizes", type=sizes, default=[1, 10, 100], help="state sizes in MB")
+    parser.add_argument("--rounds", type=positive(int), default=5, help="interleaved rounds")
+    parser.add_argument(
+        "--budget", type=positive(float), default=0.1, help="seconds per case per round"
+    )
+    parser.add_argument(
+        "--max-batch", type=positive(int), default=300, help="most steps per case per round"
+    )
+    parser.add_argument(
+        "--entry-bytes", type=positive(int), default=1000, help="size of one state entry"
+    )
+    parser.add_argument(
+        "--delay-ms", type=float, default=0.5, help="delay the proxy adds each way, in ms"
+    )
+    parser.add_argument("--profile", action="store_true", help="cProfile (c) at the largest size")
+    args = parser.parse_args(argv)
+    args.delay = args.delay_ms / 1e3
+    url = os.environ.get("BENCH_REDIS_URL", DEFAULT_URL)
+    started = clock()
+    try:
+        with redis_at(url) as live_url:
+            bench(live_url, args)
+    except Exception:
+        traceback.print_exc()
+        return 1
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # kB on Linux
+    print(f"\ntotal run time {clock() - started:.0f} s, peak memory of this process {peak:,.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
