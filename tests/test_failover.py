@@ -8,6 +8,7 @@ healthy workers never moved, and the failover bound held.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -86,7 +87,7 @@ def assert_exact(run: Run, finals: dict[str, list[Any]], steps: int) -> None:
         ]
         assert state == list(range(steps)), f"{key}: state {state}; runs {seen}"
         assert [e["step"] for e in runs] == list(range(steps)), key
-        for before, after in zip(runs, runs[1:], strict=False):
+        for before, after in itertools.pairwise(runs):
             assert after["start"] >= before["end"], f"{key}: steps overlapped"
 
 
