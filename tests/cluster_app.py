@@ -205,3 +205,26 @@ if os.environ.get("STICKY_TEST_CRASH_BEFORE_OUTBOX"):
         return int(_send_outbox(app, store, workflow, key, task_id))
 
     _task_module.send_outbox = _crash_then_send  # type: ignore[assignment]
+
+
+@shared_task(bind=True)
+def collect(self: Any, results: list[Any]) -> dict[str, Any]:
+    """A chord body: what the header's steps returned."""
+    return {"node": self.request.hostname, "results": results}
+
+
+@sticky_task(key="key", bind=True)
+def sticky_collect(self: Any, results: list[Any], key: str, *, state: Any) -> list[Any]:
+    """A sticky chord body: the key comes after the header's results."""
+    state["collected"] = results
+    record(
+        {
+            "key": key,
+            "step": "collect",
+            "node": self.request.hostname,
+            "start": time.time(),
+            "end": time.time(),
+            "id": self.request.id,
+        }
+    )
+    return list(results)
