@@ -23,6 +23,7 @@ import redis
 from celery_sticky.testing import WorkerCluster, redis_at
 
 REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["celery_sticky.testing.pytest_plugin"]
 _session = contextlib.ExitStack()
 
 
