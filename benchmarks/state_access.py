@@ -467,7 +467,7 @@ class SizeRun:
         handle = StateHandle(self.store, WORKFLOW, self.big_key, task_id="load-big", epoch=EPOCH)
         handle[BIG_FIELD] = big
         handle.commit()
-        self.big_bytes = len(self.store.cache.get(("v", WORKFLOW, self.big_key, BIG_FIELD)))
+        self.big_bytes = len(self.store.export_key(WORKFLOW, self.big_key)["fields"][BIG_FIELD])
         self._big_id = id(big)
         del big, handle  # the memory tier keeps it
 

@@ -1,24 +1,31 @@
 """A worker node's local state on disk: fields, applied-task records, outbox.
 
 One diskcache ``Cache`` per node, in ``<sticky_state_dir>/<nodename>/``, shared by
-the node's pool processes, each opening it after the fork. Records, keyed by
-tuples:
+the node's pool processes, each opening it after the fork. Records are keyed by
+``str`` (diskcache pickles any other key, slowly): a one-letter kind followed by
+the record's parts, each written ``<length>:<text>`` (see :func:`encode_parts`),
+so ``W`` below is ``<len(workflow)>:<workflow><len(key)>:<key>``:
 
-==============================  ==========================================
-``("v", workflow, key, field)``  the field's value, pickled
-``("m", workflow, key, field)``  the value's version stamp (for the memory tier)
-``("i", workflow, key)``         the key's field names
-``("n", workflow, key)``         sequence number of the key's last applied task
-``("a", workflow, key, id)``     applied record of task ``id``: (seq, pickled result)
-``("s", workflow, key, seq)``    which task id was applied as ``seq`` (for trimming)
-``("t", workflow, key)``         time of the key's last commit
-``("o", workflow, key, id)``     messages task ``id`` published, not yet sent
-``("O",)``                       the set of pending outbox records
-``("e", workflow, key)``         the lease epoch the key's state belongs to
-==============================  ==========================================
+=====================  ===================================================
+``"v" W F``            field ``F``'s value, pickled
+``"m" W F``            field ``F``'s version stamp (for the memory tier); it
+                       exists exactly when the field does
+``"i" W``              the key's field names, a sorted tuple (rewritten only
+                       when a field is added or removed)
+``"k" W``              the key's meta row: ``(seq, last commit time, epoch)``:
+                       sequence number of the last applied task, wall-clock
+                       time of the last commit, lease epoch the state belongs
+                       to (None: not recorded)
+``"a" W T``            applied record of task id ``T``: (seq, pickled result)
+``"s" W N``            which task id was applied as seq ``N`` (for trimming), as
+                       its encoded part ``T`` (a ``str`` value must be UTF-8)
+``"o" W T``            messages task ``T`` published, not yet sent
+``"O"``                the set of pending outbox records
+=====================  ===================================================
 
 A commit writes a task's changes, its applied record and its outbox in one short
-transaction (values are pickled before it starts): all of it or nothing.
+transaction (values are pickled and record keys built before it starts): all of
+it or nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ DELETED = object()
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 OutboxRecord = tuple[str, str, str]  # (workflow, key, task id)
+Meta = tuple[int, float | None, int | None]  # (seq, last commit time, epoch)
+
+NO_META: Meta = (0, None, None)
+PENDING_OUTBOXES = "O"
 
 
 class AlreadyApplied(Exception):
@@ -56,6 +67,58 @@ def dumps(value: Any) -> bytes:
 
 def new_version() -> int:
     return int.from_bytes(os.urandom(8), "big") >> 1
+
+
+# -- record keys -------------------------------------------------------------------
+
+
+def _part(text: str) -> str:
+    """One length-prefixed part: ``<len>:<text>``; ``<len>!<hex>`` when not UTF-8.
+
+    SQLite stores keys as UTF-8, which a ``str`` with lone surrogates is not: such
+    a part is written as the hex of its ``surrogatepass`` encoding, marked by ``!``.
+    """
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            escaped = text.encode("utf-8", "surrogatepass").hex()
+            return f"{len(escaped)}!{escaped}"
+    return f"{len(text)}:{text}"
+
+
+def encode_parts(*parts: str) -> str:
+    """The parts of a record key, each length-prefixed: unambiguous for any ``str``."""
+    return "".join([_part(part) for part in parts])
+
+
+def decode_parts(text: str) -> list[str] | None:
+    """The parts :func:`encode_parts` joined, or None when ``text`` is not such a join."""
+    parts = []
+    position = 0
+    while position < len(text):
+        colon = text.find(":", position)
+        bang = text.find("!", position)
+        mark = colon if bang < 0 or 0 <= colon < bang else bang
+        digits = text[position:mark] if mark >= 0 else ""
+        if not digits.isdigit() or not digits.isascii():
+            return None
+        end = mark + 1 + int(digits)
+        if end > len(text):
+            return None
+        part = text[mark + 1 : end]
+        if text[mark] == "!":
+            try:
+                part = bytes.fromhex(part).decode("utf-8", "surrogatepass")
+            except ValueError:
+                return None
+        parts.append(part)
+        position = end
+    return parts
+
+
+def _wk(workflow: str, key: str) -> str:
+    return _part(workflow) + _part(key)
 
 
 class NodeState:
@@ -75,18 +138,19 @@ class NodeState:
     # -- reads -----------------------------------------------------------------
 
     def fields(self, workflow: str, key: str) -> tuple[str, ...]:
-        return tuple(self.cache.get(("i", workflow, key), default=()))
+        return tuple(self.cache.get("i" + _wk(workflow, key), default=()))
 
     def read(self, workflow: str, key: str, field: str) -> Any:
         """The field's value, or ``MISS``; large values come from the memory tier."""
-        version = self.cache.get(("m", workflow, key, field))
+        suffix = _wk(workflow, key) + _part(field)
+        version = self.cache.get("m" + suffix)
         if version is None:
             return MISS
         slot = (self.directory, workflow, key, field)
         value = self.memory.get(slot, version)
         if value is not MISS:
             return value
-        raw = self.cache.get(("v", workflow, key, field))
+        raw = self.cache.get("v" + suffix)
         if raw is None:
             return MISS
         value = pickle.loads(raw)
@@ -95,13 +159,17 @@ class NodeState:
 
     def applied(self, workflow: str, key: str, task_id: str) -> tuple[bool, Any]:
         """``(True, result)`` when task ``task_id`` was applied to the key."""
-        record = self.cache.get(("a", workflow, key, task_id))
+        record = self.cache.get("a" + _wk(workflow, key) + _part(task_id))
         if record is None:
             return False, None
         return True, pickle.loads(record[1])
 
+    def _meta(self, wk: str) -> Meta:
+        meta: Meta | None = self.cache.get("k" + wk)
+        return NO_META if meta is None else meta
+
     def last_commit(self, workflow: str, key: str) -> float | None:
-        last = self.cache.get(("t", workflow, key))
+        last = self._meta(_wk(workflow, key))[1]
         return None if last is None else float(last)
 
     # -- the commit ------------------------------------------------------------
@@ -125,6 +193,10 @@ class NodeState:
         meanwhile, :class:`StateSizeLimitError` when the state would grow past
         ``sticky_state_size_limit``, and ``TypeError`` naming the field whose value
         cannot be pickled.
+
+        The key's field index is read and rewritten only when the set of fields
+        changes: a written field is new when its version row did not exist, a
+        deleted one was there when deleting its version row removed something.
         """
         blobs = {}
         for field, value in writes.items():
@@ -143,45 +215,62 @@ class NodeState:
             raise TypeError(f"the result of task {task_id} cannot be pickled: {exc}") from exc
         self._check_size(workflow, key, sum(len(b) for b in blobs.values() if b is not DELETED))
         versions = {field: new_version() for field, blob in blobs.items() if blob is not DELETED}
+        wk = _wk(workflow, key)
+        task_part = _part(task_id)
+        applied_key = "a" + wk + task_part
+        index_key = "i" + wk
+        rows = [
+            (field, blob, "v" + wk + _part(field), "m" + wk + _part(field))
+            for field, blob in blobs.items()
+        ]
 
         cache = self.cache
+        old_fields: frozenset[str] = frozenset()
         with cache.transact():
-            if ("a", workflow, key, task_id) in cache:
-                _, previous = cache.get(("a", workflow, key, task_id))
-                raise AlreadyApplied(pickle.loads(previous))
-            old_fields = set(self.fields(workflow, key))
+            previous = cache.get(applied_key)
+            if previous is not None:
+                raise AlreadyApplied(pickle.loads(previous[1]))
             if finish:
-                self._delete_key(workflow, key, old_fields)
-                cache.set(
-                    ("a", workflow, key, task_id),
-                    (0, pickled_result),
-                    expire=self.config.finished_dedup_ttl,
-                )
+                self._delete_key(wk, self.fields(workflow, key))
+                cache.set(applied_key, (0, pickled_result), expire=self.config.finished_dedup_ttl)
             else:
-                fields = set() if cleared else set(old_fields)
-                for field in old_fields - fields:
-                    cache.delete(("v", workflow, key, field))
-                    cache.delete(("m", workflow, key, field))
-                for field, blob in blobs.items():
-                    if blob is DELETED:
-                        cache.delete(("v", workflow, key, field))
-                        cache.delete(("m", workflow, key, field))
-                        fields.discard(field)
-                    else:
-                        cache.set(("v", workflow, key, field), blob)
-                        cache.set(("m", workflow, key, field), versions[field])
-                        fields.add(field)
-                if fields:
-                    cache.set(("i", workflow, key), tuple(sorted(fields)))
+                if cleared:
+                    old_fields = frozenset(self.fields(workflow, key))
+                    kept = {field for field, blob in blobs.items() if blob is not DELETED}
+                    for field in old_fields - kept:
+                        suffix = wk + _part(field)
+                        cache.delete("v" + suffix)
+                        cache.delete("m" + suffix)
+                    for field, blob, value_key, version_key in rows:
+                        if blob is not DELETED:
+                            cache.set(value_key, blob)
+                            cache.set(version_key, versions[field])
+                    if kept != old_fields:
+                        self._write_index(index_key, kept)
                 else:
-                    cache.delete(("i", workflow, key))
-                self._record_applied(workflow, key, task_id, pickled_result)
-                if epoch:
-                    cache.set(("e", workflow, key), epoch)
+                    added, removed = [], []
+                    for field, blob, value_key, version_key in rows:
+                        # The version row exists exactly when the field does.
+                        if blob is DELETED:
+                            if cache.delete(version_key):
+                                cache.delete(value_key)
+                                removed.append(field)
+                            continue
+                        if cache.add(version_key, versions[field]):
+                            added.append(field)
+                        else:
+                            cache.set(version_key, versions[field])
+                        cache.set(value_key, blob)
+                    if added or removed:
+                        fields = set(cache.get(index_key, default=()))
+                        fields.update(added)
+                        fields.difference_update(removed)
+                        self._write_index(index_key, fields)
+                self._record_applied(wk, task_part, pickled_result, epoch)
             if outbox:
-                cache.set(("o", workflow, key, task_id), outbox)
-                pending = cache.get(("O",), default=frozenset())
-                cache.set(("O",), pending | {(workflow, key, task_id)})
+                cache.set("o" + wk + task_part, outbox)
+                pending = cache.get(PENDING_OUTBOXES, default=frozenset())
+                cache.set(PENDING_OUTBOXES, pending | {(workflow, key, task_id)})
         # Outside the transaction: keep what this task wrote in the memory tier.
         if finish:
             self.memory.discard_key(self.directory, workflow, key)
@@ -196,109 +285,126 @@ class NodeState:
             for field in old_fields - set(blobs):
                 self.memory.discard((self.directory, workflow, key, field))
 
-    def _record_applied(self, workflow: str, key: str, task_id: str, result: bytes) -> None:
+    def _write_index(self, index_key: str, fields: Iterable[str]) -> None:
+        names = tuple(sorted(fields))
+        if names:
+            self.cache.set(index_key, names)
+        else:
+            self.cache.delete(index_key)
+
+    def _record_applied(self, wk: str, task_part: str, result: bytes, epoch: int) -> None:
+        """The applied record (its ``"s"`` row holds the task id's encoded part)."""
         cache = self.cache
-        seq = int(cache.get(("n", workflow, key), default=0)) + 1
-        cache.set(("n", workflow, key), seq)
-        cache.set(("a", workflow, key, task_id), (seq, result))
-        cache.set(("s", workflow, key, seq), task_id)
-        cache.set(("t", workflow, key), time.time())
+        seq, _, old_epoch = self._meta(wk)
+        seq = int(seq) + 1
+        cache.set("k" + wk, (seq, time.time(), epoch or old_epoch))
+        cache.set("a" + wk + task_part, (seq, result))
+        cache.set("s" + wk + _part(str(seq)), task_part)
         expired = seq - self.config.dedup_window
         if expired > 0:
-            old = cache.pop(("s", workflow, key, expired))
+            old = cache.pop("s" + wk + _part(str(expired)))
             if old is not None:
-                cache.delete(("a", workflow, key, old))
+                cache.delete("a" + wk + old)
 
-    def _delete_key(self, workflow: str, key: str, fields: Iterable[str]) -> None:
+    def _delete_key(self, wk: str, fields: Iterable[str]) -> None:
         cache = self.cache
         for field in fields:
-            cache.delete(("v", workflow, key, field))
-            cache.delete(("m", workflow, key, field))
-        cache.delete(("i", workflow, key))
-        seq = int(cache.get(("n", workflow, key), default=0))
+            suffix = wk + _part(field)
+            cache.delete("v" + suffix)
+            cache.delete("m" + suffix)
+        cache.delete("i" + wk)
+        seq = int(self._meta(wk)[0])
         for number in range(max(1, seq - self.config.dedup_window + 1), seq + 1):
-            old = cache.pop(("s", workflow, key, number))
+            old = cache.pop("s" + wk + _part(str(number)))
             if old is not None:
-                cache.delete(("a", workflow, key, old))
-        cache.delete(("n", workflow, key))
-        cache.delete(("t", workflow, key))
-        cache.delete(("e", workflow, key))
+                cache.delete("a" + wk + old)
+        cache.delete("k" + wk)
 
     def delete_key(self, workflow: str, key: str) -> None:
         """Forget everything about a key (its lease moved on, or it was released)."""
         with self.cache.transact():
-            self._delete_key(workflow, key, self.fields(workflow, key))
+            self._delete_key(_wk(workflow, key), self.fields(workflow, key))
         self.memory.discard_key(self.directory, workflow, key)
 
     # -- ownership changes -------------------------------------------------------
 
     def epoch(self, workflow: str, key: str) -> int | None:
         """The lease epoch the key's local state belongs to (None: no local state)."""
-        epoch = self.cache.get(("e", workflow, key))
+        epoch = self._meta(_wk(workflow, key))[2]
         return None if epoch is None else int(epoch)
 
     def local_keys(self) -> list[tuple[str, str, int]]:
         """``(workflow, key, epoch)`` of every key with local state (a full scan)."""
         found = []
         for record in self.cache.iterkeys():
-            if isinstance(record, tuple) and len(record) == 3 and record[0] == "e":
-                epoch = self.cache.get(record)
-                if epoch is not None:
-                    found.append((record[1], record[2], int(epoch)))
+            if not (isinstance(record, str) and record.startswith("k")):
+                continue
+            parts = decode_parts(record[1:])
+            if parts is None or len(parts) != 2:
+                continue
+            meta = self.cache.get(record)
+            if meta is not None and meta[2] is not None:
+                found.append((parts[0], parts[1], int(meta[2])))
         return found
 
     def export_key(self, workflow: str, key: str) -> dict[str, Any] | None:
         """The key's state and applied records, as raw bytes, for a hand-over."""
         cache = self.cache
+        wk = _wk(workflow, key)
         with cache.transact():
-            epoch = cache.get(("e", workflow, key))
+            seq, last_commit, epoch = self._meta(wk)
             fields = self.fields(workflow, key)
             if epoch is None and not fields:
                 return None
-            seq = int(cache.get(("n", workflow, key), default=0))
             applied = []
             for number in range(max(1, seq - self.config.dedup_window + 1), seq + 1):
-                task_id = cache.get(("s", workflow, key, number))
-                record = None if task_id is None else cache.get(("a", workflow, key, task_id))
-                if record is not None:
-                    applied.append((task_id, record[0], record[1]))
+                task_part = cache.get("s" + wk + _part(str(number)))
+                if task_part is None:
+                    continue
+                record = cache.get("a" + wk + task_part)
+                task_ids = decode_parts(task_part)
+                if record is not None and task_ids:
+                    applied.append((task_ids[0], record[0], record[1]))
             return {
                 "workflow": workflow,
                 "key": key,
                 "epoch": epoch,
                 "seq": seq,
-                "fields": {f: cache.get(("v", workflow, key, f)) for f in fields},
+                "fields": {f: cache.get("v" + wk + _part(f)) for f in fields},
                 "applied": applied,
-                "last_commit": cache.get(("t", workflow, key)),
+                "last_commit": last_commit,
             }
 
     def import_key(self, workflow: str, key: str, data: dict[str, Any], epoch: int) -> None:
         """Replace the key's local state with an exported copy, under ``epoch``."""
         cache = self.cache
+        wk = _wk(workflow, key)
         with cache.transact():
-            self._delete_key(workflow, key, self.fields(workflow, key))
+            self._delete_key(wk, self.fields(workflow, key))
             fields = data.get("fields") or {}
             for field, blob in fields.items():
-                cache.set(("v", workflow, key, field), blob)
-                cache.set(("m", workflow, key, field), new_version())
+                suffix = wk + _part(field)
+                cache.set("v" + suffix, blob)
+                cache.set("m" + suffix, new_version())
             if fields:
-                cache.set(("i", workflow, key), tuple(sorted(fields)))
+                cache.set("i" + wk, tuple(sorted(fields)))
             for task_id, seq, result in data.get("applied") or ():
-                cache.set(("a", workflow, key, task_id), (seq, result))
-                cache.set(("s", workflow, key, seq), task_id)
-            cache.set(("n", workflow, key), int(data.get("seq") or 0))
-            if data.get("last_commit") is not None:
-                cache.set(("t", workflow, key), data["last_commit"])
-            cache.set(("e", workflow, key), epoch)
+                task_part = _part(task_id)
+                cache.set("a" + wk + task_part, (seq, result))
+                cache.set("s" + wk + _part(str(seq)), task_part)
+            last_commit = data.get("last_commit")
+            cache.set("k" + wk, (int(data.get("seq") or 0), last_commit, epoch))
         self.memory.discard_key(self.directory, workflow, key)
 
     def reset_key(self, workflow: str, key: str, epoch: int) -> bool:
         """Start the key afresh under ``epoch``; True when there was local state to drop."""
         cache = self.cache
+        wk = _wk(workflow, key)
         with cache.transact():
-            had = ("e", workflow, key) in cache or bool(self.fields(workflow, key))
-            self._delete_key(workflow, key, self.fields(workflow, key))
-            cache.set(("e", workflow, key), epoch)
+            fields = self.fields(workflow, key)
+            had = self._meta(wk)[2] is not None or bool(fields)
+            self._delete_key(wk, fields)
+            cache.set("k" + wk, (0, None, epoch))
         self.memory.discard_key(self.directory, workflow, key)
         return had
 
@@ -317,16 +423,16 @@ class NodeState:
     # -- outbox ----------------------------------------------------------------
 
     def outbox(self, workflow: str, key: str, task_id: str) -> list[dict[str, Any]]:
-        return list(self.cache.get(("o", workflow, key, task_id), default=()))
+        return list(self.cache.get("o" + _wk(workflow, key) + _part(task_id), default=()))
 
     def pending_outboxes(self) -> list[OutboxRecord]:
-        return sorted(self.cache.get(("O",), default=frozenset()))
+        return sorted(self.cache.get(PENDING_OUTBOXES, default=frozenset()))
 
     def outbox_sent(self, workflow: str, key: str, task_id: str) -> None:
         with self.cache.transact():
-            self.cache.delete(("o", workflow, key, task_id))
-            pending = self.cache.get(("O",), default=frozenset())
-            self.cache.set(("O",), pending - {(workflow, key, task_id)})
+            self.cache.delete("o" + _wk(workflow, key) + _part(task_id))
+            pending = self.cache.get(PENDING_OUTBOXES, default=frozenset())
+            self.cache.set(PENDING_OUTBOXES, pending - {(workflow, key, task_id)})
 
 
 # -- one NodeState per process and directory, opened after the fork -------------

@@ -110,7 +110,8 @@ class StickyTask(Task):
             return done.result
         if config.state_replication == "sync" and not finish:
             replicate(self.app, config, store, workflow, key)
-        send_outbox(self.app, store, workflow, key, task_id)
+        if state._outbox:  # nothing published: no outbox record to read
+            send_outbox(self.app, store, workflow, key, task_id)
         if finish:
             end_lease(self.app, workflow, key, nodename)
         return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import threading
 import uuid
 from pathlib import Path
@@ -188,3 +189,129 @@ def test_failed_task_leaves_no_trace(sticky_app: Any, cluster: Any) -> None:
         sticky_app.tasks["tests.cluster_app.write_then_fail"].delay(key).get(timeout=30)
     seen = sticky_app.tasks["tests.cluster_app.read_state"].delay(key).get(timeout=30)
     assert seen["state"] == {"steps": [0]}
+
+
+class WriteSpy:
+    """Records the values a ``NodeState``'s cache writes (``set`` and ``add``)."""
+
+    def __init__(self, store: NodeState, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.values: list[Any] = []
+        for name in ("set", "add"):
+            original = getattr(store.cache, name)
+
+            def spy(key: Any, value: Any, *args: Any, _original: Any = original, **kw: Any) -> Any:
+                self.values.append(value)
+                return _original(key, value, *args, **kw)
+
+            monkeypatch.setattr(store.cache, name, spy)
+
+    def take(self) -> tuple[int, int]:
+        """(how many writes, how many bytes) since the last call."""
+        sizes = [len(v) if isinstance(v, bytes) else len(pickle.dumps(v)) for v in self.values]
+        self.values.clear()
+        return len(sizes), sum(sizes)
+
+
+def test_a_commit_that_adds_no_field_leaves_the_field_index_alone(
+    cache: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = [f"field-{i:05d}" for i in range(5000)]  # an index of ~70 kB pickled
+    loader = handle(cache, key="many")
+    loader.update(dict.fromkeys(names, b"x"))
+    loader.commit()
+    one = handle(cache, key="one")
+    one[names[0]] = b"x"
+    one.commit()
+    spy = WriteSpy(cache, monkeypatch)
+    costs = {}
+    for key in ("many", "one"):
+        step = handle(cache, key=key)
+        step[names[0]] = b"changed"
+        step["scratch"] = 1
+        del step["scratch"]  # set and deleted by the same task: never on disk
+        step.commit()
+        costs[key] = spy.take()
+    assert costs["many"][1] < 2_000, f"the commit wrote {costs['many'][1]} bytes"
+    assert costs["many"] == costs["one"], "the commit's writes grow with the key's fields"
+    assert cache.fields("order_id", "many") == tuple(names)
+    assert handle(cache, key="many")[names[0]] == b"changed"
+
+
+def test_adding_and_removing_fields_keeps_the_index_exact(cache: Any) -> None:
+    first = handle(cache)
+    first.update(a=1, b=2, c=3)
+    first.commit()
+    step = handle(cache)
+    step["d"] = 4
+    del step["b"]
+    step["b"] = 5  # deleted, then written again: an update of an existing field
+    del step["c"]
+    step.commit()
+    assert cache.fields("order_id", "o1") == ("a", "b", "d")
+    assert dict(handle(cache)) == {"a": 1, "b": 5, "d": 4}
+    cleared = handle(cache)
+    cleared.clear()
+    cleared["d"] = 6
+    cleared["e"] = 7
+    cleared.commit()
+    assert cache.fields("order_id", "o1") == ("d", "e")
+    assert dict(handle(cache)) == {"d": 6, "e": 7}
+    for field in ("d", "e"):
+        del (emptied := handle(cache))[field]
+        emptied.commit()
+    assert cache.fields("order_id", "o1") == () and dict(handle(cache)) == {}
+
+
+TRICKY = [
+    ("order_id", "1:x"),
+    ("order_id", "1"),
+    ("order_id", "x1:x"),
+    ("order_id.v2", "k"),
+    ("order_id", "\ud800 lone surrogate"),
+    ("order_id", "ünïcode ✓"),
+]
+
+
+def test_keys_fields_and_task_ids_never_collide(cache: Any) -> None:
+    for number, (workflow, key) in enumerate(TRICKY):
+        state = StateHandle(cache, workflow, key, task_id=f"1:{key}", epoch=number + 1)
+        state[key] = key
+        state[f"1:{key}"] = number
+        state.commit(result=key, epoch=number + 1)
+    for number, (workflow, key) in enumerate(TRICKY):
+        assert dict(handle(cache, workflow, key)) == {key: key, f"1:{key}": number}
+        assert cache.applied(workflow, key, f"1:{key}") == (True, key)
+        assert cache.epoch(workflow, key) == number + 1
+    expected = sorted((w, k, n + 1) for n, (w, k) in enumerate(TRICKY))
+    assert sorted(cache.local_keys()) == expected
+
+
+def test_export_import_and_reset_carry_the_key_over(tmp_path: Path) -> None:
+    source = NodeState(str(tmp_path / "a"), _config())
+    target = NodeState(str(tmp_path / "b"), _config())
+    workflow, key = "order_id", "\ud800:1"
+    for i in range(3):
+        state = StateHandle(source, workflow, key, task_id=f"t-{i}", epoch=7)
+        state[f"f{i}"] = i
+        state.commit(result=i)
+    data = source.export_key(workflow, key)
+    assert data is not None and data["epoch"] == 7 and data["seq"] == 3
+    assert source.last_commit(workflow, key) == data["last_commit"] is not None
+    target.import_key(workflow, key, data, 8)
+    assert dict(handle(target, workflow, key)) == {"f0": 0, "f1": 1, "f2": 2}
+    assert target.applied(workflow, key, "t-1") == (True, 1)
+    assert target.epoch(workflow, key) == 8 and target.local_keys() == [(workflow, key, 8)]
+    assert target.last_commit(workflow, key) == data["last_commit"]
+    state = StateHandle(target, workflow, key, task_id="t-3", epoch=8)
+    state["f3"] = 3
+    state.commit(result=3)
+    assert target.export_key(workflow, key)["seq"] == 4  # type: ignore[index]
+    assert target.reset_key(workflow, key, 9) is True
+    assert dict(handle(target, workflow, key)) == {} and target.epoch(workflow, key) == 9
+    assert target.applied(workflow, key, "t-3") == (False, None)
+    assert target.reset_key("order_id", "never-seen", 1) is False
+    source.delete_key(workflow, key)
+    assert source.epoch(workflow, key) is None and source.export_key(workflow, key) is None
+    assert source.local_keys() == []
+    source.close()
+    target.close()
