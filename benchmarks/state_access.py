@@ -860,8 +860,8 @@ def report(results: list[SizeResult], args: argparse.Namespace) -> None:
         d, d0 = (next(x for x in res.cases if x.name == n).median for n in ("(d)", "(d0)"))
         calls = ", ".join(f"{name} {count}" for name, count in sorted(bd.calls.items()))
         print(
-            f"  {res.size_mb} MB: {bd.fields} fields; the field index rewritten by every commit"
-            f" is {bd.index_bytes / 1e3:,.1f} kB pickled"
+            f"  {res.size_mb} MB: {bd.fields} fields; the field index (rewritten only when"
+            f" fields come or go) is {bd.index_bytes / 1e3:,.1f} kB pickled"
         )
         print(f"    {'(c) full step':<46} {fmt(c):>10}")
         for case in res.detail:
