@@ -122,6 +122,7 @@ def sticky_task(
     workflow: str | None = None,
     *,
     base: type[StickyTask] | None = None,
+    app: Celery | None = None,
     **options: Any,
 ) -> Callable[[F], Any]:
     """Register a sticky task, like ``shared_task``, keyed by ``key``.
@@ -131,6 +132,10 @@ def sticky_task(
     key; it defaults to the argument's name. A keyword-only ``state`` parameter
     receives the key's :class:`~celery_sticky.state.StateHandle`. Every other
     option passes through to Celery.
+
+    Like ``shared_task``, the returned proxy publishes through the current app,
+    which is per thread; pass ``app=`` to register the task on that app only
+    (``app.task``), so that any thread publishes through it.
     """
     base = base or StickyTask
     if not (isinstance(base, type) and issubclass(base, StickyTask)):
@@ -141,6 +146,8 @@ def sticky_task(
         run: Callable[..., Any] = fun
         if spec.wants_state:
             run = _without_state(fun)
+        if app is not None:
+            return app.task(base=base, sticky=spec, **options)(run)
         return shared_task(base=base, sticky=spec, **options)(run)
 
     return decorate

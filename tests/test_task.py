@@ -11,7 +11,7 @@ from celery import Celery
 from celery_sticky import ConfigurationError, InvalidKeyError, LeaseStoreUnavailable, install
 from celery_sticky.app import router_of
 from celery_sticky.router import StickyRouter
-from celery_sticky.task import sticky_task
+from celery_sticky.task import StickyTask, sticky_task
 
 
 def test_callers_never_pass_state(sticky_app: Any) -> None:
@@ -113,3 +113,20 @@ def test_non_redis_broker_needs_sticky_redis_url() -> None:
 
     with pytest.raises(ConfigurationError, match="sticky_redis_url is not set"):
         get_config(app)
+
+
+def test_registering_on_one_app_works_from_any_thread() -> None:
+    import threading
+
+    app = Celery("threads", broker="redis://127.0.0.1:6379/0", set_as_current=False)
+
+    @sticky_task(key="order_id", app=app)
+    def ship(order_id: str) -> None: ...
+
+    seen: list[Any] = []
+    thread = threading.Thread(target=lambda: seen.append(ship.app))
+    thread.start()
+    thread.join()
+    assert seen == [app]
+    assert isinstance(app.tasks[ship.name], StickyTask)
+    assert any(isinstance(r, StickyRouter) for r in app.conf.task_routes)
