@@ -23,7 +23,7 @@ def install(app: Celery) -> None:
     Binding a ``@sticky_task`` to an app calls this, so users rarely need to.
     Settings are not read here but on first use, after configuration.
     """
-    from . import tasks  # noqa: F401  (registers celery-sticky's own tasks)
+    from . import control, tasks  # noqa: F401  (own tasks and remote control commands)
     from .bootsteps import StickyConsumer, StickyWorker, on_worker_shutdown
 
     routes = app.conf.task_routes

@@ -110,6 +110,14 @@ class KeyGate:
     def busy_keys(self) -> int:
         return len(self._queues)
 
+    def key_status(self, workflow: str, key: str) -> tuple[int, bool]:
+        """``(entries queued, head running)`` of one key (``(0, False)``: idle here)."""
+        with self._lock:
+            entries = self._queues.get((workflow, key))
+            if not entries:
+                return 0, False
+            return len(entries), bool(entries[0].started)
+
     def waiting(self) -> int:
         with self._lock:
             return sum(len(q) - 1 for q in self._queues.values())

@@ -1,0 +1,818 @@
+"""``celery sticky``: see and move workflow keys from the command line.
+
+Registered with Celery through the ``celery.commands`` entry point, so it runs as
+``celery -A proj sticky <command>`` with the app Celery loaded (``ctx.obj.app``).
+Every command prints a table (rich when installed, plain columns otherwise), or
+JSON with ``--json``. Exit codes: 0 ok, 1 not found (an unknown worker or key),
+2 usage or configuration error, 3 the lease store or the broker does not answer,
+4 timed out waiting for a worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import shlex
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import click
+import redis
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+# Imported with this plugin (Celery loads it at start): `celery inspect` and
+# `celery control` then know sticky_key_info and sticky_drain too.
+from . import control  # noqa: F401
+from .errors import ConfigurationError, LeaseStoreUnavailable
+from .lease import LeaseStore, WorkerInfo
+from .lease.store import redact_url
+
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_TIMEOUT = 4
+
+#: Buckets examined per SCAN/SSCAN call. Fixed, so a cursor that resumes inside a
+#: batch sees the same batch again (see :func:`_scan_page`).
+SCAN_COUNT = 500
+
+
+class CommandError(click.ClickException):
+    """A one-line error on stderr (``Error: ...``); exit code 1 unless a subclass says."""
+
+
+class NotFound(CommandError):
+    exit_code = EXIT_NOT_FOUND
+
+
+class BadSetup(CommandError):
+    exit_code = EXIT_USAGE
+
+
+class Unavailable(CommandError):
+    exit_code = EXIT_UNAVAILABLE
+
+
+class TimedOut(CommandError):
+    exit_code = EXIT_TIMEOUT
+
+
+class StickyGroup(click.Group):
+    """Turns the errors an operator can act on into one line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LeaseStoreUnavailable as exc:
+            raise Unavailable(str(exc)) from None
+        except ConfigurationError as exc:
+            raise BadSetup(str(exc)) from None
+        except OperationalError as exc:
+            raise Unavailable(f"broker at {_broker_url(ctx)} does not answer: {exc}") from None
+        except redis.RedisError as exc:
+            raise Unavailable(f"lease store at {_lease_url(ctx)}: {exc}") from None
+
+
+# -- context -------------------------------------------------------------------
+
+
+def _app(ctx: click.Context) -> Celery:
+    obj = ctx.find_root().obj
+    app = getattr(obj, "app", None)
+    if app is None:
+        raise BadSetup("run this as `celery -A <your app> sticky ...`")
+    return app
+
+
+def _store(ctx: click.Context) -> LeaseStore:
+    from .app import lease_store
+    from .settings import get_config
+
+    app = _app(ctx)
+    try:
+        return lease_store(app)
+    except ValueError as exc:  # redis-py refusing the URL
+        url = redact_url(get_config(app).redis_url)
+        raise BadSetup(f"sticky_redis_url {url!r}: {exc}") from None
+
+
+def _no_color(ctx: click.Context) -> bool:
+    return bool(getattr(ctx.find_root().obj, "no_color", False))
+
+
+def _lease_url(ctx: click.Context) -> str:
+    from .settings import get_config
+
+    try:
+        return redact_url(get_config(_app(ctx)).redis_url)
+    except Exception:
+        return "(unknown)"
+
+
+def _broker_url(ctx: click.Context) -> str:
+    try:
+        return redact_url(_app(ctx).connection_for_write().as_uri())
+    except Exception:
+        return "(unknown)"
+
+
+def _redis(store: LeaseStore, call: Callable[[], T]) -> T:
+    """A direct Redis call on the lease store, failing like the store's own calls."""
+    try:
+        return call()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise LeaseStoreUnavailable(
+            f"lease store at {redact_url(store.url)} does not answer: {exc}"
+        ) from exc
+
+
+def _server_time(store: LeaseStore) -> float:
+    seconds, micros = _redis(store, store.redis.time)
+    return float(seconds) + micros / 1e6
+
+
+@contextlib.contextmanager
+def _broker(app: Celery) -> Iterator[Any]:
+    """A broker connection that fails fast instead of retrying for minutes."""
+    with app.connection_for_write() as connection:
+        try:
+            connection.ensure_connection(max_retries=1, interval_start=0, timeout=5)
+        except Exception as exc:
+            raise Unavailable(
+                f"broker at {redact_url(connection.as_uri())} does not answer: {exc}"
+            ) from None
+        yield connection
+
+
+def _ask(
+    app: Celery, command: str, worker: str, timeout: float, **arguments: Any
+) -> dict[str, Any] | None:
+    """Send a remote control command to one worker; its reply, or None if it said nothing."""
+    with _broker(app) as connection:
+        replies = app.control.broadcast(
+            command,
+            arguments=arguments,
+            destination=[worker],
+            reply=True,
+            timeout=timeout,
+            connection=connection,
+        )
+    for reply in replies or ():
+        if worker in reply:
+            answer = reply[worker]
+            return answer if isinstance(answer, dict) else {"ok": answer}
+    return None
+
+
+# -- output ----------------------------------------------------------------------
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _console(ctx: click.Context) -> Any:
+    """A rich console, or None when rich is not installed (plain text then)."""
+    try:
+        from rich.console import Console
+    except ImportError:
+        return None
+    console = Console(no_color=_no_color(ctx), highlight=False)
+    if not console.is_terminal:
+        console.width = 200  # piped: no wrapping at 80 columns
+    return console
+
+
+def _table(
+    ctx: click.Context, columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str = ""
+) -> None:
+    cells = [["" if cell is None else str(cell) for cell in row] for row in rows]
+    console = _console(ctx)
+    if console is not None:
+        from rich import box
+        from rich.table import Table
+
+        table = Table(
+            title=title or None,
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+            title_justify="left",
+        )
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row in cells:
+            table.add_row(*row)
+        console.print(table)
+        return
+    if title:
+        click.echo(title)
+    widths = [len(column) for column in columns]
+    for row in cells:
+        widths = [max(width, len(cell)) for width, cell in zip(widths, row, strict=True)]
+    for row in [list(columns), ["-" * width for width in widths], *cells]:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+def _fields(ctx: click.Context, pairs: Sequence[tuple[str, Any]]) -> None:
+    """A record, one ``name  value`` line each."""
+    console = _console(ctx)
+    if console is not None:
+        from rich.table import Table
+
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold")
+        grid.add_column(overflow="fold")
+        for name, value in pairs:
+            grid.add_row(name, "" if value is None else str(value))
+        console.print(grid)
+        return
+    width = max(len(name) for name, _ in pairs)
+    for name, value in pairs:
+        click.echo(f"{name.ljust(width)}  {'' if value is None else value}")
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    moment = datetime.datetime.fromtimestamp(timestamp).astimezone()
+    return f"{moment.isoformat(timespec='seconds')} ({_ago(time.time() - timestamp)} ago)"
+
+
+def _state_of(worker: WorkerInfo) -> str:
+    """alive; draining (alive, handing its keys over); dead (waits for a reaper); reaped."""
+    if worker.alive:
+        return "draining" if worker.draining else "alive"
+    return "reaped" if worker.reaped else "dead"
+
+
+# -- the group -------------------------------------------------------------------
+
+
+@click.group(cls=StickyGroup)
+def sticky() -> None:
+    """celery-sticky: workers, keys, draining, reaping.
+
+    Exit codes: 0 ok, 1 not found (unknown worker or key), 2 usage or
+    configuration error, 3 lease store or broker unreachable, 4 timed out waiting
+    for a worker. Every command takes --json.
+    """
+
+
+# -- status ----------------------------------------------------------------------
+
+
+def _queue_depths(app: Celery, queues: Sequence[str]) -> dict[str, int | None]:
+    """Messages waiting in each queue (not those a worker prefetched); None: unknown."""
+    depths: dict[str, int | None] = dict.fromkeys(queues)
+    if not queues:
+        return depths
+    try:
+        with _broker(app) as connection:
+            channel = connection.channel()
+            try:
+                for queue in queues:
+                    try:
+                        depths[queue] = int(
+                            channel.queue_declare(queue=queue, passive=True).message_count
+                        )
+                    except connection.channel_errors:
+                        depths[queue] = 0  # never declared, or emptied and gone (Redis)
+                        with contextlib.suppress(Exception):
+                            channel.close()
+                        channel = connection.channel()
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+    except CommandError as exc:
+        click.echo(f"warning: queue depths unknown: {exc.message}", err=True)
+    return depths
+
+
+@sticky.command()
+@json_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Workers: liveness, keys, queue depth, heartbeat.
+
+    Every worker in the lease store's registry: alive, draining (alive, handing its
+    keys over), dead (waiting for a reaper) or reaped; the keys it owns; the
+    messages waiting in its direct queue (not those it prefetched); the age of its
+    last heartbeat (Redis server clock).
+    """
+    store = _store(ctx)
+    workers = store.workers()
+    now = _server_time(store)
+    depths = _queue_depths(_app(ctx), [w.queue for w in workers if w.queue])
+    rows: list[dict[str, Any]] = []
+    for w in workers:
+        age = now - w.heartbeat if w.heartbeat > 0 else None
+        rows.append(
+            {
+                "worker": w.name,
+                "state": _state_of(w),
+                "alive": w.alive,
+                "draining": w.draining,
+                "reaped": w.reaped,
+                "keys": w.keys,
+                "capacity": w.capacity,
+                "queue": w.queue,
+                "queue_depth": depths.get(w.queue),
+                "heartbeat_age": None if age is None else round(age, 3),
+            }
+        )
+    if as_json:
+        _emit_json({"lease_store": redact_url(store.url), "workers": rows})
+        return
+    if not rows:
+        click.echo(f"no workers registered in the lease store at {redact_url(store.url)}")
+        return
+    _table(
+        ctx,
+        ["worker", "state", "keys", "capacity", "queue", "depth", "heartbeat"],
+        [
+            [
+                r["worker"],
+                r["state"],
+                r["keys"],
+                r["capacity"],
+                r["queue"],
+                "?" if r["queue_depth"] is None else r["queue_depth"],
+                "stopped" if r["heartbeat_age"] is None else f"{_ago(r['heartbeat_age'])} ago",
+            ]
+            for r in rows
+        ],
+    )
+    alive = sum(1 for w in workers if w.alive and not w.draining)
+    click.echo(
+        f"{alive} of {len(workers)} worker(s) alive; {sum(w.keys for w in workers)} key(s) owned"
+    )
+
+
+# -- keys ------------------------------------------------------------------------
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"\\{ch}" if ch in "*?[]\\" else ch for ch in text)
+
+
+def _parse_cursor(cursor: str | None) -> tuple[int, str | None]:
+    if not cursor:
+        return 0, None
+    number, _, after = cursor.partition(":")
+    if not number.isdigit():
+        raise click.BadParameter(
+            f"{cursor!r} is not a cursor this command printed", param_hint="--cursor"
+        )
+    return int(number), after or None
+
+
+def _scan_page(
+    scan: Callable[[int], tuple[int, list[str]]], cursor: str | None, limit: int
+) -> tuple[list[str], str | None]:
+    """At most ``limit`` names from a SCAN-like call, and the cursor of the next page.
+
+    Redis hands names out in batches; a page that ends inside a batch resumes at
+    the same Redis cursor (same COUNT, so the same batch) after the last name it
+    returned, in sorted order. The cursor is ``<redis cursor>[:<last name>]``.
+    """
+    position, after = _parse_cursor(cursor)
+    found: list[str] = []
+    while True:
+        following, batch = scan(position)
+        names = sorted({str(name) for name in batch})
+        if after is not None:
+            names = [name for name in names if name > after]
+        room = limit - len(found)
+        if len(names) > room:
+            found += names[:room]
+            return found, f"{position}:{found[-1]}"
+        found += names
+        after = None
+        position = int(following)
+        if position == 0:
+            return found, None
+        if len(found) == limit:
+            return found, str(position)
+
+
+@sticky.command()
+@click.option("--worker", "-w", help="Only the keys this worker (nodename) owns.")
+@click.option("--workflow", "-f", help="Only the keys of this workflow.")
+@click.option(
+    "--limit",
+    "-n",
+    type=click.IntRange(1, 10_000),
+    default=100,
+    show_default=True,
+    help="Keys per page.",
+)
+@click.option("--cursor", "-c", help="Resume where the previous page ended.")
+@json_option
+@click.pass_context
+def keys(
+    ctx: click.Context,
+    worker: str | None,
+    workflow: str | None,
+    limit: int,
+    cursor: str | None,
+    as_json: bool,
+) -> None:
+    """Leased keys, a page at a time.
+
+    Pages come from SCAN over the lease keys (SSCAN of the worker's owned set with
+    --worker), never KEYS: Redis is not blocked however many keys there are. Pass
+    the cursor a page ends with to get the next one, with the same filters.
+    """
+    store = _store(ctx)
+    client = store.redis
+    if worker is not None:
+        if _redis(store, lambda: client.zscore(store.workers_key, worker)) is None:
+            raise NotFound(f"unknown worker {worker!r}: not in the lease store's registry")
+        owned = store.owned_key(worker)
+        match = f"{_glob_escape(workflow)}:*" if workflow else None
+
+        def scan(position: int) -> tuple[int, list[str]]:
+            return _redis(
+                store, lambda: client.sscan(owned, position, match=match, count=SCAN_COUNT)
+            )
+
+        members, next_cursor = _scan_page(scan, cursor, limit)
+        pairs = [tuple(member.split(":", 1)) for member in members]
+    else:
+        lease_prefix = f"{store.prefix}lease:"  # as LeaseStore.lease_key writes them
+        pattern = _glob_escape(lease_prefix) + (f"{_glob_escape(workflow)}:*" if workflow else "*")
+
+        def scan(position: int) -> tuple[int, list[str]]:
+            return _redis(store, lambda: client.scan(position, match=pattern, count=SCAN_COUNT))
+
+        names, next_cursor = _scan_page(scan, cursor, limit)
+        pairs = [tuple(name[len(lease_prefix) :].split(":", 1)) for name in names]
+    pairs = [pair for pair in pairs if len(pair) == 2]
+
+    def read() -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for wf, key in pairs:
+            pipe.hmget(store.lease_key(wf, key), "owner", "epoch", "origin")
+        return pipe.execute()
+
+    leases = _redis(store, read)
+    alive = {w.name: w.alive and not w.draining for w in store.workers()}
+    rows: list[dict[str, Any]] = []
+    for (wf, key), (owner, epoch, origin) in sorted(zip(pairs, leases, strict=True)):
+        if owner is None:
+            continue  # released between the scan and the read
+        rows.append(
+            {
+                "workflow": wf,
+                "key": key,
+                "owner": owner,
+                "epoch": int(epoch),
+                "alive": alive.get(owner, False),
+                "origin": origin or "claimed",
+            }
+        )
+    if as_json:
+        _emit_json({"keys": rows, "cursor": next_cursor})
+        return
+    _table(
+        ctx,
+        ["workflow", "key", "owner", "epoch", "owner state", "origin"],
+        [
+            [r["workflow"], r["key"], r["owner"], r["epoch"], _liveness(r["alive"]), r["origin"]]
+            for r in rows
+        ],
+    )
+    if next_cursor is not None:
+        click.echo(f"{len(rows)} key(s); more with --cursor {shlex.quote(next_cursor)}")
+    else:
+        click.echo(f"{len(rows)} key(s); no more")
+
+
+def _liveness(alive: bool) -> str:
+    return "alive" if alive else "not alive"
+
+
+# -- show ------------------------------------------------------------------------
+
+
+@sticky.command()
+@click.argument("workflow")
+@click.argument("key")
+@click.option(
+    "--timeout", type=float, default=3.0, show_default=True, help="Seconds to wait for the owner."
+)
+@json_option
+@click.pass_context
+def show(ctx: click.Context, workflow: str, key: str, timeout: float, as_json: bool) -> None:
+    """One key: owner, epoch, and the owner's view.
+
+    From the lease store: owner, epoch, whether the owner is alive, origin
+    (claimed, or taken over from a dead owner). From the owner (remote control
+    command sticky_key_info): the key's place in its gate, its last commit and last
+    task, and the size of its local state.
+    """
+    store = _store(ctx)
+    info = store.lookup(workflow, key)
+    if info is None:
+        raise NotFound(f"no lease for {workflow}:{key}: nobody owns it")
+    since = _redis(store, lambda: store.redis.hget(store.lease_key(workflow, key), "since"))
+    result: dict[str, Any] = {
+        "workflow": workflow,
+        "key": key,
+        "owner": info.owner,
+        "epoch": info.epoch,
+        "alive": info.alive,
+        "origin": info.origin,
+        "since": float(since) if since else None,
+        "on_owner": None,
+        "owner_error": None,
+    }
+    if info.alive:
+        reply = _ask(_app(ctx), "sticky_key_info", info.owner, timeout, workflow=workflow, key=key)
+        if reply is None:
+            result["owner_error"] = (
+                f"{info.owner} did not answer within {timeout:g}s "
+                "(is worker_enable_remote_control off?)"
+            )
+        elif "error" in reply:
+            result["owner_error"] = str(reply["error"])
+        else:
+            result["on_owner"] = {"gate": reply.get("gate"), "local": reply.get("local")}
+    else:
+        result["owner_error"] = f"{info.owner} is not alive"
+    if as_json:
+        _emit_json(result)
+        return
+    pairs: list[tuple[str, Any]] = [
+        ("workflow", workflow),
+        ("key", key),
+        ("owner", f"{info.owner} ({_liveness(info.alive)})"),
+        ("epoch", info.epoch),
+        ("origin", info.origin),
+        ("owned since", _when(result["since"])),
+    ]
+    on_owner = result["on_owner"]
+    if on_owner is None:
+        pairs.append(("on the owner", result["owner_error"]))
+    else:
+        gate = on_owner.get("gate") or {}
+        queued = int(gate.get("queued") or 0)
+        if gate.get("running"):
+            pairs.append(("gate", f"a task running, {queued - 1} waiting"))
+        else:
+            pairs.append(("gate", f"{queued} waiting" if queued else "idle"))
+        local = on_owner.get("local")
+        if local is None:
+            pairs.append(("local state", "none on the owner"))
+        else:
+            pairs += [
+                ("last commit", _when(local.get("last_commit"))),
+                ("last task", local.get("last_task") or "-"),
+                ("tasks applied", local.get("tasks_applied")),
+                ("state", f"{local.get('fields')} field(s), {_size(local.get('bytes') or 0)}"),
+                ("state epoch", local.get("epoch")),
+            ]
+    _fields(ctx, pairs)
+
+
+def _size(count: int) -> str:
+    size = float(count)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{count} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{count} bytes"
+
+
+# -- release ---------------------------------------------------------------------
+
+
+@sticky.command()
+@click.argument("workflow")
+@click.argument("key")
+@click.option("--wait", is_flag=True, help="Wait until the owner ended the workflow.")
+@click.option(
+    "--timeout", type=float, default=60.0, show_default=True, help="Seconds --wait waits."
+)
+@json_option
+@click.pass_context
+def release(
+    ctx: click.Context, workflow: str, key: str, wait: bool, timeout: float, as_json: bool
+) -> None:
+    """End a key's workflow: state deleted, lease freed.
+
+    Sends celery-sticky's end_workflow task to the key's owner; it runs after the
+    tasks already queued for the key, deletes the key's local state and releases
+    its lease. Prints the task id.
+    """
+    from . import lifecycle
+    from .app import install
+
+    app = _app(ctx)
+    install(app)  # the end_workflow task and the router that sends it to the owner
+    store = _store(ctx)
+    info = store.lookup(workflow, key)
+    if info is None:
+        raise NotFound(f"no lease for {workflow}:{key}: nobody owns it")
+    with _broker(app):  # fail fast when the broker is down
+        pass
+    sent = lifecycle.release(workflow, key, app=app)
+    if sent is None:
+        raise NotFound(f"no lease for {workflow}:{key}: nobody owns it")
+    result: dict[str, Any] = {
+        "workflow": workflow,
+        "key": key,
+        "owner": info.owner,
+        "epoch": info.epoch,
+        "task_id": sent.id,
+        "released": None,
+    }
+    if not as_json:
+        click.echo(f"sent end_workflow for {workflow}:{key} to {info.owner}: task {sent.id}")
+    if wait:
+        _wait_released(store, sent, workflow, key, info.epoch, timeout)
+        result["released"] = True
+        if not as_json:
+            click.echo(f"released {workflow}:{key}")
+    if as_json:
+        _emit_json(result)
+
+
+def _wait_released(
+    store: LeaseStore, sent: Any, workflow: str, key: str, epoch: int, timeout: float
+) -> None:
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    deadline = time.monotonic() + timeout
+    try:
+        sent.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
+    except NotImplementedError:
+        pass  # no result backend: watch the lease instead
+    except CeleryTimeout:
+        raise TimedOut(f"{workflow}:{key} was not released within {timeout:g}s") from None
+    except Exception as exc:
+        raise CommandError(f"end_workflow for {workflow}:{key} failed: {exc!r}") from None
+    while True:
+        info = store.lookup(workflow, key)
+        if info is None or info.epoch != epoch:
+            return
+        if time.monotonic() > deadline:
+            raise TimedOut(f"{workflow}:{key} was not released within {timeout:g}s")
+        time.sleep(0.1)
+
+
+# -- drain -----------------------------------------------------------------------
+
+
+@sticky.command()
+@click.argument("worker")
+@click.option("--wait", is_flag=True, help="Wait until the worker has drained.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds --wait waits (the worker first finishes its running tasks).",
+)
+@json_option
+@click.pass_context
+def drain(ctx: click.Context, worker: str, wait: bool, timeout: float, as_json: bool) -> None:
+    """Drain a worker: its keys move on, then it stops.
+
+    Sends the remote control command sticky_drain: the worker shuts down warm
+    (finishes its running tasks), hands each key's state over, moves its queue to
+    the keys' new owners and releases its leases.
+    """
+    store = _store(ctx)
+    found = {w.name: w for w in store.workers()}.get(worker)
+    if found is None:
+        raise NotFound(f"unknown worker {worker!r}: not in the lease store's registry")
+    if not found.alive:
+        raise NotFound(
+            f"worker {worker!r} is not alive ({_state_of(found)}): nothing to drain; "
+            "`celery sticky reap` moves a dead worker's queue on"
+        )
+    reply = _ask(_app(ctx), "sticky_drain", worker, timeout=min(timeout, 5.0))
+    if reply is None:
+        raise TimedOut(
+            f"{worker} did not answer the drain request (is worker_enable_remote_control off?)"
+        )
+    if "error" in reply:
+        raise NotFound(f"{worker}: {reply['error']}")
+    result: dict[str, Any] = {"worker": worker, "keys": found.keys, "drained": None}
+    if not as_json:
+        click.echo(f"{worker} is draining: {found.keys} key(s) to hand over")
+    if wait:
+        deadline = time.monotonic() + timeout
+        while True:
+            now = {w.name: w for w in store.workers()}.get(worker)
+            if now is None or (now.reaped and not now.alive):
+                break
+            if time.monotonic() > deadline:
+                raise TimedOut(f"{worker} did not finish draining within {timeout:g}s")
+            time.sleep(0.2)
+        result["drained"] = True
+        if not as_json:
+            click.echo(f"{worker} drained: its keys moved on, its queue is empty")
+    if as_json:
+        _emit_json(result)
+
+
+# -- reap ------------------------------------------------------------------------
+
+
+@sticky.command()
+@json_option
+@click.pass_context
+def reap(ctx: click.Context, as_json: bool) -> None:
+    """Move dead workers' queues on now.
+
+    What every worker's reaper does once a worker's heartbeat is older than
+    sticky_lease_ttl, done now from here: the dead worker's unacknowledged and
+    queued tasks go, in publish order, to their keys' new owners. Keys with no
+    queued task stay with the dead worker until their next task takes them over.
+    """
+    from .reaper import reap as reap_worker
+
+    app = _app(ctx)
+    store = _store(ctx)
+    reaper = f"cli:{socket.gethostname()}:{os.getpid()}"
+    before = {w.name: w for w in store.workers()}
+    results = []
+    with _broker(app):  # fail fast when the broker is down
+        pass
+    # What Reaper.run_once does, one worker at a time, to say what moved where.
+    for node in store.dead_workers():
+        row: dict[str, Any] = {
+            "worker": node,
+            "moved": 0,
+            "keys_before": before[node].keys if node in before else 0,
+            "keys_after": 0,
+            "already_reaped": node in before and before[node].reaped,
+            "skipped": None,
+            "forgotten": False,
+        }
+        if not store.try_lock_reaping(node, reaper, 120):
+            row["skipped"] = "another reaper holds it"
+        else:
+            try:
+                row["moved"] = reap_worker(app, store, node)
+            finally:
+                store.unlock_reaping(node)
+            after = {w.name: w for w in store.workers()}.get(node)
+            row["forgotten"] = after is None
+            row["keys_after"] = 0 if after is None else after.keys
+        results.append(row)
+    if as_json:
+        _emit_json({"reaped": results, "moved": sum(r["moved"] for r in results)})
+        return
+    if not results:
+        click.echo("no dead workers")
+        return
+    _table(
+        ctx,
+        ["worker", "tasks moved", "keys before", "keys after", "note"],
+        [
+            [
+                r["worker"],
+                r["moved"],
+                r["keys_before"],
+                r["keys_after"],
+                r["skipped"] or _reap_note(r),
+            ]
+            for r in results
+        ],
+    )
+    click.echo(f"moved {sum(r['moved'] for r in results)} task(s)")
+
+
+def _reap_note(row: dict[str, Any]) -> str:
+    if row["forgotten"]:
+        return "forgotten (long dead: registry entry and queue deleted)"
+    if row["already_reaped"]:
+        return "already reaped (stragglers moved)" if row["moved"] else "already reaped"
+    return "reaped"
+
+
+__all__ = ["sticky"]
