@@ -171,6 +171,7 @@ def test_show_gives_the_owner_that_ran_the_task_and_its_view(
     assert (data["owner"], data["epoch"], data["alive"]) == (node, info.epoch, True)
     assert data["origin"] == "claimed"
     local = data["on_owner"]["local"]
+    assert local is not None, data["on_owner"]
     assert local["last_task"] == last.id
     assert local["tasks_applied"] == 2
     assert local["fields"] == 1 and local["bytes"] > 0
