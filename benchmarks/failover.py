@@ -50,7 +50,6 @@ import shlex
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -91,11 +90,6 @@ def app_module() -> ModuleType:
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 class Phase:
@@ -170,21 +164,8 @@ class Phase:
         return info.owner
 
     def kill(self, name: str) -> float:
-        """``kill -9`` a worker and its pool children; returns the time of the signal.
-
-        (``WorkerCluster.kill`` does the same, but the time here is taken after the
-        ``pgrep`` for the children, right before the signal.)
-        """
-        worker = self.cluster.workers[name]
-        children = _children(worker.pid)
-        killed_at = time.time()
-        os.kill(worker.pid, signal.SIGKILL)
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        assert worker.process is not None
-        worker.process.wait(10)
-        return killed_at
+        """``kill -9`` a worker and its pool children; returns the time of the signal."""
+        return self.cluster.kill(name)
 
     def log_of(self, name: str) -> str:
         return self.cluster.workers[name].log()

@@ -18,7 +18,7 @@ import shlex
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import redis
@@ -31,8 +31,6 @@ from . import control  # noqa: F401
 from .errors import ConfigurationError, LeaseStoreUnavailable
 from .lease import LeaseStore, WorkerInfo
 from .lease.store import redact_url
-
-T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -124,18 +122,8 @@ def _broker_url(ctx: click.Context) -> str:
         return "(unknown)"
 
 
-def _redis(store: LeaseStore, call: Callable[[], T]) -> T:
-    """A direct Redis call on the lease store, failing like the store's own calls."""
-    try:
-        return call()
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise LeaseStoreUnavailable(
-            f"lease store at {redact_url(store.url)} does not answer: {exc}"
-        ) from exc
-
-
 def _server_time(store: LeaseStore) -> float:
-    seconds, micros = _redis(store, store.redis.time)
+    seconds, micros = store.guard(store.redis.time)
     return float(seconds) + micros / 1e6
 
 
@@ -447,15 +435,13 @@ def keys(
     store = _store(ctx)
     client = store.redis
     if worker is not None:
-        if _redis(store, lambda: client.zscore(store.workers_key, worker)) is None:
+        if store.guard(lambda: client.zscore(store.workers_key, worker)) is None:
             raise NotFound(f"unknown worker {worker!r}: not in the lease store's registry")
         owned = store.owned_key(worker)
         match = f"{_glob_escape(workflow)}:*" if workflow else None
 
         def scan(position: int) -> tuple[int, list[str]]:
-            return _redis(
-                store, lambda: client.sscan(owned, position, match=match, count=SCAN_COUNT)
-            )
+            return store.guard(lambda: client.sscan(owned, position, match=match, count=SCAN_COUNT))
 
         members, next_cursor = _scan_page(scan, cursor, limit)
         pairs = [tuple(member.split(":", 1)) for member in members]
@@ -464,7 +450,7 @@ def keys(
         pattern = _glob_escape(lease_prefix) + (f"{_glob_escape(workflow)}:*" if workflow else "*")
 
         def scan(position: int) -> tuple[int, list[str]]:
-            return _redis(store, lambda: client.scan(position, match=pattern, count=SCAN_COUNT))
+            return store.guard(lambda: client.scan(position, match=pattern, count=SCAN_COUNT))
 
         names, next_cursor = _scan_page(scan, cursor, limit)
         pairs = [tuple(name[len(lease_prefix) :].split(":", 1)) for name in names]
@@ -476,7 +462,7 @@ def keys(
             pipe.hmget(store.lease_key(wf, key), "owner", "epoch", "origin")
         return pipe.execute()
 
-    leases = _redis(store, read)
+    leases = store.guard(read)
     alive = {w.name: w.alive and not w.draining for w in store.workers()}
     rows: list[dict[str, Any]] = []
     for (wf, key), (owner, epoch, origin) in sorted(zip(pairs, leases, strict=True)):
@@ -536,7 +522,7 @@ def show(ctx: click.Context, workflow: str, key: str, timeout: float, as_json: b
     info = store.lookup(workflow, key)
     if info is None:
         raise NotFound(f"no lease for {workflow}:{key}: nobody owns it")
-    since = _redis(store, lambda: store.redis.hget(store.lease_key(workflow, key), "since"))
+    since = store.guard(lambda: store.redis.hget(store.lease_key(workflow, key), "since"))
     result: dict[str, Any] = {
         "workflow": workflow,
         "key": key,

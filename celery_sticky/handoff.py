@@ -48,7 +48,7 @@ class RedisHandoffStore:
             config.redis_url, socket_connect_timeout=2, socket_timeout=60
         )
         self.prefix = f"{config.key_prefix}:handoff:"
-        self._guard = lease_store._guard
+        self.guard = lease_store.guard
 
     def _name(self, workflow: str, key: str) -> str:
         return f"{self.prefix}{workflow}:{key}"
@@ -64,17 +64,17 @@ class RedisHandoffStore:
             pipe.rpush(name, *chunks)
             pipe.execute()
 
-        self._guard(write)
+        self.guard(write)
 
     def get(self, workflow: str, key: str) -> dict[str, Any] | None:
-        chunks: list[Any] = self._guard(lambda: self.redis.lrange(self._name(workflow, key), 0, -1))
+        chunks: list[Any] = self.guard(lambda: self.redis.lrange(self._name(workflow, key), 0, -1))
         if not chunks:
             return None
         data: dict[str, Any] = pickle.loads(b"".join(chunks))
         return data
 
     def delete(self, workflow: str, key: str) -> None:
-        self._guard(lambda: self.redis.delete(self._name(workflow, key)))
+        self.guard(lambda: self.redis.delete(self._name(workflow, key)))
 
 
 class DirectoryHandoffStore:

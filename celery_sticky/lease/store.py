@@ -158,11 +158,11 @@ class LeaseStore:
 
     def set_draining(self, node: str) -> None:
         """``node`` stops taking keys: new claims skip it, its keys wait in its queue."""
-        self._guard(lambda: self.redis.hset(self.worker_key(node), "draining", "1"))
+        self.guard(lambda: self.redis.hset(self.worker_key(node), "draining", "1"))
 
     def dead_workers(self) -> list[str]:
         """Registered workers whose heartbeat is older than the TTL (or that drained)."""
-        return self._guard(
+        return self.guard(
             lambda: self.redis.zrangebyscore(
                 self.workers_key, "-inf", f"({self._server_time() - self.config.lease_ttl}"
             )
@@ -171,7 +171,7 @@ class LeaseStore:
     def try_lock_reaping(self, node: str, reaper: str, seconds: float) -> bool:
         """Become the one worker that reaps ``node`` for ``seconds``."""
         return bool(
-            self._guard(
+            self.guard(
                 lambda: self.redis.set(
                     f"{self.prefix}reaping:{node}", reaper, nx=True, px=int(seconds * 1000)
                 )
@@ -179,10 +179,10 @@ class LeaseStore:
         )
 
     def unlock_reaping(self, node: str) -> None:
-        self._guard(lambda: self.redis.delete(f"{self.prefix}reaping:{node}"))
+        self.guard(lambda: self.redis.delete(f"{self.prefix}reaping:{node}"))
 
     def reaping(self, node: str) -> bool:
-        return bool(self._guard(lambda: self.redis.exists(f"{self.prefix}reaping:{node}")))
+        return bool(self.guard(lambda: self.redis.exists(f"{self.prefix}reaping:{node}")))
 
     def mark_reaped(self, node: str) -> float | None:
         """Record that ``node``'s queue was moved on (its keys may now be taken over).
@@ -201,7 +201,7 @@ class LeaseStore:
             self.redis.hset(info, "reaped", "1")
             return float(self.redis.hget(info, "reaped_at"))
 
-        return self._guard(mark)
+        return self.guard(mark)
 
     def forget_worker(self, node: str) -> None:
         """Drop a long-dead, reaped worker from the registry."""
@@ -212,7 +212,7 @@ class LeaseStore:
             pipe.delete(self.worker_key(node), self.owned_key(node))
             pipe.execute()
 
-        self._guard(forget)
+        self.guard(forget)
 
     def lookup(self, workflow: str, key: str) -> LeaseInfo | None:
         """``(owner, epoch, owner_alive, origin)`` of a key, or None when nobody holds it."""
@@ -254,25 +254,27 @@ class LeaseStore:
                 )
             return result
 
-        return self._guard(read)
+        return self.guard(read)
 
     def owned_keys(self, node: str) -> set[tuple[str, str]]:
         """The ``(workflow, key)`` pairs registered to ``node``."""
-        members = self._guard(lambda: self.redis.smembers(self.owned_key(node)))
+        members = self.guard(lambda: self.redis.smembers(self.owned_key(node)))
         pairs = (str(member).split(":", 1) for member in members)
         return {(workflow, key) for workflow, key in pairs}
 
     def ping(self) -> None:
-        self._guard(self.redis.ping)
+        self.guard(self.redis.ping)
 
     def _server_time(self) -> float:
         seconds, micros = self.redis.time()
         return float(seconds) + micros / 1e6
 
     def _call(self, script: Script, keys: list[str], args: list[Any]) -> Any:
-        return self._guard(lambda: script(keys=keys, args=args))
+        return self.guard(lambda: script(keys=keys, args=args))
 
-    def _guard(self, call: Callable[[], T]) -> T:
+    def guard(self, call: Callable[[], T]) -> T:
+        """Run ``call`` (Redis commands), turning connection trouble into
+        :class:`LeaseStoreUnavailable` naming the store's URL."""
         try:
             return call()
         except (redis.ConnectionError, redis.TimeoutError) as exc:

@@ -140,16 +140,22 @@ class WorkerCluster:
     def signal(self, name: str, sig: int) -> None:
         os.kill(self.workers[name].pid, sig)
 
-    def kill(self, name: str) -> None:
-        """``kill -9`` the worker's main process and its pool children."""
+    def kill(self, name: str) -> float:
+        """``kill -9`` the worker's main process and its pool children.
+
+        Returns the wall-clock time of the signal (taken after the children were
+        listed, right before it), for measuring failover.
+        """
         worker = self.workers[name]
         children = _children(worker.pid)
+        killed_at = time.time()
         os.kill(worker.pid, signal.SIGKILL)
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         assert worker.process is not None
         worker.process.wait(10)
+        return killed_at
 
     def stop(self, name: str, timeout: float = 30.0) -> int:
         """Warm shutdown (SIGTERM); returns the exit code."""
