@@ -104,8 +104,7 @@ def test_kill_9_of_a_busy_worker(run: Run) -> None:
     victim = max(set(owners.values()), key=list(owners.values()).count)
     pending = publish_all(run, keys, range(1, 8), 0.15)
     time.sleep(0.5)  # the victim is inside a step now
-    killed_at = time.time()
-    cluster.kill(victim)
+    killed_at = cluster.kill(victim)  # the time of the signal itself
     finals = {key: results[-1].get(timeout=60) for key, results in pending.items()}
     assert_exact(run, finals, 8)
     moved = [key for key in keys if owners[key] == victim]
@@ -128,8 +127,7 @@ def test_kill_9_of_an_idle_worker_keeps_replicated_state(run: Run) -> None:
             run.step.delay(key, step, 0.0).get(timeout=30)
     owners = {key: run.owner(key) for key in keys}
     victim = owners[keys[0]]
-    cluster.kill(victim)
-    killed_at = time.time()
+    killed_at = cluster.kill(victim)
     finals = {key: run.step.delay(key, 3, 0.0).get(timeout=60) for key in keys}
     assert_exact(run, finals, 4)
     for key in keys:
