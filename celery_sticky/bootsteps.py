@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import bootsteps
 
+from . import metrics
 from .drain import drain_safely
 from .errors import LeaseStoreUnavailable
 from .gate import KeyGate
@@ -70,6 +71,8 @@ class StickyWorker(bootsteps.StartStopStep):
             send_pending(worker.app, store)
         finally:
             store.close()
+        if self.node.config.metrics_port:
+            self._serve_metrics()
         idle_timeout = self.node.config.idle_timeout
         if idle_timeout is not None:
             worker.timer.call_repeatedly(
@@ -98,6 +101,33 @@ class StickyWorker(bootsteps.StartStopStep):
             drain_safely(worker.app, self.node, self.state_directory)
         finally:
             self.node.stop(deregister=True)
+
+    def _serve_metrics(self) -> None:
+        config = self.node.config
+
+        def gauges() -> dict[str, float]:
+            values: dict[str, float] = {
+                "gate_busy_keys": self.gate.busy_keys(),
+                "gate_waiting": self.gate.waiting(),
+                "state_bytes": metrics.directory_bytes(self.state_directory),
+            }
+            try:
+                owned = self.node.store.owned_key(self.node.name)
+                values["keys_owned"] = self.node.store.guard(
+                    lambda: self.node.store.redis.scard(owned)
+                )
+            except LeaseStoreUnavailable:
+                pass
+            return values
+
+        assert config.metrics_port is not None
+        if metrics.serve(config.metrics_port, config.metrics_address, gauges):
+            logger.info("sticky: metrics on %s:%d", config.metrics_address, config.metrics_port)
+        else:
+            logger.warning(
+                "sticky: sticky_metrics_port is set but prometheus_client is not "
+                "installed: pip install 'celery-sticky[prometheus]'"
+            )
 
     def _being_reaped(self) -> bool:
         try:

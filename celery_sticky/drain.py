@@ -21,6 +21,7 @@ import time
 from celery import Celery
 
 from .errors import LeaseStoreUnavailable
+from .events import ownership_changed
 from .handoff import handoff_store
 from .local_state import NodeState
 from .node import StickyNode
@@ -48,6 +49,7 @@ def drain_node(app: Celery, node: StickyNode, directory: str) -> None:
                 if data is not None:
                     copies.put(workflow, key, data)
                     exported += 1
+                    ownership_changed("handed_over", workflow, key, info.epoch, node.name)
         finally:
             store.close()
     moved = move_queue(app, leases, node.queue)

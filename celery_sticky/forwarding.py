@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery
 from kombu.message import Message
 
+from . import metrics
 from .errors import ForwardingError
 from .message import StickyHeader
 from .router import direct_queue, ensure_queue
@@ -46,6 +47,7 @@ def forward(
         raise exc
     moved = header._replace(epoch=epoch, hops=header.hops + 1)
     republish(app, message, moved, owner_queue)
+    metrics.forwarded.inc()
     logger.info(
         "sticky: forwarded %s[%s] of %s:%s to %s (hop %d)",
         task_name,

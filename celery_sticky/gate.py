@@ -28,8 +28,11 @@ from celery.worker.state import task_ready, task_reserved
 from celery.worker.strategy import default as default_strategy
 from kombu.message import Message
 
+from . import metrics
 from .errors import ForwardingError, InvalidKeyError
+from .events import dispatcher_send, ownership_changed
 from .forwarding import forward
+from .lease import ClaimStatus
 from .message import HEADER, StickyHeader
 from .node import StickyNode
 
@@ -49,6 +52,7 @@ class _Entry:
 
     __slots__ = (
         "copies",
+        "created",
         "dispatch",
         "finished",
         "header",
@@ -79,6 +83,7 @@ class _Entry:
         self.retry_delay = 0.0
         headers = message.headers or {}
         # A retry reuses its task's id: a copy is the same id *and* the same retry.
+        self.created = time.monotonic()
         self.task_id: str | None = (
             f"{headers['id']}/{headers.get('retries') or 0}" if headers.get("id") else None
         )
@@ -136,6 +141,7 @@ class KeyGate:
                     # visibility timeout): the first copy runs; this one is acked when
                     # it is done (not before: if the worker dies first, it comes back).
                     logger.info("sticky: holding a duplicate of task %s", entry.task_id)
+                    metrics.duplicates.inc()
                     original.copies.append(entry.message)
                     return
                 self._task_ids[entry.task_id] = entry
@@ -242,6 +248,17 @@ class KeyGate:
         if lease.owner != self.node.name:
             self._forward(entry, lease.owner, lease.epoch)
             return _Outcome.DONE
+        if lease.status in (ClaimStatus.CLAIMED, ClaimStatus.TAKEN_OVER):
+            ownership_changed(
+                "claimed" if lease.status is ClaimStatus.CLAIMED else "taken_over",
+                header.workflow,
+                header.key,
+                lease.epoch,
+                lease.owner,
+                previous=lease.previous or None,
+                send=dispatcher_send(self.consumer),
+            )
+        metrics.gate_wait.observe(time.monotonic() - entry.created)
         proven = header._replace(epoch=lease.epoch)
         entry.message.headers[HEADER] = proven.encode()
         self._local.entry = entry

@@ -17,13 +17,16 @@ from typing import Any
 from celery import Celery, current_app
 
 from .errors import LeaseStoreUnavailable
+from .events import ownership_changed
 
 logger = logging.getLogger(__name__)
 
 END_WORKFLOW = "celery_sticky.end_workflow"
 
 
-def end_lease(app: Celery, workflow: str, key: str, owner: str) -> None:
+def end_lease(
+    app: Celery, workflow: str, key: str, owner: str, epoch: int = 0, send: Any = None
+) -> None:
     """Release ``owner``'s lease of the key after its workflow ended."""
     from .app import lease_store, router_of
     from .handoff import handoff_store
@@ -40,7 +43,7 @@ def end_lease(app: Celery, workflow: str, key: str, owner: str) -> None:
     router = router_of(app)
     if router is not None:
         router.forget(workflow, key)
-    logger.info("sticky: %s ended workflow %s:%s", owner, workflow, key)
+    ownership_changed("released", workflow, key, epoch, owner, send=send)
 
 
 def release(workflow: str, key: str, *, app: Celery | None = None) -> Any:

@@ -106,15 +106,6 @@ class StickyNode:
                 self._owned[(workflow, key)] = lease.epoch
             else:
                 self._owned.pop((workflow, key), None)
-        if lease.status is not ClaimStatus.OWNED and lease.owner == self.name:
-            logger.info(
-                "sticky: %s %s %s:%s at epoch %d",
-                self.name,
-                "took over" if lease.status is ClaimStatus.TAKEN_OVER else "claimed",
-                workflow,
-                key,
-                lease.epoch,
-            )
         return lease
 
     def forget(self, workflow: str, key: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 from celery import Celery
 from kombu.message import Message
 
+from . import metrics
 from .errors import LeaseStoreUnavailable
 from .forwarding import republish
 from .lease import ClaimStatus, LeaseStore
@@ -107,6 +108,7 @@ def move_queue(app: Celery, store: LeaseStore, queue: str) -> int:
                 destination = store.config.direct_queue_name(lease.owner)
                 republish(app, message, header._replace(epoch=lease.epoch), destination)
             moved += 1
+            metrics.moved.inc()
     return moved
 
 

@@ -14,12 +14,23 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from . import metrics
 from .keys import KeySpec
 from .lease import ClaimStatus, LeaseStore
 from .message import StickyHeader
 from .settings import StickyConfig, get_config
 
 _CACHE_LIMIT = 100_000
+_OUTCOMES = {
+    ClaimStatus.OWNED: "owned",
+    ClaimStatus.CLAIMED: "claimed",
+    ClaimStatus.TAKEN_OVER: "claimed",
+    ClaimStatus.PENDING: "pending",
+}
+# Label children bound once: the routing metric costs no lookup per publish.
+_ROUTED = {
+    o: metrics.routed.labels(o) for o in ("owned", "claimed", "pending", "unrouted", "fixed")
+}
 
 
 def direct_queue(name: str) -> Queue:
@@ -84,8 +95,10 @@ class StickyRouter:
             options["headers"] = StickyHeader(workflow, key, 0, hops, time.time_ns()).with_headers(
                 options.get("headers")
             )
+            _ROUTED["fixed"].inc()
             return None
-        queue, epoch = self._route(workflow, key)
+        queue, epoch, outcome = self._route(workflow, key)
+        _ROUTED[outcome].inc()
         # Celery merges the router's dict under the caller's options, so the header
         # goes into the options of this one publish (a fresh dict, never shared).
         options["headers"] = StickyHeader(workflow, key, epoch, hops, time.time_ns()).with_headers(
@@ -95,36 +108,38 @@ class StickyRouter:
             return None
         return {"queue": queue}
 
-    def _route(self, workflow: str, key: str) -> tuple[str | None, int]:
+    def _route(self, workflow: str, key: str) -> tuple[str | None, int, str]:
+        """``(queue or None, epoch, outcome)``; outcome labels the routing metric."""
         now = time.monotonic()
         cached = self._cache.get((workflow, key))
         if cached is not None and cached[0] > now:
-            return cached[1], cached[2]
+            return cached[1], cached[2], "owned"
         config = self.config
         store = self.store
         cacheable = True
         if config.placement == "first_come":
             found = store.lookup(workflow, key)
             if found is None or not found.alive:
-                return None, 0
-            owner, epoch = found.owner, found.epoch
+                return None, 0, "unrouted"
+            owner, epoch, outcome = found.owner, found.epoch, "owned"
         else:
             lease = store.claim(workflow, key)
             if lease.status is ClaimStatus.NO_LIVE_WORKER:
-                return None, 0
+                return None, 0, "unrouted"
             owner, epoch = lease.owner, lease.epoch
+            outcome = _OUTCOMES[lease.status]
             # A dead owner's queue is about to be moved on: send the task after
             # the ones already there (the reaper keeps their order), uncached.
             cacheable = lease.status is not ClaimStatus.PENDING
         queue = config.direct_queue_name(owner)
         ensure_queue(self.app, queue)
         if not cacheable:
-            return queue, epoch
+            return queue, epoch, outcome
         with self._lock:
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
             self._cache[(workflow, key)] = (now + config.lease_cache_ttl, queue, epoch)
-        return queue, epoch
+        return queue, epoch, outcome
 
     def forget(self, workflow: str, key: str) -> None:
         """Drop a cached lease (after a release), so the next publish asks Redis."""

@@ -222,6 +222,19 @@ SETTINGS: tuple[Setting, ...] = (
         _optional(str),
     ),
     Setting(
+        "metrics_port",
+        None,
+        "Port of the worker's Prometheus exporter (needs the `prometheus` extra). Default: "
+        "no exporter. With several workers on one host, give each its own port.",
+        _optional(_positive_int),
+    ),
+    Setting(
+        "metrics_address",
+        "0.0.0.0",
+        "Address the Prometheus exporter listens on.",
+        str,
+    ),
+    Setting(
         "proof_retry_max",
         5.0,
         "Longest pause, in seconds, between a worker's attempts to prove ownership while the "
@@ -257,6 +270,8 @@ class StickyConfig:
     state_replication: str
     handoff_store: str
     on_state_lost: str | None
+    metrics_port: int | None
+    metrics_address: str
     proof_retry_max: float
 
     @classmethod

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from celery import Celery, Task, shared_task
 from celery.exceptions import Ignore
 
+from .events import ownership_changed
 from .handoff import adopt, holds_lease, replicate
 from .keys import KeyFunc, KeySpec
 from .lifecycle import end_lease
@@ -50,6 +51,12 @@ class StickyTask(Task):
                 f"{self.name}: do not pass 'state'; the worker injects the key's state handle"
             )
         return super().apply_async(args, kwargs, *a, **options)
+
+    def _event_sender(self) -> Callable[..., Any] | None:
+        """``send_event`` when this worker sends task events (``-E``), else None."""
+        if not self.app.conf.worker_send_task_events or not self.request.id:
+            return None
+        return self.send_event
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         spec = self.sticky
@@ -93,13 +100,14 @@ class StickyTask(Task):
             # Fenced: this worker lost the key while the task ran (paused, cut off).
             # Nothing is committed; the task goes to the key's owner instead.
             state.discard()
-            logger.warning(
-                "sticky: %s lost %s:%s (epoch %d) while task %s ran; sending it to the new owner",
-                nodename,
+            ownership_changed(
+                "fenced",
                 workflow,
                 key,
                 epoch,
-                task_id,
+                nodename,
+                send=self._event_sender(),
+                level=logging.WARNING,
             )
             self.signature_from_request().apply_async()
             raise Ignore()
@@ -113,7 +121,7 @@ class StickyTask(Task):
         if state._outbox:  # nothing published: no outbox record to read
             send_outbox(self.app, store, workflow, key, task_id)
         if finish:
-            end_lease(self.app, workflow, key, nodename)
+            end_lease(self.app, workflow, key, nodename, epoch, send=self._event_sender())
         return result
 
 

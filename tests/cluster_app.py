@@ -41,6 +41,8 @@ def make_app(prefix: str | None = None, **settings: Any) -> Celery:
         sticky_idle_timeout=_float_env("STICKY_TEST_IDLE_TIMEOUT"),
         sticky_state_replication=os.environ.get("STICKY_TEST_REPLICATION", "on_handoff"),
         sticky_on_state_lost="tests.cluster_app.rebuild_lost_state",
+        sticky_metrics_port=int(os.environ.get("STICKY_TEST_METRICS_PORT") or 0) or None,
+        sticky_metrics_address="127.0.0.1",
     )
     visibility = _float_env("STICKY_TEST_VISIBILITY_TIMEOUT")
     if visibility is not None:

@@ -14,7 +14,7 @@
 -- ARGV[3] key prefix ('<prefix>:')                  ARGV[4] owned-set member ('<workflow>:<key>')
 -- ARGV[5] '1' to take over from a dead owner even before its queue was reaped (the reaper)
 --
--- Returns {owner, epoch, status}: status 0 = owned by a live worker, 1 = new claim,
+-- Returns {owner, epoch, status[, previous owner]}: status 0 = owned by a live worker, 1 = new claim,
 -- 2 = taken over from a dead owner, -1 = no live worker could take it,
 -- -2 = pending: the owner is dead but not reaped yet (route to its queue).
 local now = redis.call('TIME')
@@ -74,4 +74,4 @@ end
 redis.call('HSET', KEYS[1], 'owner', candidate, 'epoch', epoch, 'since', tostring(now),
            'origin', origin)
 redis.call('SADD', ARGV[3] .. 'owned:' .. candidate, ARGV[4])
-return {candidate, epoch, status}
+return {candidate, epoch, status, owner or ''}

@@ -37,6 +37,7 @@ class Lease(NamedTuple):
     owner: str
     epoch: int
     status: ClaimStatus
+    previous: str = ""  # the owner it was taken over from
 
 
 class LeaseInfo(NamedTuple):
@@ -121,7 +122,7 @@ class LeaseStore:
         dead owner whose queue was not reaped yet keeps the key (``PENDING``)
         unless ``force`` (the reaper moving that queue on).
         """
-        owner, epoch, status = self._call(
+        owner, epoch, status, *previous = self._call(
             self._claim,
             keys=[self.lease_key(workflow, key), self.workers_key, self.epoch_key],
             args=[
@@ -132,7 +133,7 @@ class LeaseStore:
                 "1" if force else "",
             ],
         )
-        return Lease(owner, int(epoch), ClaimStatus(int(status)))
+        return Lease(owner, int(epoch), ClaimStatus(int(status)), previous[0] if previous else "")
 
     def release(self, workflow: str, key: str, owner: str = "") -> bool:
         """Drop a lease (only ``owner``'s when given); the next task claims afresh."""
