@@ -20,6 +20,7 @@ import secrets
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -435,6 +436,7 @@ def run(args: argparse.Namespace, console: Console, stack: contextlib.ExitStack)
         lease = store.lookup(WORKFLOW, doc.doc_id)
         owners[doc.doc_id] = lease[0] if lease else None
     states = describe_all(docs, describe, args.timeout if in_time else 5.0)
+    show_status(console, env)
     started = time.monotonic()
     codes = stop_workers(cluster)
     down = time.monotonic() - started
@@ -459,6 +461,23 @@ def run(args: argparse.Namespace, console: Console, stack: contextlib.ExitStack)
         return 1
     console.print("[bold green]All invariants hold.[/]")
     return 0
+
+
+def show_status(console: Console, env: dict[str, str]) -> None:
+    """What an operator sees: ``celery -A example_project.app sticky status``."""
+    command = [sys.executable, "-m", "celery", "-A", "example_project.app", "sticky", "status"]
+    done = subprocess.run(
+        command,
+        env={**os.environ, **env, "COLUMNS": "120"},
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    console.print("$ celery -A example_project.app sticky status")
+    output = done.stdout.rstrip() or done.stderr.rstrip()
+    console.print(output, markup=False, highlight=False, soft_wrap=True)
 
 
 def _quietly(fun: Callable[..., Any], *args: Any) -> None:
