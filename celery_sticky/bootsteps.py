@@ -29,7 +29,7 @@ from .settings import get_config
 logger = logging.getLogger(__name__)
 
 
-class StickyWorker(bootsteps.StartStopStep):
+class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
     """Consume this node's direct queue, register the node, heartbeat."""
 
     label = "Sticky"
@@ -151,7 +151,7 @@ class StickyWorker(bootsteps.StartStopStep):
             logger.exception("sticky: could not check local state against the leases")
 
 
-class StickyConsumer(bootsteps.StartStopStep):
+class StickyConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
     """On a broker reconnect, forget gate entries whose messages come back anyway."""
 
     label = "Sticky gate"

@@ -124,7 +124,7 @@ def _broker_url(ctx: click.Context) -> str:
 
 def _server_time(store: LeaseStore) -> float:
     seconds, micros = store.guard(store.redis.time)
-    return float(seconds) + micros / 1e6
+    return float(seconds) + float(micros) / 1e6
 
 
 @contextlib.contextmanager
@@ -441,7 +441,10 @@ def keys(
         match = f"{_glob_escape(workflow)}:*" if workflow else None
 
         def scan(position: int) -> tuple[int, list[str]]:
-            return store.guard(lambda: client.sscan(owned, position, match=match, count=SCAN_COUNT))
+            page: tuple[int, list[str]] = store.guard(
+                lambda: client.sscan(owned, position, match=match, count=SCAN_COUNT)
+            )
+            return page
 
         members, next_cursor = _scan_page(scan, cursor, limit)
         pairs = [tuple(member.split(":", 1)) for member in members]
@@ -450,7 +453,10 @@ def keys(
         pattern = _glob_escape(lease_prefix) + (f"{_glob_escape(workflow)}:*" if workflow else "*")
 
         def scan(position: int) -> tuple[int, list[str]]:
-            return store.guard(lambda: client.scan(position, match=pattern, count=SCAN_COUNT))
+            page: tuple[int, list[str]] = store.guard(
+                lambda: client.scan(position, match=pattern, count=SCAN_COUNT)
+            )
+            return page
 
         names, next_cursor = _scan_page(scan, cursor, limit)
         pairs = [tuple(name[len(lease_prefix) :].split(":", 1)) for name in names]
@@ -460,7 +466,8 @@ def keys(
         pipe = client.pipeline(transaction=False)
         for wf, key in pairs:
             pipe.hmget(store.lease_key(wf, key), "owner", "epoch", "origin")
-        return pipe.execute()
+        replies: list[Any] = pipe.execute()
+        return replies
 
     leases = store.guard(read)
     alive = {w.name: w.alive and not w.draining for w in store.workers()}

@@ -29,7 +29,7 @@ def _sticky_step(state: Any) -> Any:
     return getattr(controller, "sticky", None)
 
 
-@control_command()
+@control_command()  # type: ignore[untyped-decorator]
 def sticky_drain(state: Any, **kwargs: Any) -> dict[str, Any]:
     """Drain this worker: warm shutdown, its keys and queue handed over."""
     step = _sticky_step(state)
@@ -42,7 +42,7 @@ def sticky_drain(state: Any, **kwargs: Any) -> dict[str, Any]:
     return {"ok": f"draining {state.hostname}"}
 
 
-@inspect_command(args=[("workflow", str), ("key", str)], signature="<workflow> <key>")
+@inspect_command(args=[("workflow", str), ("key", str)], signature="<workflow> <key>")  # type: ignore[untyped-decorator]
 def sticky_key_info(state: Any, workflow: str, key: str, **kwargs: Any) -> dict[str, Any]:
     """One workflow key as this worker sees it: gate, last commit, state size."""
     step = _sticky_step(state)

@@ -9,7 +9,7 @@ class StickyError(Exception):
     """Base class of every celery-sticky error."""
 
 
-class ConfigurationError(StickyError, ImproperlyConfigured):
+class ConfigurationError(StickyError, ImproperlyConfigured):  # type: ignore[misc]
     """A ``sticky_*`` setting (named in the message) is wrong."""
 
 

@@ -43,7 +43,7 @@ def forward(
         task = app.tasks.get(task_name)
         if task is not None and task_id:
             task.backend.mark_as_failure(task_id, exc)
-        message.ack()
+        message.ack()  # type: ignore[no-untyped-call]
         raise exc
     moved = header._replace(epoch=epoch, hops=header.hops + 1)
     republish(app, message, moved, owner_queue)
@@ -81,4 +81,4 @@ def republish(app: Celery, message: Message, header: StickyHeader | None, queue_
             retry=True,
             **properties,
         )
-    message.ack()
+    message.ack()  # type: ignore[no-untyped-call]

@@ -237,7 +237,7 @@ class KeyGate:
                     self.idle[key] = time.monotonic()
         for copy in entry.copies:
             if not copy.acknowledged:
-                copy.ack()
+                copy.ack()  # type: ignore[no-untyped-call]
 
     def _start(self, entry: _Entry) -> _Outcome:
         header = entry.header
@@ -271,7 +271,7 @@ class KeyGate:
         except Exception:
             logger.exception("sticky: could not start a task of %s:%s", *entry.gate_key)
             if not entry.message.acknowledged:
-                entry.message.reject(requeue=False)
+                entry.message.reject(requeue=False)  # type: ignore[no-untyped-call]
             return _Outcome.DONE
         finally:
             self._local.entry = None
@@ -362,7 +362,8 @@ def sticky_strategy(task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Cal
     """``Task.Strategy`` of sticky tasks: Celery's default behind the per-key gate."""
     node_step = getattr(consumer.controller, "sticky", None)
     if node_step is None:  # a worker without the sticky bootstep: plain Celery
-        return default_strategy(task, app, consumer, **kwargs)
+        handler: Callable[..., Any] = default_strategy(task, app, consumer, **kwargs)
+        return handler
     gate: KeyGate = node_step.gate
     gate.consumer = consumer
     handler = default_strategy(task, app, _GatedConsumer(consumer, gate), **kwargs)
@@ -377,7 +378,7 @@ def sticky_strategy(task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Cal
             task_id = (message.headers or {}).get("id")
             if task_id:
                 task.backend.mark_as_failure(task_id, exc)
-            message.ack()
+            message.ack()  # type: ignore[no-untyped-call]
             return
         gate.submit(
             _Entry(
@@ -395,7 +396,7 @@ def _header_of(task: Any, message: Message) -> StickyHeader:
     header = StickyHeader.from_headers(message.headers)
     if header is not None:
         return header
-    args, kwargs, _embed = message.decode()
+    args, kwargs, _embed = message.decode()  # type: ignore[no-untyped-call]
     workflow, key = task.sticky.locate(args, kwargs, task_name=task.name)
     header = StickyHeader(workflow, key, 0, 0)
     message.headers[HEADER] = header.encode()

@@ -61,7 +61,7 @@ def restore_unacked(channel: Any, queue: str) -> int:
 
 def take_all(channel: Any, queue: str) -> list[Message]:
     """Every message waiting in ``queue``, unacknowledged, in queue order."""
-    bound = direct_queue(queue).bind(channel)
+    bound = direct_queue(queue).bind(channel)  # type: ignore[no-untyped-call]
     messages: list[Message] = []
     while True:
         message = bound.get(no_ack=False, accept={"json", "pickle", "yaml", "msgpack"})
@@ -100,7 +100,7 @@ def move_queue(app: Celery, store: LeaseStore, queue: str) -> int:
             else:
                 lease = store.claim(header.workflow, header.key, force=True)
                 if lease.status is ClaimStatus.NO_LIVE_WORKER:
-                    message.requeue()
+                    message.requeue()  # type: ignore[no-untyped-call]
                     logger.warning(
                         "sticky: no live worker to take %s:%s", header.workflow, header.key
                     )
@@ -126,7 +126,7 @@ def reap(app: Celery, store: LeaseStore, node: str) -> int:
         logger.info("sticky: moved %d task(s) from dead worker %s", moved, node)
     if time.time() - reaped_at > RETIRE_AFTER:
         with app.connection_for_write() as connection:
-            direct_queue(queue).bind(connection.default_channel).delete()
+            direct_queue(queue).bind(connection.default_channel).delete()  # type: ignore[no-untyped-call]
         store.forget_worker(node)
         logger.info("sticky: forgot dead worker %s and deleted its queue", node)
     return moved

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from celery import Celery
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from . import metrics
 from .keys import KeySpec
@@ -38,9 +38,11 @@ def direct_queue(name: str) -> Queue:
 
     (``Queue(expires=...)`` on Redis drops the list with its messages.)
     """
-    return Queue(
-        name, Exchange(name, type="direct"), routing_key=name, durable=True, auto_delete=False
+    exchange = Exchange(name, type="direct")  # type: ignore[no-untyped-call]
+    queue: Queue = Queue(  # type: ignore[no-untyped-call]
+        name, exchange, routing_key=name, durable=True, auto_delete=False
     )
+    return queue
 
 
 def ensure_queue(app: Celery, name: str) -> None:

@@ -26,7 +26,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger(__name__)
 
 
-class StickyTask(Task):
+class StickyTask(Task):  # type: ignore[misc]
     """Base class of sticky tasks: routing by key, the per-key gate, state injection."""
 
     #: Where the task finds its key; set by ``@sticky_task``.
@@ -56,7 +56,8 @@ class StickyTask(Task):
         """``send_event`` when this worker sends task events (``-E``), else None."""
         if not self.app.conf.worker_send_task_events or not self.request.id:
             return None
-        return self.send_event
+        send: Callable[..., Any] = self.send_event
+        return send
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         spec = self.sticky

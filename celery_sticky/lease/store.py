@@ -268,7 +268,7 @@ class LeaseStore:
 
     def _server_time(self) -> float:
         seconds, micros = self.redis.time()
-        return float(seconds) + micros / 1e6
+        return float(seconds) + float(micros) / 1e6
 
     def _call(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         return self.guard(lambda: script(keys=keys, args=args))
