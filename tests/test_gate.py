@@ -77,17 +77,19 @@ def test_other_keys_run_while_a_key_is_busy(cluster: Any, sticky_app: Any, event
     assert [e["step"] for e in events(slow)] == list(range(31))
 
 
-@pytest.mark.parametrize("pool", ["threads", "solo"])
+@pytest.mark.parametrize("pool", ["threads", "solo", "gevent"])
 def test_serial_and_ordered_with_other_pools(
     pool: str, sticky_app: Any, prefix: str, events: Any
 ) -> None:
-    """The gate holds with the threads pool (callbacks from executor threads) and solo."""
+    """The gate holds with the threads pool (callbacks from executor threads), solo and gevent."""
     from tests.cluster_app import make_app
 
     sub = f"{prefix}{pool[:2]}"
     app = make_app(sub)
     env = {"STICKY_TEST_PREFIX": sub}
-    concurrency = 4 if pool == "threads" else 1
+    if pool == "gevent":
+        pytest.importorskip("gevent", reason="the gevent pool needs gevent (the test extra has it)")
+    concurrency = {"threads": 4, "solo": 1, "gevent": 20}[pool]
     specs = {
         f"{pool}{i}@sticky-tests": {
             "pool": pool,
