@@ -41,6 +41,32 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("PYTHONPATH", str(REPO))
 
 
+def _rabbitmq_missing() -> str | None:
+    """Why the RabbitMQ run cannot happen here, or None when it can (or is not asked for)."""
+    broker = os.environ.get("STICKY_TEST_BROKER_URL", "")
+    if not broker.startswith("amqp"):
+        return None
+    from kombu import Connection
+
+    try:
+        with Connection(broker, connect_timeout=3) as connection:
+            connection.ensure_connection(max_retries=1)
+    except Exception as exc:
+        return f"no RabbitMQ answers at {broker} ({exc})"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    missing = _rabbitmq_missing()
+    if missing is None:
+        return
+    if os.environ.get("STICKY_REQUIRE_RABBITMQ"):
+        raise pytest.UsageError(f"STICKY_REQUIRE_RABBITMQ is set but {missing}")
+    skip = pytest.mark.skip(reason=f"the RabbitMQ run is skipped: {missing}")
+    for item in items:
+        item.add_marker(skip)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     prefix = os.environ.get("STICKY_TEST_PREFIX")
     if prefix:
