@@ -85,12 +85,17 @@ def in_publish_order(messages: list[Message]) -> list[Message]:
     return sorted(messages, key=sent)
 
 
-def move_queue(app: Celery, store: LeaseStore, queue: str) -> int:
-    """Move every message of ``queue`` to its key's owner; returns how many moved."""
+def move_queue(app: Celery, store: LeaseStore, queue: str, *, restore: bool = True) -> int:
+    """Move every message of ``queue`` to its key's owner; returns how many moved.
+
+    ``restore``: first put the queue's unacknowledged Redis messages back (a scan
+    of the transport's whole unacked hash: done once per dead worker).
+    """
     moved = 0
     with app.connection_for_write() as connection:
         channel = connection.default_channel
-        restore_unacked(channel, queue)
+        if restore:
+            restore_unacked(channel, queue)
         messages = in_publish_order(take_all(channel, queue))
         for message in messages:
             header = StickyHeader.from_headers(message.headers)
@@ -112,16 +117,35 @@ def move_queue(app: Celery, store: LeaseStore, queue: str) -> int:
     return moved
 
 
-def reap(app: Celery, store: LeaseStore, node: str) -> int:
-    """Move a dead worker's queue on and mark it reaped; forget it when long dead."""
+def queue_size(app: Celery, queue: str) -> int:
+    """Messages waiting in ``queue`` (0 when it does not exist)."""
+    with app.connection_for_write() as connection:
+        bound = direct_queue(queue).bind(connection.default_channel)  # type: ignore[no-untyped-call]
+        try:
+            return int(bound.queue_declare(passive=True).message_count)
+        except Exception:  # a queue that does not exist (RabbitMQ answers 404)
+            return 0
+
+
+def reap(app: Celery, store: LeaseStore, node: str, reaped_at: float | None = None) -> int:
+    """Move a dead worker's queue on and mark it reaped; forget it when long dead.
+
+    The first time (``reaped_at`` None) this restores its unacknowledged messages,
+    moves its queue, marks it reaped and moves what arrived meanwhile. Later passes
+    only move stragglers (tasks published under a lease looked up just before), and
+    forget the worker ``RETIRE_AFTER`` seconds after it was reaped.
+    """
     queue = store.config.direct_queue_name(node)
-    moved = move_queue(app, store, queue)
-    reaped_at = store.mark_reaped(node)
     if reaped_at is None:
-        logger.info("sticky: %s came back while being reaped", node)
-        return moved
-    time.sleep(0.1)  # publishes that looked the lease up before it was marked
-    moved += move_queue(app, store, queue)
+        moved = move_queue(app, store, queue)
+        reaped_at = store.mark_reaped(node)
+        if reaped_at is None:
+            logger.info("sticky: %s came back while being reaped", node)
+            return moved
+        time.sleep(0.1)  # publishes that looked the lease up before it was marked
+        moved += move_queue(app, store, queue, restore=False)
+    else:
+        moved = move_queue(app, store, queue, restore=False) if queue_size(app, queue) else 0
     if moved:
         logger.info("sticky: moved %d task(s) from dead worker %s", moved, node)
     if time.time() - reaped_at > RETIRE_AFTER:
@@ -154,13 +178,15 @@ class Reaper:
 
     def run_once(self) -> int:
         moved = 0
-        for node in self.store.dead_workers():
-            if node == self.node or not self.store.try_lock_reaping(node, self.node, 120):
+        for info in self.store.workers():
+            if info.alive or info.name == self.node:
+                continue
+            if not self.store.try_lock_reaping(info.name, self.node, 120):
                 continue
             try:
-                moved += reap(self.app, self.store, node)
+                moved += reap(self.app, self.store, info.name, info.reaped_at)
             finally:
-                self.store.unlock_reaping(node)
+                self.store.unlock_reaping(info.name)
         return moved
 
     def _run(self) -> None:

@@ -57,6 +57,7 @@ class WorkerInfo:
     keys: int
     draining: bool = False
     reaped: bool = False
+    reaped_at: float | None = None  # server time it was first marked reaped
 
 
 def _load_script(name: str) -> str:
@@ -251,6 +252,11 @@ class LeaseStore:
                         keys=int(keys),
                         draining=info.get("draining") == "1",
                         reaped=info.get("reaped") == "1",
+                        reaped_at=(
+                            float(info["reaped_at"])
+                            if info.get("reaped") == "1" and info.get("reaped_at")
+                            else None
+                        ),
                     )
                 )
             return result

@@ -34,7 +34,7 @@ def test_claim_epochs_rise_and_a_live_owner_keeps_its_key(store: LeaseStore) -> 
     first = store.claim("order", "1", candidate="a")
     assert (first.owner, first.status) == ("a", ClaimStatus.CLAIMED)
     again = store.claim("order", "1", candidate="b")
-    assert again == (first.owner, first.epoch, ClaimStatus.OWNED)
+    assert again[:3] == (first.owner, first.epoch, ClaimStatus.OWNED)
     other = store.claim("order", "2", candidate="b")
     assert other.epoch > first.epoch
     assert store.owned_keys("a") == {("order", "1")}
@@ -49,7 +49,7 @@ def test_dead_owner_is_taken_over_with_a_higher_epoch(store: LeaseStore) -> None
     assert store.claim("order", "1", candidate="b").status is ClaimStatus.PENDING
     assert store.mark_reaped("a") is not None
     moved = store.claim("order", "1", candidate="b")
-    assert (moved.owner, moved.status) == ("b", ClaimStatus.TAKEN_OVER)
+    assert (moved.owner, moved.status, moved.previous) == ("b", ClaimStatus.TAKEN_OVER, "a")
     assert moved.epoch > first.epoch
     assert store.owned_keys("a") == set() and store.owned_keys("b") == {("order", "1")}
     assert store.lookup("order", "1") == ("b", moved.epoch, True, "taken_over")
