@@ -10,6 +10,7 @@ run pytest with ``-p no:celery -p celery.contrib.pytest``.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,38 @@ def sticky_redis_url() -> Iterator[str]:
     an embedded server started for the session when nothing answers there."""
     with redis_at(os.environ.get("STICKY_REDIS_URL", "redis://127.0.0.1:6379/0")) as url:
         yield url
+
+
+@pytest.fixture
+def sticky_config(sticky_redis_url: str, tmp_path: Path) -> dict[str, Any]:
+    """Settings for a Redis-backed sticky app of one test: its own prefixes and state dir.
+
+    Merge it into Celery's own fixture to make ``celery_app`` sticky::
+
+        @pytest.fixture
+        def celery_config(sticky_config):
+            return {**sticky_config, "task_always_eager": False}
+    """
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    return {
+        "broker_url": sticky_redis_url,
+        "result_backend": sticky_redis_url,
+        "task_default_queue": f"{prefix}.default",
+        "sticky_key_prefix": prefix,
+        "sticky_queue_prefix": prefix,
+        "sticky_state_dir": str(tmp_path / "sticky-state"),
+    }
+
+
+@pytest.fixture
+def sticky_celery_app(sticky_config: dict[str, Any]) -> Celery:
+    """A Celery app configured by ``sticky_config``, with celery-sticky installed."""
+    from ..app import install
+
+    app = Celery(f"sticky-test-{sticky_config['sticky_key_prefix']}", set_as_current=False)
+    app.conf.update(sticky_config)
+    install(app)
+    return app
 
 
 StartWorkers = Callable[..., WorkerCluster]

@@ -30,3 +30,15 @@ def test_fixtures_start_workers_and_tell_owners(
     assert app.tasks["tests.cluster_app.record_step"].delay(key, 0).get(timeout=30) == [0]
     assert sticky_owner(app, "key", key) in {"p1@plugin", "p2@plugin"}
     assert sticky_owner(app, "key", "never-published") is None
+
+
+def test_sticky_config_and_app(sticky_config: dict[str, Any], sticky_celery_app: Any) -> None:
+    from celery_sticky.app import router_of
+    from celery_sticky.settings import get_config
+
+    prefix = sticky_config["sticky_key_prefix"]
+    assert sticky_config["task_default_queue"] == f"{prefix}.default"
+    assert sticky_celery_app.conf.broker_url == sticky_config["broker_url"]
+    assert router_of(sticky_celery_app) is not None, "celery-sticky is installed"
+    config = get_config(sticky_celery_app)
+    assert (config.key_prefix, config.redis_url) == (prefix, sticky_config["broker_url"])
