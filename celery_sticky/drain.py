@@ -6,9 +6,10 @@ draining when it stopped consuming: it keeps its heartbeat (so no reaper takes
 its queue), new keys go elsewhere, and publishers keep sending its keys' tasks to
 its queue, behind the ones already there. Then:
 
-1. each key it owns gets its state exported to the hand-over store;
-2. its queue is moved, in publish order, to the keys' new owners, which import
-   the state on their first task;
+1. its queue is taken; the keys with tasks in it get their state exported to
+   the hand-over store first, then the tasks move, in publish order, to the
+   keys' new owners, which import the state on their first task;
+2. every other key it owns gets its state exported;
 3. it stops heartbeating, is marked dead and reaped, stragglers are moved, and
    its leases released.
 """
@@ -36,27 +37,38 @@ def drain_node(app: Celery, node: StickyNode, directory: str) -> None:
     leases = node.store
     started = time.monotonic()
     owned = leases.owned_keys(node.name)
-    exported = 0
-    if config.state_replication != "off":
-        copies = handoff_store(config, leases)
-        store = NodeState(directory, config)
-        try:
-            for workflow, key in sorted(owned):
-                info = leases.lookup(workflow, key)
-                if info is None or info.owner != node.name:
-                    continue
-                data = store.export_key(workflow, key)
-                if data is not None:
-                    copies.put(workflow, key, data)
-                    exported += 1
-                    ownership_changed("handed_over", workflow, key, info.epoch, node.name)
-        finally:
+    handed: set[tuple[str, str]] = set()  # looked at
+    exported: set[tuple[str, str]] = set()  # copied to the hand-over store
+    copies = handoff_store(config, leases) if config.state_replication != "off" else None
+    store = NodeState(directory, config) if copies is not None else None
+
+    def hand_over(keys: list[tuple[str, str]]) -> None:
+        if copies is None or store is None:
+            return
+        for workflow, key in keys:
+            if (workflow, key) in handed or (workflow, key) not in owned:
+                continue
+            handed.add((workflow, key))
+            info = leases.lookup(workflow, key)
+            if info is None or info.owner != node.name:
+                continue
+            data = store.export_key(workflow, key)
+            if data is not None:
+                copies.put(workflow, key, data)
+                exported.add((workflow, key))
+                ownership_changed("handed_over", workflow, key, info.epoch, node.name)
+
+    try:
+        # Keys with queued tasks first: their tasks move as soon as their state is out.
+        moved = move_queue(app, leases, node.queue, before_move=hand_over)
+        hand_over(sorted(owned))
+    finally:
+        if store is not None:
             store.close()
-    moved = move_queue(app, leases, node.queue)
     node.stop(deregister=True)
     leases.mark_reaped(node.name)
     time.sleep(0.1)  # publishes that looked a lease up just before
-    moved += move_queue(app, leases, node.queue)
+    moved += move_queue(app, leases, node.queue, restore=False)
     for workflow, key in owned:
         leases.release(workflow, key, owner=node.name)
     logger.info(
@@ -64,7 +76,7 @@ def drain_node(app: Celery, node: StickyNode, directory: str) -> None:
         "%d lease(s) released",
         node.name,
         time.monotonic() - started,
-        exported,
+        len(exported),
         moved,
         len(owned),
     )

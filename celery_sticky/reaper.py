@@ -18,6 +18,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -85,11 +86,21 @@ def in_publish_order(messages: list[Message]) -> list[Message]:
     return sorted(messages, key=sent)
 
 
-def move_queue(app: Celery, store: LeaseStore, queue: str, *, restore: bool = True) -> int:
+def move_queue(
+    app: Celery,
+    store: LeaseStore,
+    queue: str,
+    *,
+    restore: bool = True,
+    before_move: Callable[[list[tuple[str, str]]], None] | None = None,
+) -> int:
     """Move every message of ``queue`` to its key's owner; returns how many moved.
 
     ``restore``: first put the queue's unacknowledged Redis messages back (a scan
     of the transport's whole unacked hash: done once per dead worker).
+    ``before_move(keys)``: called with the keys that have tasks in the queue, in
+    order, once the messages are taken and before any is republished (a drain
+    hands those keys over first, so their tasks wait for nothing else).
     """
     moved = 0
     with app.connection_for_write() as connection:
@@ -97,6 +108,13 @@ def move_queue(app: Celery, store: LeaseStore, queue: str, *, restore: bool = Tr
         if restore:
             restore_unacked(channel, queue)
         messages = in_publish_order(take_all(channel, queue))
+        if before_move is not None:
+            keys: dict[tuple[str, str], None] = {}
+            for message in messages:
+                header = StickyHeader.from_headers(message.headers)
+                if header is not None:
+                    keys[(header.workflow, header.key)] = None
+            before_move(list(keys))
         for message in messages:
             header = StickyHeader.from_headers(message.headers)
             if header is None:
