@@ -63,6 +63,10 @@ def restore_unacked(channel: Any, queue: str) -> int:
 def take_all(channel: Any, queue: str) -> list[Message]:
     """Every message waiting in ``queue``, unacknowledged, in queue order."""
     bound = direct_queue(queue).bind(channel)  # type: ignore[no-untyped-call]
+    # Declared first (idempotent): a worker stopped right after it started may not
+    # have declared its queue yet, and RabbitMQ closes the channel on a get from a
+    # queue that does not exist.
+    bound.declare()
     messages: list[Message] = []
     while True:
         message = bound.get(no_ack=False, accept={"json", "pickle", "yaml", "msgpack"})
