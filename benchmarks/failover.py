@@ -54,7 +54,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 import uuid
 from collections import Counter
 from collections.abc import Iterable
@@ -67,9 +66,10 @@ from typing import Any
 import celery
 import redis
 from celery.result import AsyncResult
+from common import against_redis, positive
 
 from celery_sticky.app import lease_store
-from celery_sticky.testing import WorkerCluster, redis_at
+from celery_sticky.testing import WorkerCluster
 
 DEFAULT_URL = "redis://127.0.0.1:6379/9"
 HERE = Path(__file__).resolve().parent
@@ -684,16 +684,6 @@ def numbers(value: str) -> list[float]:
     return found
 
 
-def positive(kind: type) -> Any:
-    def convert(value: str) -> Any:
-        number = kind(value)
-        if number <= 0:
-            raise argparse.ArgumentTypeError(f"{value} is not greater than 0")
-        return number
-
-    return convert
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
@@ -730,14 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 2 and not args.skip_failover:
         parser.error("--workers: failover needs at least 2")
-    url = os.environ.get("BENCH_REDIS_URL", DEFAULT_URL)
-    try:
-        with redis_at(url) as live_url:
-            bench(live_url, args, argv)
-    except Exception:
-        traceback.print_exc()
-        return 1
-    return 0
+    return against_redis(DEFAULT_URL, lambda url: bench(url, args, argv))
 
 
 if __name__ == "__main__":

@@ -28,14 +28,12 @@ import argparse
 import functools
 import itertools
 import json
-import os
 import platform
 import socket
 import statistics
 import sys
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -45,13 +43,13 @@ import celery
 import kombu
 import redis
 from celery import Celery
+from common import against_redis, positive
 
 from celery_sticky import sticky_task
 from celery_sticky.app import lease_store, router_of
 from celery_sticky.lease import LeaseStore
 from celery_sticky.message import HEADER
 from celery_sticky.settings import PLACEMENTS, StickyConfig, get_config
-from celery_sticky.testing import redis_at
 
 DEFAULT_URL = "redis://127.0.0.1:6379/14"
 TARGET = 1.15
@@ -188,7 +186,7 @@ def check_routing(
         if found != expected:
             raise RuntimeError(f"messages per queue: expected {expected}, found {found}")
         headers = json.loads(client.lindex(direct, 0) or "{}").get("headers", {})
-        found_workflow, _key, epoch, _hops = headers.get(HEADER) or ("", "", 0, 0)
+        found_workflow, _key, epoch, *_rest = headers.get(HEADER) or ("", "", 0, 0)
         if found_workflow != workflow or epoch <= 0:
             raise RuntimeError(f"no or a wrong sticky header: {headers.get(HEADER)!r}")
     finally:
@@ -318,31 +316,21 @@ def report(url: str, cases: list[Case], args: argparse.Namespace, config: Sticky
     print("lookups: share of publishes that asked the lease store in Redis")
 
 
-def positive(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a whole number greater than 0")
-    return number
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=positive, default=100, help="interleaved rounds")
-    parser.add_argument("--batch", type=positive, default=20, help="publishes per case per round")
-    parser.add_argument("--keys", type=positive, default=10, help="owned keys per case")
-    parser.add_argument("--warmup", type=positive, default=200, help="untimed publishes per case")
+    parser.add_argument("--rounds", type=positive(int), default=100, help="interleaved rounds")
+    parser.add_argument(
+        "--batch", type=positive(int), default=20, help="publishes per case per round"
+    )
+    parser.add_argument("--keys", type=positive(int), default=10, help="owned keys per case")
+    parser.add_argument(
+        "--warmup", type=positive(int), default=200, help="untimed publishes per case"
+    )
     parser.add_argument(
         "--placement", choices=PLACEMENTS, default="least_loaded", help="sticky_placement"
     )
     args = parser.parse_args(argv)
-    url = os.environ.get("BENCH_REDIS_URL", DEFAULT_URL)
-    try:
-        with redis_at(url) as live_url:
-            bench(live_url, args)
-    except Exception:
-        traceback.print_exc()
-        return 1
-    return 0
+    return against_redis(DEFAULT_URL, lambda url: bench(url, args))
 
 
 if __name__ == "__main__":

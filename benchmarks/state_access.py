@@ -64,7 +64,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -75,12 +74,12 @@ from urllib.parse import urlsplit, urlunsplit
 import diskcache
 import redis
 from celery import Celery
+from common import against_redis, positive
 
 from celery_sticky.lease.store import LeaseStore
 from celery_sticky.local_state import NodeState
 from celery_sticky.settings import StickyConfig
 from celery_sticky.state import StateHandle
-from celery_sticky.testing import redis_at
 
 DEFAULT_URL = "redis://127.0.0.1:6379/15"
 MB = 1_000_000
@@ -984,16 +983,6 @@ def sizes(value: str) -> list[int]:
     return found
 
 
-def positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
-    def convert(value: str) -> int | float:
-        number = kind(value)
-        if number <= 0:
-            raise argparse.ArgumentTypeError(f"{value} is not greater than 0")
-        return number
-
-    return convert
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--sizes", type=sizes, default=[1, 10, 100], help="state sizes in MB")
@@ -1013,13 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="cProfile (c) at the largest size")
     args = parser.parse_args(argv)
     args.delay = args.delay_ms / 1e3
-    url = os.environ.get("BENCH_REDIS_URL", DEFAULT_URL)
     started = clock()
-    try:
-        with redis_at(url) as live_url:
-            bench(live_url, args)
-    except Exception:
-        traceback.print_exc()
+    if against_redis(DEFAULT_URL, lambda url: bench(url, args)):
         return 1
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # kB on Linux
     print(f"\ntotal run time {clock() - started:.0f} s, peak memory of this process {peak:,.0f} MB")
