@@ -22,7 +22,7 @@ from .lifecycle import passivate
 from .local_state import NodeState, check_node_directory, open_node_state, set_current_node
 from .node import StickyNode
 from .outbox import send_pending
-from .reaper import Reaper
+from .reaper import Reaper, restore_unacked
 from .router import direct_queue
 from .settings import get_config
 
@@ -61,6 +61,7 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and self._being_reaped():
             time.sleep(0.2)
+        self._restore_own_unacked(worker)
         self.node.start()
         self.reaper.start()
         threading.Thread(target=self._drop_stale_state, name="sticky-cleanup", daemon=True).start()
@@ -127,6 +128,29 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
             logger.warning(
                 "sticky: sticky_metrics_port is set but prometheus_client is not "
                 "installed: pip install 'celery-sticky[prometheus]'"
+            )
+
+    def _restore_own_unacked(self, worker: Any) -> None:
+        """Give back what a crashed earlier run of this node had taken (Redis only).
+
+        A node restarted under its name after a crash finds the messages its
+        previous process had prefetched still marked unacknowledged; Redis would
+        return them only after ``visibility_timeout`` (an hour by default). This
+        node is their consumer, so it puts them back at the head of its queue, in
+        delivery order, before it starts consuming. RabbitMQ returned them when the
+        old connection closed.
+        """
+        try:
+            with worker.app.connection_for_write() as connection:
+                restored = restore_unacked(connection.default_channel, self.node.queue)
+        except Exception:
+            logger.exception("sticky: could not restore the unacked messages of %s", self.node.name)
+            return
+        if restored:
+            logger.info(
+                "sticky: %s took back %d message(s) its previous run had taken",
+                self.node.name,
+                restored,
             )
 
     def _being_reaped(self) -> bool:
