@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 from .errors import LeaseStoreUnavailable
 from .lease import ClaimStatus, Lease, LeaseStore
@@ -21,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 class StickyNode:
-    """One worker's registration, heartbeat and owned-key table."""
+    """One worker's registration, heartbeat and ownership proofs."""
 
     def __init__(self, name: str, config: StickyConfig, store: LeaseStore, capacity: int) -> None:
         self.name = name
@@ -29,10 +28,6 @@ class StickyNode:
         self.store = store
         self.capacity = capacity
         self.queue = config.direct_queue_name(name)
-        self._owned: dict[tuple[str, str], int] = {}
-        self._lock = threading.Lock()
-        # monotonic time of the last successful heartbeat.
-        self._last_beat = float("-inf")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._registered = False
@@ -41,7 +36,6 @@ class StickyNode:
 
     def beat(self, register: bool = False) -> None:
         self.store.heartbeat(self.name, self.capacity, self.queue, register=register)
-        self._last_beat = time.monotonic()
         self._registered = True
 
     def start(self) -> None:
@@ -101,18 +95,4 @@ class StickyNode:
             return None
         if lease.status is ClaimStatus.PENDING and lease.owner == self.name:
             return None  # the registry counts this node dead: it must not run the key
-        with self._lock:
-            if lease.owner == self.name:
-                self._owned[(workflow, key)] = lease.epoch
-            else:
-                self._owned.pop((workflow, key), None)
         return lease
-
-    def forget(self, workflow: str, key: str) -> None:
-        with self._lock:
-            self._owned.pop((workflow, key), None)
-
-    @property
-    def owned(self) -> dict[tuple[str, str], int]:
-        with self._lock:
-            return dict(self._owned)
