@@ -16,15 +16,16 @@ from celery import bootsteps
 
 from . import metrics
 from .drain import drain_safely
-from .errors import LeaseStoreUnavailable
+from .errors import ConfigurationError, LeaseStoreUnavailable
 from .gate import KeyGate
 from .lifecycle import passivate
 from .local_state import NodeState, check_node_directory, open_node_state, set_current_node
 from .node import StickyNode
 from .outbox import send_pending
+from .placement import MAX_TAGS, affinity_queues, parse_tags
 from .reaper import Reaper, restore_unacked
 from .router import direct_queue
-from .settings import get_config
+from .settings import StickyConfig, get_config
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,13 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
     label = "Sticky"
     requires = ("celery.worker.components:Pool",)
 
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        worker: Any,
+        sticky_tag: tuple[str, ...] = (),
+        sticky_capacity: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(worker, **kwargs)
         from .app import lease_store
 
@@ -44,11 +51,17 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         # Fail at start, not at the first task, when the state dir is unusable.
         self.state_directory = check_node_directory(config, worker.hostname)
         set_current_node(worker.hostname)  # before the pool forks: children inherit it
-        capacity = config.worker_capacity or int(worker.concurrency or 1)
-        self.node = StickyNode(worker.hostname, config, lease_store(app), capacity)
+        capacity = sticky_capacity or config.worker_capacity or int(worker.concurrency or 1)
+        tags = worker_tags(config, sticky_tag)
+        self.node = StickyNode(worker.hostname, config, lease_store(app), capacity, tags)
         self.gate = KeyGate(app, self.node)
-        # Added before the consumer starts, so it consumes the queue from the start.
+        # Added before the consumer starts, so it consumes the queues from the start:
+        # its direct queue, and the queues where tasks wait for workers with its tags.
         app.amqp.queues.select_add(direct_queue(self.node.queue))
+        for name in affinity_queues(config.queue_prefix, tags):
+            app.amqp.queues.select_add(direct_queue(name))
+        if tags:
+            logger.info("sticky: %s carries tags %s, capacity %d", worker.hostname, tags, capacity)
         self.reaper = Reaper(
             app, self.node.store, self.node.name, min(1.0, config.heartbeat_interval)
         )
@@ -187,6 +200,21 @@ class StickyConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
             step.gate.forget_unstarted()
 
     shutdown = stop
+
+
+def worker_tags(config: StickyConfig, options: tuple[str, ...] = ()) -> dict[str, str]:
+    """The worker's tags: ``sticky_worker_tags``, overridden by ``--sticky-tag`` options."""
+    tags = dict(config.worker_tags or {})
+    try:
+        tags.update(parse_tags(list(options), "--sticky-tag"))
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    if len(tags) > MAX_TAGS:
+        raise ConfigurationError(
+            f"--sticky-tag / sticky_worker_tags: {len(tags)} tags, at most {MAX_TAGS} "
+            "(a worker consumes one affinity queue per subset of its tags)"
+        )
+    return tags
 
 
 def on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:

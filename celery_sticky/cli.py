@@ -800,6 +800,172 @@ def reap(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"moved {sum(r['moved'] for r in results)} task(s)")
 
 
+# -- move and rebalance ----------------------------------------------------------
+
+
+@sticky.command()
+@click.argument("workflow")
+@click.argument("key")
+@click.argument("worker")
+@click.option("--wait", is_flag=True, help="Wait until the key belongs to WORKER.")
+@click.option(
+    "--timeout", type=float, default=60.0, show_default=True, help="Seconds --wait waits."
+)
+@json_option
+@click.pass_context
+def move(
+    ctx: click.Context,
+    workflow: str,
+    key: str,
+    worker: str,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Move a key, with its state, to WORKER.
+
+    New tasks of the key go to WORKER at once and wait there; the owner runs the
+    tasks it already has, then hands the state over. A busy key is moved too,
+    after its queued tasks (rebalance moves only idle ones).
+    """
+    from .app import install
+    from .errors import MoveError
+    from .rebalance import move_key
+
+    app = _app(ctx)
+    install(app)
+    store = _store(ctx)
+    info = store.lookup(workflow, key)
+    if info is None:
+        raise NotFound(f"no lease for {workflow}:{key}: nobody owns it")
+    if worker not in {w.name for w in store.workers()}:
+        raise NotFound(f"unknown worker {worker!r}: not in the lease store's registry")
+    with _broker(app):  # fail fast when the broker is down
+        pass
+    try:
+        sent = move_key(app, workflow, key, worker, owner=info.owner)
+    except MoveError as exc:
+        raise CommandError(str(exc)) from None
+    result: dict[str, Any] = {
+        "workflow": workflow,
+        "key": key,
+        "from": info.owner,
+        "to": worker,
+        "task_id": sent.id,
+        "moved": None,
+    }
+    if not as_json:
+        click.echo(f"moving {workflow}:{key} from {info.owner} to {worker}: task {sent.id}")
+    if wait:
+        result["moved"] = _wait_moved(store, [(workflow, key, worker)], timeout)[0]
+        if not as_json:
+            click.echo(f"{workflow}:{key} now belongs to {worker}")
+    if as_json:
+        _emit_json(result)
+
+
+@sticky.command()
+@click.option(
+    "--max-moves",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Most keys moved in this run.",
+)
+@click.option("--dry-run", is_flag=True, help="Print the moves without making them.")
+@click.option("--wait", is_flag=True, help="Wait until every move is done.")
+@click.option(
+    "--timeout", type=float, default=120.0, show_default=True, help="Seconds --wait waits."
+)
+@json_option
+@click.pass_context
+def rebalance(
+    ctx: click.Context, max_moves: int, dry_run: bool, wait: bool, timeout: float, as_json: bool
+) -> None:
+    """Move idle keys from the most to the least loaded workers.
+
+    Load is owned keys per unit of capacity. Only idle keys move (no task queued,
+    running or scheduled on their owner, none waiting in its direct queue), each
+    with its state, and only while a move narrows the gap between two workers.
+    A key's affinity is kept: it only moves to a worker carrying its tags.
+    """
+    from .app import install
+    from .errors import MoveError
+    from .rebalance import affinity_lookup, move_key, plan_rebalance, queued_keys
+
+    app = _app(ctx)
+    install(app)
+    store = _store(ctx)
+    workers = [w for w in store.workers() if w.alive and not w.draining]
+    owned = {w.name: store.owned_keys(w.name) for w in workers}
+    busy: dict[str, set[tuple[str, str]] | None] = {}
+    with _broker(app):  # fail fast when the broker is down
+        pass
+    for w in workers:
+        reply = _ask(app, "sticky_busy_keys", w.name, timeout=5.0)
+        queued = queued_keys(app, w.queue)
+        if reply is None or "error" in reply or queued is None:
+            busy[w.name] = None  # cannot tell: none of its keys moves
+            continue
+        busy[w.name] = {(str(k[0]), str(k[1])) for k in reply["keys"]} | queued
+    moves = plan_rebalance(workers, owned, busy, affinity_lookup(store), max_moves)
+    rows: list[dict[str, Any]] = []
+    for m in moves:
+        row: dict[str, Any] = {"workflow": m.workflow, "key": m.key, "from": m.source}
+        row.update({"to": m.target, "task_id": None, "error": None})
+        if not dry_run:
+            try:
+                row["task_id"] = move_key(app, m.workflow, m.key, m.target, owner=m.source).id
+            except MoveError as exc:
+                row["error"] = str(exc)
+        rows.append(row)
+    unknown = sorted(name for name, keys in busy.items() if keys is None)
+    if wait and not dry_run:
+        started = [(r["workflow"], r["key"], r["to"]) for r in rows if r["task_id"]]
+        _wait_moved(store, started, timeout)
+    if as_json:
+        _emit_json({"dry_run": dry_run, "moves": rows, "skipped_workers": unknown})
+        return
+    for name in unknown:
+        click.echo(f"{name}: could not tell which of its keys are idle; none of them moves")
+    if not rows:
+        click.echo("balanced: no move narrows the gap between two workers")
+        return
+    _table(
+        ctx,
+        ["workflow", "key", "from", "to", "note"],
+        [
+            [
+                r["workflow"],
+                r["key"],
+                r["from"],
+                r["to"],
+                r["error"] or ("planned" if dry_run else "moving"),
+            ]
+            for r in rows
+        ],
+    )
+    verb = "would move" if dry_run else "moving"
+    click.echo(f"{verb} {sum(1 for r in rows if not r['error'])} key(s)")
+
+
+def _wait_moved(store: LeaseStore, moves: list[tuple[str, str, str]], timeout: float) -> list[bool]:
+    deadline = time.monotonic() + timeout
+    pending = set(moves)
+    while pending:
+        for workflow, key, target in list(pending):
+            info = store.lookup(workflow, key)
+            if info is not None and info.owner == target:
+                pending.discard((workflow, key, target))
+            elif info is None or not info.moving_to:
+                raise CommandError(f"the move of {workflow}:{key} to {target} was called off")
+        if pending and time.monotonic() > deadline:
+            raise TimedOut(f"{len(pending)} move(s) not done within {timeout:g}s")
+        if pending:
+            time.sleep(0.1)
+    return [True] * len(moves)
+
+
 def _reap_note(row: dict[str, Any]) -> str:
     if row["forgotten"]:
         return "forgotten (long dead: registry entry and queue deleted)"
@@ -807,5 +973,42 @@ def _reap_note(row: dict[str, Any]) -> str:
         return "already reaped (stragglers moved)" if row["moved"] else "already reaped"
     return "reaped"
 
+
+# -- celery worker options --------------------------------------------------------
+
+
+def add_worker_options() -> None:
+    """``celery worker --sticky-tag NAME=VALUE --sticky-capacity N``.
+
+    Celery imports this module (the ``celery.commands`` entry point) before it
+    parses a command line, while the app's own ``user_options`` are read before
+    the app has bound its sticky tasks; so the options are added to Celery's
+    worker command here. The worker passes them to the ``StickyWorker`` step.
+    """
+    from celery.bin.worker import worker
+
+    if any(param.name == "sticky_tag" for param in worker.params):
+        return
+    worker.params.extend(
+        [
+            click.Option(
+                ["--sticky-tag"],
+                multiple=True,
+                metavar="NAME=VALUE",
+                help="A tag this worker advertises to sticky placement (repeatable); "
+                "adds to sticky_worker_tags.",
+            ),
+            click.Option(
+                ["--sticky-capacity"],
+                type=click.IntRange(min=1),
+                default=None,
+                help="Capacity this worker advertises to sticky placement "
+                "(sticky_worker_capacity).",
+            ),
+        ]
+    )
+
+
+add_worker_options()
 
 __all__ = ["sticky"]

@@ -8,6 +8,8 @@ Registered in Celery's global command panel when this module is imported (by
   Celery's ``shutdown``, so the caller knows the worker heard it.
 - ``sticky_key_info``: what the worker knows of one workflow key: its place in
   the per-key gate and its local state (last commit, last task, fields, bytes).
+- ``sticky_busy_keys``: the keys with a task queued, running or scheduled on
+  the worker (``celery sticky rebalance`` moves only the others).
 """
 
 from __future__ import annotations
@@ -49,6 +51,15 @@ def sticky_key_info(state: Any, workflow: str, key: str, **kwargs: Any) -> dict[
     if step is None:
         return {"error": "celery-sticky is not running on this worker"}
     return key_info(step, workflow, key)
+
+
+@inspect_command()  # type: ignore[untyped-decorator]
+def sticky_busy_keys(state: Any, **kwargs: Any) -> dict[str, Any]:
+    """The keys this worker has a task of: queued, running or scheduled."""
+    step = _sticky_step(state)
+    if step is None:
+        return {"error": "celery-sticky is not running on this worker"}
+    return {"keys": sorted([list(key) for key in step.gate.keys_with_tasks()])}
 
 
 def key_info(step: Any, workflow: str, key: str) -> dict[str, Any]:

@@ -31,3 +31,7 @@ class StateDirError(StickyError, OSError):
 
 class StateSizeLimitError(StickyError):
     """A commit would take local state past ``sticky_state_size_limit``."""
+
+
+class MoveError(StickyError):
+    """A key cannot be moved as asked (no such lease, worker gone, affinity)."""

@@ -35,6 +35,7 @@ from .forwarding import forward
 from .lease import ClaimStatus
 from .message import HEADER, StickyHeader
 from .node import StickyNode
+from .placement import affinity_queue_name
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,20 @@ class KeyGate:
             if not entries:
                 return 0, False
             return len(entries), bool(entries[0].started)
+
+    def keys_with_tasks(self) -> set[GateKey]:
+        """Keys with a task queued or running here, or scheduled (ETA) for later."""
+        with self._lock:
+            keys = set(self._queues)
+        timer = getattr(self.consumer, "timer", None)
+        for waiting in list(getattr(timer, "queue", ())):
+            request = next(iter(getattr(waiting.entry, "args", ())), None)
+            header = StickyHeader.from_headers(
+                getattr(getattr(request, "message", None), "headers", None)
+            )
+            if header is not None:
+                keys.add((header.workflow, header.key))
+        return keys
 
     def waiting(self) -> int:
         with self._lock:
@@ -241,10 +256,16 @@ class KeyGate:
 
     def _start(self, entry: _Entry) -> _Outcome:
         header = entry.header
-        lease = self.node.prove(header.workflow, header.key)
+        lease = self.node.prove(header.workflow, header.key, header.affinity)
         if lease is None:
             return _Outcome.WAIT
         entry.retry_delay = 0.0
+        if lease.status is ClaimStatus.NO_LIVE_WORKER:
+            # This node may not hold the key and no live worker may: wait in the
+            # affinity's queue for one that may.
+            queue = affinity_queue_name(self.node.config.queue_prefix, header.affinity)
+            self._forward_to(entry, queue, 0)
+            return _Outcome.DONE
         if lease.owner != self.node.name:
             self._forward(entry, lease.owner, lease.epoch)
             return _Outcome.DONE
@@ -282,7 +303,9 @@ class KeyGate:
         return _Outcome.RUNNING
 
     def _forward(self, entry: _Entry, owner: str, epoch: int) -> None:
-        queue = self.node.config.direct_queue_name(owner)
+        self._forward_to(entry, self.node.config.direct_queue_name(owner), epoch)
+
+    def _forward_to(self, entry: _Entry, queue: str, epoch: int) -> None:
         try:
             forward(self.app, entry.message, entry.header, queue, epoch, self.node.config.max_hops)
         except ForwardingError as exc:
@@ -398,6 +421,8 @@ def _header_of(task: Any, message: Message) -> StickyHeader:
         return header
     args, kwargs, _embed = message.decode()  # type: ignore[no-untyped-call]
     workflow, key = task.sticky.locate(args, kwargs, task_name=task.name)
-    header = StickyHeader(workflow, key, 0, 0)
+    affinity = getattr(task, "sticky_affinity", None)
+    tags = affinity.resolve(args, kwargs, task_name=task.name) if affinity else ""
+    header = StickyHeader(workflow, key, 0, 0, 0, tags)
     message.headers[HEADER] = header.encode()
     return header

@@ -1,8 +1,10 @@
-"""The ``sticky`` message header: workflow, key, epoch, hop count, publish time.
+"""The ``sticky`` message header: workflow, key, epoch, hop count, publish time, affinity.
 
 The router writes it at publish; the worker's gate, forwarding and fencing read
 it without decoding the task's arguments. The publish time (nanoseconds) puts a
-moved queue back in publish order, whatever order a broker restored it in.
+moved queue back in publish order, whatever order a broker restored it in. The
+affinity (the tags the key's holder must carry) lets a worker that must not hold
+the key pass the task on without decoding it.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ class StickyHeader(NamedTuple):
     epoch: int  # the lease epoch the message was routed under; 0 when none was known
     hops: int  # how often a worker forwarded it
     sent: int = 0  # time.time_ns() at publish
+    affinity: str = ""  # required tags, 'name=value,...' sorted; '' for none
 
     def encode(self) -> list[Any]:
-        return [self.workflow, self.key, self.epoch, self.hops, self.sent]
+        fields = [self.workflow, self.key, self.epoch, self.hops, self.sent]
+        return [*fields, self.affinity] if self.affinity else fields
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, Any] | None) -> StickyHeader | None:
@@ -29,7 +33,9 @@ class StickyHeader(NamedTuple):
         if not value:
             return None
         workflow, key, epoch, hops, *rest = value
-        return cls(str(workflow), str(key), int(epoch), int(hops), int(rest[0]) if rest else 0)
+        sent = int(rest[0]) if rest else 0
+        affinity = str(rest[1]) if len(rest) > 1 else ""
+        return cls(str(workflow), str(key), int(epoch), int(hops), sent, affinity)
 
     def with_headers(self, headers: Mapping[str, Any] | None) -> dict[str, Any]:
         """A new headers dict with this header set (the input is not changed)."""

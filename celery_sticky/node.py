@@ -14,6 +14,7 @@ import threading
 
 from .errors import LeaseStoreUnavailable
 from .lease import ClaimStatus, Lease, LeaseStore
+from .placement import decode_tags, encode_tags, matches
 from .settings import StickyConfig
 
 logger = logging.getLogger(__name__)
@@ -22,12 +23,24 @@ logger = logging.getLogger(__name__)
 class StickyNode:
     """One worker's registration, heartbeat and ownership proofs."""
 
-    def __init__(self, name: str, config: StickyConfig, store: LeaseStore, capacity: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: StickyConfig,
+        store: LeaseStore,
+        capacity: int,
+        tags: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.config = config
         self.store = store
         self.capacity = capacity
+        self.tags = dict(tags or {})
         self.queue = config.direct_queue_name(name)
+        # Who takes a key this node may not (affinity, key limit): the configured
+        # policy; least_loaded for those that do not pick in the lease store.
+        placement = config.placement
+        self.fallback_policy = placement if placement in ("hash", "random") else "least_loaded"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._registered = False
@@ -35,7 +48,14 @@ class StickyNode:
     # -- liveness --------------------------------------------------------------
 
     def beat(self, register: bool = False) -> None:
-        self.store.heartbeat(self.name, self.capacity, self.queue, register=register)
+        self.store.heartbeat(
+            self.name,
+            self.capacity,
+            self.queue,
+            register=register,
+            tags=encode_tags(self.tags),
+            max_keys=self.config.max_keys_per_worker,
+        )
         self._registered = True
 
     def start(self) -> None:
@@ -80,19 +100,32 @@ class StickyNode:
 
     # -- ownership -------------------------------------------------------------
 
-    def prove(self, workflow: str, key: str) -> Lease | None:
+    def prove(self, workflow: str, key: str, affinity: str = "") -> Lease | None:
         """The key's lease, claimed for this node when nobody valid holds it.
 
+        When this node may not take the key (it lacks a tag of ``affinity``, or is
+        at its key limit while another is not), the key is claimed for the worker
+        the placement policy picks, and the caller forwards the task there. A
+        ``NO_LIVE_WORKER`` lease means no live worker may hold the key and this
+        node must not either: the caller parks the task in the affinity's queue.
+
         Returns None when ownership cannot be proven now (the lease store does not
-        answer, or this node is not registered alive); the caller waits and retries.
+        answer, this node is not registered alive, or the key is being moved here);
+        the caller waits and retries.
         """
         try:
-            lease = self.store.claim(workflow, key, candidate=self.name)
+            lease = self.store.claim(
+                workflow, key, candidate=self.name, policy=self.fallback_policy, affinity=affinity
+            )
         except LeaseStoreUnavailable as exc:
             logger.warning("sticky: cannot prove ownership of %s:%s: %s", workflow, key, exc)
             return None
         if lease.status is ClaimStatus.NO_LIVE_WORKER:
+            if affinity and not matches(decode_tags(affinity), self.tags):
+                return lease
             return None
-        if lease.status is ClaimStatus.PENDING and lease.owner == self.name:
-            return None  # the registry counts this node dead: it must not run the key
+        if lease.owner == self.name and lease.status in (ClaimStatus.PENDING, ClaimStatus.MOVING):
+            # PENDING: the registry counts this node dead, it must not run the key.
+            # MOVING: the key is on its way here; its old owner still runs what it has.
+            return None
         return lease

@@ -29,6 +29,7 @@ from .errors import LeaseStoreUnavailable
 from .forwarding import republish
 from .lease import ClaimStatus, LeaseStore
 from .message import StickyHeader
+from .placement import affinity_queue_name
 from .router import direct_queue
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ def move_queue(
     hands those keys over first, so their tasks wait for nothing else).
     """
     moved = 0
+    placement = store.config.placement
+    policy = placement if placement in ("hash", "random") else "least_loaded"
     with app.connection_for_write() as connection:
         channel = connection.default_channel
         if restore:
@@ -125,7 +128,19 @@ def move_queue(
                 # Not a sticky task: back to the default queue it would have taken.
                 republish(app, message, None, app.conf.task_default_queue)
             else:
-                lease = store.claim(header.workflow, header.key, force=True)
+                lease = store.claim(
+                    header.workflow,
+                    header.key,
+                    force=True,
+                    policy=policy,
+                    affinity=header.affinity,
+                )
+                if lease.status is ClaimStatus.NO_LIVE_WORKER and header.affinity:
+                    # No live worker may hold it: it waits for one in its affinity's queue.
+                    queue = affinity_queue_name(store.config.queue_prefix, header.affinity)
+                    republish(app, message, header._replace(epoch=0), queue)
+                    moved += 1
+                    continue
                 if lease.status is ClaimStatus.NO_LIVE_WORKER:
                     message.requeue()  # type: ignore[no-untyped-call]
                     logger.warning(

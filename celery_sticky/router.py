@@ -2,13 +2,17 @@
 
 Runs wherever tasks are published: producers, and workers publishing chain steps
 and chord bodies. It claims unowned keys at publish for the worker the placement
-policy picks, and stamps each sticky message with the ``sticky`` header.
+policy picks among those the key's affinity allows, and stamps each sticky
+message with the ``sticky`` header. A key no live worker may hold goes to its
+affinity's queue, where the first matching worker to come claims it.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
@@ -16,9 +20,21 @@ from kombu.entity import Exchange, Queue
 
 from . import metrics
 from .keys import KeySpec
-from .lease import ClaimStatus, LeaseStore
+from .lease import ClaimStatus, Lease, LeaseStore
 from .message import StickyHeader
+from .placement import (
+    AffinitySpec,
+    Candidate,
+    PlacementFunc,
+    affinity_queue_name,
+    decode_tags,
+    eligible,
+    matches,
+    resolve_policy,
+)
 from .settings import StickyConfig, get_config
+
+logger = logging.getLogger(__name__)
 
 _CACHE_LIMIT = 100_000
 _OUTCOMES = {
@@ -26,11 +42,17 @@ _OUTCOMES = {
     ClaimStatus.CLAIMED: "claimed",
     ClaimStatus.TAKEN_OVER: "claimed",
     ClaimStatus.PENDING: "pending",
+    ClaimStatus.MOVING: "pending",
 }
 # Label children bound once: the routing metric costs no lookup per publish.
 _ROUTED = {
-    o: metrics.routed.labels(o) for o in ("owned", "claimed", "pending", "unrouted", "fixed")
+    o: metrics.routed.labels(o)
+    for o in ("owned", "claimed", "pending", "unrouted", "fixed", "affinity")
 }
+#: Seconds a producer reuses the worker list it gives a placement function, and
+#: between two log lines about one affinity no live worker matches.
+_CANDIDATES_TTL = 1.0
+_WARN_EVERY = 60.0
 
 
 def direct_queue(name: str) -> Queue:
@@ -61,12 +83,21 @@ class StickyRouter:
         # (workflow, key) -> (expires at, queue name, epoch); process-local.
         self._cache: dict[tuple[str, str], tuple[float, str, int]] = {}
         self._lock = threading.Lock()
+        self._policy: str | PlacementFunc | None = None
+        self._candidates: tuple[float, list[Candidate]] = (0.0, [])
+        self._warned: dict[str, float] = {}  # affinity or "over_limit" -> when last logged
 
     @property
     def config(self) -> StickyConfig:
         if self._config is None:
             self._config = get_config(self.app)
         return self._config
+
+    @property
+    def policy(self) -> str | PlacementFunc:
+        if self._policy is None:
+            self._policy = resolve_policy(self.config.placement)
+        return self._policy
 
     @property
     def store(self) -> LeaseStore:
@@ -88,60 +119,158 @@ class StickyRouter:
         if not isinstance(spec, KeySpec):
             return None
         workflow, key = spec.locate(args, kwargs, task_name=name)
+        affinity_spec: AffinitySpec | None = getattr(task, "sticky_affinity", None)
+        affinity = affinity_spec.resolve(args, kwargs, task_name=name) if affinity_spec else ""
         old = StickyHeader.from_headers(options.get("headers"))
         same = old is not None and (old.workflow, old.key) == (workflow, key)
         hops = old.hops if same and old is not None else 0
         if options.get("queue"):
             # A queue fixed by the caller or the task wins: the router stays out,
             # and the receiving worker still forwards to the owner if there is one.
-            options["headers"] = StickyHeader(workflow, key, 0, hops, time.time_ns()).with_headers(
-                options.get("headers")
-            )
+            options["headers"] = StickyHeader(
+                workflow, key, 0, hops, time.time_ns(), affinity
+            ).with_headers(options.get("headers"))
             _ROUTED["fixed"].inc()
             return None
-        queue, epoch, outcome = self._route(workflow, key)
+        queue, epoch, outcome = self._route(workflow, key, affinity, name)
         _ROUTED[outcome].inc()
         # Celery merges the router's dict under the caller's options, so the header
         # goes into the options of this one publish (a fresh dict, never shared).
-        options["headers"] = StickyHeader(workflow, key, epoch, hops, time.time_ns()).with_headers(
-            options.get("headers")
-        )
+        options["headers"] = StickyHeader(
+            workflow, key, epoch, hops, time.time_ns(), affinity
+        ).with_headers(options.get("headers"))
         if queue is None:
             return None
         return {"queue": queue}
 
-    def _route(self, workflow: str, key: str) -> tuple[str | None, int, str]:
+    def _route(
+        self, workflow: str, key: str, affinity: str = "", task_name: str = ""
+    ) -> tuple[str | None, int, str]:
         """``(queue or None, epoch, outcome)``; outcome labels the routing metric."""
         now = time.monotonic()
         cached = self._cache.get((workflow, key))
         if cached is not None and cached[0] > now:
             return cached[1], cached[2], "owned"
         config = self.config
-        store = self.store
-        cacheable = True
-        if config.placement == "first_come":
-            found = store.lookup(workflow, key)
-            if found is None or not found.alive:
-                return None, 0, "unrouted"
-            owner, epoch, outcome = found.owner, found.epoch, "owned"
-        else:
-            lease = store.claim(workflow, key)
+        lease = self._claim(workflow, key, affinity)
+        if lease.status in (ClaimStatus.NO_LIVE_WORKER, ClaimStatus.UNOWNED):
+            if not affinity:
+                return None, 0, "unrouted"  # the task's own queue; its worker claims it
+            queue = affinity_queue_name(config.queue_prefix, affinity)
+            ensure_queue(self.app, queue)
             if lease.status is ClaimStatus.NO_LIVE_WORKER:
-                return None, 0, "unrouted"
-            owner, epoch = lease.owner, lease.epoch
-            outcome = _OUTCOMES[lease.status]
-            # A dead owner's queue is about to be moved on: send the task after
-            # the ones already there (the reaper keeps their order), uncached.
-            cacheable = lease.status is not ClaimStatus.PENDING
-        queue = config.direct_queue_name(owner)
+                self._warn_unmatched(affinity, task_name, queue)
+            return queue, 0, "affinity"
+        if lease.over_limit:
+            self._warn_once(
+                "over_limit",
+                "sticky: every worker that may hold %s:%s has sticky_max_keys_per_worker keys; "
+                "placed on %s anyway",
+                workflow,
+                key,
+                lease.owner,
+            )
+        queue = config.direct_queue_name(lease.owner)
         ensure_queue(self.app, queue)
-        if not cacheable:
-            return queue, epoch, outcome
+        # A dead owner's queue about to move on, or a key moving on purpose: send
+        # the task where the key's line is now, and ask again next time.
+        if lease.status in (ClaimStatus.PENDING, ClaimStatus.MOVING):
+            return queue, lease.epoch, _OUTCOMES[lease.status]
+        outcome, epoch = _OUTCOMES[lease.status], lease.epoch
         with self._lock:
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
             self._cache[(workflow, key)] = (now + config.lease_cache_ttl, queue, epoch)
         return queue, epoch, outcome
+
+    def _claim(self, workflow: str, key: str, affinity: str) -> Lease:
+        """The key's lease, claimed at publish as the placement policy says."""
+        policy = self.policy
+        store = self.store
+        if isinstance(policy, str):
+            # first_come claims at the worker that takes the task first.
+            return store.claim(
+                workflow,
+                key,
+                policy="none" if policy == "first_come" else policy,
+                affinity=affinity,
+            )
+        lease = store.claim(workflow, key, policy="none", affinity=affinity)
+        if lease.status is not ClaimStatus.UNOWNED:
+            return lease
+        candidates = eligible(self.candidates(), decode_tags(affinity))
+        if not candidates:
+            return store.claim(workflow, key, policy="least_loaded", affinity=affinity)
+        try:
+            choice = policy(workflow, key, candidates) or ""
+        except Exception:
+            logger.exception(
+                "sticky: sticky_placement=%s failed for %s:%s; placing it on the least loaded "
+                "worker",
+                self.config.placement,
+                workflow,
+                key,
+            )
+            choice = ""
+        if choice and choice not in {c.name for c in candidates}:
+            logger.error(
+                "sticky: sticky_placement=%s chose %r for %s:%s, which is not one of the "
+                "candidates %s; placing it on the least loaded worker",
+                self.config.placement,
+                choice,
+                workflow,
+                key,
+                sorted(c.name for c in candidates),
+            )
+            choice = ""
+        # The script checks the choice again (alive, affinity) and falls back to
+        # least_loaded if it may no longer take the key.
+        return store.claim(workflow, key, choice, policy="least_loaded", affinity=affinity)
+
+    def candidates(self) -> Sequence[Candidate]:
+        """Live, non-draining workers as placement callables see them (cached briefly)."""
+        now = time.monotonic()
+        expires, cached = self._candidates
+        if expires > now:
+            return cached
+        fresh = [
+            Candidate(w.name, w.tags, w.capacity, w.keys, w.max_keys)
+            for w in self.store.workers()
+            if w.alive and not w.draining
+        ]
+        self._candidates = (now + _CANDIDATES_TTL, fresh)
+        return fresh
+
+    def _warn_unmatched(self, affinity: str, task_name: str, queue: str) -> None:
+        required = decode_tags(affinity)
+        if any(matches(required, tags) for tags in self.store.tagsets()):
+            self._warn_once(
+                affinity,
+                "sticky: no live worker has the tags %s that %s requires; its tasks wait in "
+                "queue %s",
+                affinity,
+                task_name,
+                queue,
+            )
+        else:
+            self._warn_once(
+                affinity,
+                "sticky: no worker has ever advertised the tags %s that %s requires "
+                "(sticky_worker_tags, or celery worker --sticky-tag); its tasks wait in "
+                "queue %s until one does",
+                affinity,
+                task_name,
+                queue,
+                level=logging.ERROR,
+            )
+
+    def _warn_once(
+        self, topic: str, message: str, *args: Any, level: int = logging.WARNING
+    ) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(topic, -_WARN_EVERY) >= _WARN_EVERY:
+            self._warned[topic] = now
+            logger.log(level, message, *args)
 
     def forget(self, workflow: str, key: str) -> None:
         """Drop a cached lease (after a release), so the next publish asks Redis."""

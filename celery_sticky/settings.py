@@ -16,6 +16,7 @@ from typing import Any
 from celery import Celery
 
 from .errors import ConfigurationError
+from .placement import BUILTIN_POLICIES, MAX_TAGS, parse_tags, resolve_policy
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+socket://")
 
@@ -75,6 +76,15 @@ def _optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None else convert(value)
 
 
+def _policy(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(
+            f"must be one of {', '.join(BUILTIN_POLICIES)} or a dotted path to a function"
+        )
+    resolve_policy(value)  # fails now, naming the setting, rather than at the first publish
+    return value
+
+
 def _name(value: Any) -> str:
     text = str(value)
     if not text or any(ch.isspace() or ch in ":*?[]" for ch in text):
@@ -126,10 +136,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "placement",
         "least_loaded",
-        "How a new key picks its worker at publish: `least_loaded` (fewest owned keys per unit "
-        "of capacity, decided atomically in Redis) or `first_come` (no claim at publish: the "
-        "first worker that receives the task claims the key).",
-        str,
+        "How a new key picks its worker among the live workers that may hold it: "
+        "`least_loaded` (fewest owned keys per unit of capacity), `hash` (rendezvous hashing "
+        "weighted by capacity: the same key goes to the same worker while the set of workers "
+        "stays the same), `random` (weighted by capacity), `first_come` (no claim at publish: "
+        "the first worker that takes the task claims the key), or a dotted path to a function "
+        "`(workflow, key, candidates) -> worker name or None` (see docs/placement.md). The "
+        "built-in ones are decided atomically in Redis.",
+        _policy,
     ),
     Setting(
         "lease_cache_ttl",
@@ -148,7 +162,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "worker_capacity",
         None,
-        "Capacity a worker advertises to placement. Default: its pool concurrency.",
+        "Capacity a worker advertises to placement. Default: its pool concurrency. "
+        "`celery worker --sticky-capacity N` sets it for one worker.",
+        _optional(_positive_int),
+    ),
+    Setting(
+        "worker_tags",
+        None,
+        'Tags a worker advertises, as a mapping or `"region=eu,tier=gold"`; only workers '
+        "carrying every tag of a task's `affinity=` may hold its key. At most "
+        f"{MAX_TAGS} tags (a worker consumes one affinity queue per subset of them). "
+        "`celery worker --sticky-tag region=eu` (repeatable) sets them for one worker.",
+        _optional(lambda value: parse_tags(value, "sticky_worker_tags")),
+    ),
+    Setting(
+        "max_keys_per_worker",
+        None,
+        "Most keys a worker takes while another worker that may hold the key has room. When "
+        "every such worker is full the policy picks among all of them anyway (the limit is "
+        "soft: tasks are never refused for it) and a warning is logged. Default: no limit.",
         _optional(_positive_int),
     ),
     Setting(
@@ -244,7 +276,6 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
-PLACEMENTS = ("least_loaded", "first_come")
 
 
 @dataclass(frozen=True)
@@ -261,6 +292,8 @@ class StickyConfig:
     lease_cache_ttl: float
     max_hops: int
     worker_capacity: int | None
+    worker_tags: dict[str, str] | None
+    max_keys_per_worker: int | None
     dedup_window: int
     finished_dedup_ttl: float
     memory_cache_bytes: int
@@ -293,9 +326,11 @@ class StickyConfig:
                 f"sticky_lease_ttl={ttl!r}, or one lost heartbeat would kill the worker"
             )
         values["heartbeat_interval"] = interval
-        if values["placement"] not in PLACEMENTS:
+        tags = values["worker_tags"] or {}
+        if len(tags) > MAX_TAGS:
             raise ConfigurationError(
-                f"sticky_placement={values['placement']!r} is not one of {', '.join(PLACEMENTS)}"
+                f"sticky_worker_tags={tags!r}: at most {MAX_TAGS} tags "
+                "(a worker consumes one affinity queue per subset of its tags)"
             )
         return cls(**values)
 

@@ -6,7 +6,7 @@ import functools
 import inspect
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from celery import Celery, Task, shared_task
@@ -19,6 +19,7 @@ from .lifecycle import end_lease
 from .local_state import AlreadyApplied, current_node, open_node_state
 from .message import StickyHeader
 from .outbox import send_outbox
+from .placement import AffinityFunc, AffinitySpec
 from .settings import get_config
 from .state import StateHandle
 
@@ -31,6 +32,8 @@ class StickyTask(Task):  # type: ignore[misc]
 
     #: Where the task finds its key; set by ``@sticky_task``.
     sticky: KeySpec | None = None
+    #: The tags a worker must carry to hold the task's keys; ``affinity=``.
+    sticky_affinity: AffinitySpec | None = None
     #: The worker handles these messages through the per-key gate.
     Strategy = "celery_sticky.gate:sticky_strategy"
     #: Every successful run of this task ends its workflow (like ``state.finish()``).
@@ -130,6 +133,7 @@ def sticky_task(
     key: str | KeyFunc,
     workflow: str | None = None,
     *,
+    affinity: Mapping[str, str] | AffinityFunc | None = None,
     base: type[StickyTask] | None = None,
     app: Celery | None = None,
     **options: Any,
@@ -139,8 +143,10 @@ def sticky_task(
     ``key`` names an argument of the task (positional or keyword) or is a callable
     taking the task's arguments and returning the key. ``workflow`` namespaces the
     key; it defaults to the argument's name. A keyword-only ``state`` parameter
-    receives the key's :class:`~celery_sticky.state.StateHandle`. Every other
-    option passes through to Celery.
+    receives the key's :class:`~celery_sticky.state.StateHandle`. ``affinity``
+    is a mapping of tags (``{"region": "eu"}``), or a callable taking the task's
+    arguments and returning one: only workers carrying those tags may hold the
+    key. Every other option passes through to Celery.
 
     Like ``shared_task``, the returned proxy publishes through the current app,
     which is per thread; pass ``app=`` to register the task on that app only
@@ -152,6 +158,8 @@ def sticky_task(
 
     def decorate(fun: F) -> Any:
         spec = KeySpec.for_function(fun, key, workflow, bind=bool(options.get("bind")))
+        task_name = str(options.get("name") or getattr(fun, "__qualname__", repr(fun)))
+        options["sticky_affinity"] = AffinitySpec.of(affinity, task_name)
         run: Callable[..., Any] = fun
         if spec.wants_state:
             run = _without_state(fun)

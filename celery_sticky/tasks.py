@@ -8,6 +8,7 @@ from celery import shared_task
 
 from .keys import KeySpec
 from .lifecycle import END_WORKFLOW
+from .rebalance import MOVE_KEY, run_move
 from .state import StateHandle
 from .task import StickyTask, _without_state
 
@@ -30,3 +31,18 @@ end_workflow = shared_task(
     bind=True,
     sticky=KeySpec("*", "key", None, None, True, workflow_arg="workflow"),
 )(_without_state(_end_workflow))
+
+
+def _move_key(self: Any, *, workflow: str, key: str, target: str, epoch: int) -> str:
+    """Hand the key and its state to ``target`` (see :mod:`celery_sticky.rebalance`)."""
+    return run_move(self.app, workflow, key, target, epoch, self.request.hostname)
+
+
+# No ``state`` parameter: the move exports and deletes the key's state itself,
+# after which nothing may be committed for the key here.
+move_key = shared_task(
+    base=StickyTask,
+    name=MOVE_KEY,
+    bind=True,
+    sticky=KeySpec("*", "key", None, None, False, workflow_arg="workflow"),
+)(_move_key)

@@ -1,5 +1,6 @@
--- Look a lease up without claiming: {owner, epoch, alive, origin}, or {} when nobody
--- holds it. origin is 'claimed' or 'taken_over' (from a dead owner).
+-- Look a lease up without claiming: {owner, epoch, alive, origin, affinity, moving_to},
+-- or {} when nobody holds it. origin is 'claimed', 'taken_over' (from a dead owner)
+-- or 'moved' (on purpose, with its state).
 --
 -- KEYS[1] lease hash      KEYS[2] workers zset
 -- ARGV[1] lease TTL (s)
@@ -15,4 +16,6 @@ if beat and tonumber(beat) >= now - tonumber(ARGV[1]) then
   alive = 1
 end
 return {owner, redis.call('HGET', KEYS[1], 'epoch'), alive,
-        redis.call('HGET', KEYS[1], 'origin') or 'claimed'}
+        redis.call('HGET', KEYS[1], 'origin') or 'claimed',
+        redis.call('HGET', KEYS[1], 'affinity') or '',
+        redis.call('HGET', KEYS[1], 'moving_to') or ''}

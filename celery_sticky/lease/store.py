@@ -8,8 +8,9 @@ measured against the Redis server's clock, never a worker's.
 from __future__ import annotations
 
 import enum
+import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -18,12 +19,15 @@ import redis
 from redis.commands.core import Script
 
 from ..errors import LeaseStoreUnavailable
+from ..placement import decode_tags
 from ..settings import StickyConfig
 
 T = TypeVar("T")
 
 
 class ClaimStatus(enum.IntEnum):
+    MOVING = -4  # being moved on purpose to the lease's owner: route there, it waits
+    UNOWNED = -3  # nobody holds it and the claim was told not to pick anyone
     PENDING = -2  # the owner is dead, its queue not reaped yet: route to it still
     NO_LIVE_WORKER = -1
     OWNED = 0
@@ -38,13 +42,16 @@ class Lease(NamedTuple):
     epoch: int
     status: ClaimStatus
     previous: str = ""  # the owner it was taken over from
+    over_limit: bool = False  # every worker that may hold it was at its key limit
 
 
 class LeaseInfo(NamedTuple):
     owner: str
     epoch: int
     alive: bool
-    origin: str  # "claimed", or "taken_over" from a dead owner (its state may be lost)
+    origin: str  # "claimed", "taken_over" from a dead owner (its state may be lost), "moved"
+    affinity: str = ""  # the tags its holder must carry ('name=value,...')
+    moving_to: str = ""  # the worker a move under way hands it to
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,13 @@ class WorkerInfo:
     draining: bool = False
     reaped: bool = False
     reaped_at: float | None = None  # server time it was first marked reaped
+    tags: dict[str, str] = field(default_factory=dict)
+    max_keys: int | None = None
+
+    @property
+    def load(self) -> float:
+        """Owned keys per unit of capacity."""
+        return self.keys / max(self.capacity, 1)
 
 
 def _load_script(name: str) -> str:
@@ -94,6 +108,8 @@ class LeaseStore:
         self._lookup: Script = self.redis.register_script(_load_script("lookup"))
         self._release: Script = self.redis.register_script(_load_script("release"))
         self._deregister: Script = self.redis.register_script(_load_script("deregister"))
+        self._move_begin: Script = self.redis.register_script(_load_script("move_begin"))
+        self._move_commit: Script = self.redis.register_script(_load_script("move_commit"))
 
     # -- Redis key names -------------------------------------------------------
 
@@ -114,16 +130,31 @@ class LeaseStore:
     def epoch_key(self) -> str:
         return f"{self.prefix}epoch"
 
+    @property
+    def tagsets_key(self) -> str:
+        return f"{self.prefix}tagsets"
+
     # -- operations ------------------------------------------------------------
 
-    def claim(self, workflow: str, key: str, candidate: str = "", *, force: bool = False) -> Lease:
+    def claim(
+        self,
+        workflow: str,
+        key: str,
+        candidate: str = "",
+        *,
+        force: bool = False,
+        policy: str = "least_loaded",
+        affinity: str = "",
+    ) -> Lease:
         """Return the key's valid lease, or claim it for ``candidate``.
 
-        With no candidate the least loaded live worker is chosen, atomically. A
-        dead owner whose queue was not reaped yet keeps the key (``PENDING``)
-        unless ``force`` (the reaper moving that queue on).
+        When there is no candidate, or it may not take the key (not live, lacks a
+        tag of ``affinity``, at its key limit while others are not), ``policy``
+        picks among the live workers that may, atomically; ``"none"`` picks
+        nobody (``UNOWNED``). A dead owner whose queue was not reaped yet keeps
+        the key (``PENDING``) unless ``force`` (the reaper moving that queue on).
         """
-        owner, epoch, status, *previous = self._call(
+        owner, epoch, status, previous, over_limit = self._call(
             self._claim,
             keys=[self.lease_key(workflow, key), self.workers_key, self.epoch_key],
             args=[
@@ -132,9 +163,12 @@ class LeaseStore:
                 self.prefix,
                 f"{workflow}:{key}",
                 "1" if force else "",
+                policy,
+                affinity,
+                repr(random.random()),
             ],
         )
-        return Lease(owner, int(epoch), ClaimStatus(int(status)), previous[0] if previous else "")
+        return Lease(owner, int(epoch), ClaimStatus(int(status)), previous, over_limit == "1")
 
     def release(self, workflow: str, key: str, owner: str = "") -> bool:
         """Drop a lease (only ``owner``'s when given); the next task claims afresh."""
@@ -145,14 +179,53 @@ class LeaseStore:
         )
         return bool(released)
 
-    def heartbeat(self, node: str, capacity: int, queue: str, *, register: bool = False) -> float:
-        """Renew ``node``'s heartbeat (``register``: at start); returns the server time."""
+    def heartbeat(
+        self,
+        node: str,
+        capacity: int,
+        queue: str,
+        *,
+        register: bool = False,
+        tags: str = "",
+        max_keys: int | None = None,
+    ) -> float:
+        """Renew ``node``'s heartbeat (``register``: at start, with its ``tags``
+        and key limit); returns the server time."""
         now = self._call(
             self._heartbeat,
-            keys=[self.workers_key, self.worker_key(node)],
-            args=[node, capacity, queue, "1" if register else ""],
+            keys=[self.workers_key, self.worker_key(node), self.tagsets_key],
+            args=[node, capacity, queue, "1" if register else "", tags, max_keys or ""],
         )
         return float(now)
+
+    def begin_move(
+        self, workflow: str, key: str, target: str, owner: str = ""
+    ) -> tuple[int, str, int]:
+        """Route the key's new tasks to ``target`` until the move commits (see move_begin.lua).
+
+        Returns ``(status, owner, epoch)``.
+        """
+        status, current, epoch = self._call(
+            self._move_begin,
+            keys=[self.lease_key(workflow, key), self.workers_key],
+            args=[self.config.lease_ttl, self.prefix, target, owner],
+        )
+        return int(status), str(current), int(epoch)
+
+    def commit_move(self, workflow: str, key: str, owner: str, epoch: int, target: str) -> Lease:
+        """Make ``target`` the owner under a new epoch; ``CLAIMED`` when moved, else ``OWNED``."""
+        moved, current, new_epoch = self._call(
+            self._move_commit,
+            keys=[self.lease_key(workflow, key), self.workers_key, self.epoch_key],
+            args=[self.config.lease_ttl, self.prefix, f"{workflow}:{key}", owner, epoch, target],
+        )
+        status = ClaimStatus.CLAIMED if int(moved) else ClaimStatus.OWNED
+        return Lease(str(current), int(new_epoch), status, owner if int(moved) else "")
+
+    def tagsets(self) -> list[dict[str, str]]:
+        """Every tag set a worker ever registered with (this store's lifetime)."""
+        members = self.guard(lambda: self.redis.smembers(self.tagsets_key))
+        return [decode_tags(str(member)) for member in members]
 
     def deregister(self, node: str) -> None:
         """Mark ``node`` dead now; its keys stay pending until it is reaped."""
@@ -217,7 +290,7 @@ class LeaseStore:
         self.guard(forget)
 
     def lookup(self, workflow: str, key: str) -> LeaseInfo | None:
-        """``(owner, epoch, owner_alive, origin)`` of a key, or None when nobody holds it."""
+        """The key's lease as it stands (see :class:`LeaseInfo`), or None when nobody holds it."""
         found = self._call(
             self._lookup,
             keys=[self.lease_key(workflow, key), self.workers_key],
@@ -225,8 +298,10 @@ class LeaseStore:
         )
         if not found:
             return None
-        owner, epoch, alive, origin = found
-        return LeaseInfo(str(owner), int(epoch), bool(int(alive)), str(origin))
+        owner, epoch, alive, origin, affinity, moving_to = found
+        return LeaseInfo(
+            str(owner), int(epoch), bool(int(alive)), str(origin), str(affinity), str(moving_to)
+        )
 
     def workers(self) -> list[WorkerInfo]:
         """Every registered worker, alive or not, with its load."""
@@ -257,6 +332,8 @@ class LeaseStore:
                             if info.get("reaped") == "1" and info.get("reaped_at")
                             else None
                         ),
+                        tags=decode_tags(info.get("tags", "")),
+                        max_keys=int(info["max_keys"]) if info.get("max_keys") else None,
                     )
                 )
             return result

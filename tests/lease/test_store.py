@@ -45,14 +45,14 @@ def test_dead_owner_is_taken_over_with_a_higher_epoch(store: LeaseStore) -> None
     first = store.claim("order", "1", candidate="a")
     time.sleep(1.2)  # the TTL is 1 s
     store.heartbeat("b", 1, "q.b")
-    assert store.lookup("order", "1") == ("a", first.epoch, False, "claimed")
+    assert store.lookup("order", "1")[:4] == ("a", first.epoch, False, "claimed")
     assert store.claim("order", "1", candidate="b").status is ClaimStatus.PENDING
     assert store.mark_reaped("a") is not None
     moved = store.claim("order", "1", candidate="b")
     assert (moved.owner, moved.status, moved.previous) == ("b", ClaimStatus.TAKEN_OVER, "a")
     assert moved.epoch > first.epoch
     assert store.owned_keys("a") == set() and store.owned_keys("b") == {("order", "1")}
-    assert store.lookup("order", "1") == ("b", moved.epoch, True, "taken_over")
+    assert store.lookup("order", "1")[:4] == ("b", moved.epoch, True, "taken_over")
 
 
 def test_no_live_worker_claims_nothing(store: LeaseStore) -> None:
