@@ -56,7 +56,7 @@ def move_key(app: Celery, workflow: str, key: str, target: str, owner: str = "")
     the key cannot be moved now, saying why. ``owner``: move only if it still
     belongs to that worker.
     """
-    from .app import lease_store
+    from .app import lease_store, router_of
 
     config = get_config(app)
     if config.state_replication == "off":
@@ -73,6 +73,9 @@ def move_key(app: Celery, workflow: str, key: str, target: str, owner: str = "")
                 workflow=workflow, key=key, owner=current, target=target, affinity=affinity
             )
         )
+    router = router_of(app)
+    if router is not None:
+        router.forget(workflow, key)  # this process's next publish goes to the target
     return app.tasks[MOVE_KEY].apply_async(
         kwargs={"workflow": workflow, "key": key, "target": target, "epoch": epoch},
         queue=config.direct_queue_name(current),

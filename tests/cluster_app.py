@@ -230,3 +230,38 @@ def sticky_collect(self: Any, results: list[Any], key: str, *, state: Any) -> li
         }
     )
     return list(results)
+
+
+def _region_of(key: str, step: int, region: str, gpu: bool = False) -> dict[str, str]:
+    return {"region": region, "gpu": "yes"} if gpu else {"region": region}
+
+
+@sticky_task(key="key", bind=True, affinity=_region_of)
+def regional_step(
+    self: Any, key: str, step: int, region: str, gpu: bool = False, *, state: Any
+) -> str:
+    """A step only a worker of the key's region (and with a GPU, when asked) may run."""
+    state["steps"] = [*state.get("steps", []), step]
+    record(
+        {
+            "key": key,
+            "step": step,
+            "node": self.request.hostname,
+            "start": time.time(),
+            "end": time.time(),
+            "id": self.request.id,
+            "region": region,
+            "gpu": gpu,
+        }
+    )
+    return str(self.request.hostname)
+
+
+#: What ``place_on_largest`` was offered, in the process that publishes.
+offered: list[list[Any]] = []
+
+
+def place_on_largest(workflow: str, key: str, candidates: Any) -> str | None:
+    """A ``sticky_placement`` callable: the candidate with the most capacity."""
+    offered.append(list(candidates))
+    return max(candidates, key=lambda c: (c.capacity, c.name)).name if candidates else None
