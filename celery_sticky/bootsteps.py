@@ -189,7 +189,10 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 class StickyConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
-    """On a broker reconnect, forget gate entries whose messages come back anyway."""
+    """On a broker reconnect, forget gate entries whose messages come back anyway.
+
+    At shutdown, first send the acknowledgements the consumer still holds back.
+    """
 
     label = "Sticky gate"
     requires = ("celery.worker.consumer.tasks:Tasks",)
@@ -199,7 +202,14 @@ class StickyConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         if step is not None:
             step.gate.forget_unstarted()
 
-    shutdown = stop
+    def shutdown(self, consumer: Any) -> None:
+        # Without an event loop (gevent, eventlet pools) Celery 5.3 queues acks as
+        # pending operations, run only between two polls of the broker, and closes the
+        # connection without running the last ones (celery#5663): the broker restores
+        # messages whose tasks already ran and the drain runs them again on the keys'
+        # next owners. This step shuts down before the Connection step: send them now.
+        consumer.perform_pending_operations()
+        self.stop(consumer)
 
 
 def worker_tags(config: StickyConfig, options: tuple[str, ...] = ()) -> dict[str, str]:

@@ -68,6 +68,27 @@ def test_corrupt_state_is_reported_at_start(tmp_path: Path) -> None:
     assert f"sticky_state_dir: cannot use '{node_dir}'" in worker.log()
 
 
+def test_consumer_step_sends_held_back_acks_at_shutdown() -> None:
+    """Celery 5.3 without an event loop (gevent) holds acks back and drops them at shutdown.
+
+    Dropped, the broker restores messages whose tasks ran, and the drain runs them
+    again elsewhere (tests/test_gate.py's gevent case on Celery 5.3 shows it end to end).
+    """
+    from celery_sticky.bootsteps import StickyConsumer
+
+    sent: list[str] = []
+
+    class Consumer:
+        controller = None
+
+        def perform_pending_operations(self) -> None:
+            sent.append("acks")
+
+    consumer = Consumer()
+    StickyConsumer(consumer).shutdown(consumer)
+    assert sent == ["acks"]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
