@@ -324,6 +324,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
                 "reaped": w.reaped,
                 "keys": w.keys,
                 "capacity": w.capacity,
+                "tags": w.tags,
                 "queue": w.queue,
                 "queue_depth": depths.get(w.queue),
                 "heartbeat_age": None if age is None else round(age, 3),
@@ -335,15 +336,18 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if not rows:
         click.echo(f"no workers registered in the lease store at {redact_url(store.url)}")
         return
+    tagged = any(r["tags"] for r in rows)  # a tags column only where workers have tags
+    columns = ["worker", "state", "keys", "capacity", *(["tags"] if tagged else [])]
     _table(
         ctx,
-        ["worker", "state", "keys", "capacity", "queue", "depth", "heartbeat"],
+        [*columns, "queue", "depth", "heartbeat"],
         [
             [
                 r["worker"],
                 r["state"],
                 r["keys"],
                 r["capacity"],
+                *([",".join(f"{k}={v}" for k, v in sorted(r["tags"].items()))] if tagged else []),
                 r["queue"],
                 "?" if r["queue_depth"] is None else r["queue_depth"],
                 "stopped" if r["heartbeat_age"] is None else f"{_ago(r['heartbeat_age'])} ago",

@@ -3,10 +3,10 @@
 Kinds: ``claimed`` (a worker took an unowned key), ``taken_over`` (from a dead
 owner), ``handed_over`` (a draining worker exported the key's state),
 ``released`` (the workflow ended), ``fenced`` (a worker lost the key while a task
-ran; nothing was committed). The log line's ``extra={"sticky": {...}}`` carries
-the fields for structured handlers; the Celery event is ``sticky-<kind>`` with
-the same fields, sent when the worker sends events (``-E``), so Flower-style
-monitors can follow keys.
+ran; nothing was committed), ``moved`` (on purpose, with its state). The log
+line's ``extra={"sticky": {...}}`` carries the fields for structured handlers;
+the Celery event is ``sticky-<kind>`` with the same fields, sent when the
+worker sends events (``-E``), so Flower-style monitors can follow keys.
 """
 
 from __future__ import annotations

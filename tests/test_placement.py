@@ -129,7 +129,7 @@ def test_bad_placement_settings_name_the_setting(sticky_app: Any) -> None:
             StickyConfig.from_app(app)
     app = Celery("bad", broker="redis://127.0.0.1:6379/0", set_as_current=False)
     app.conf.sticky_worker_tags = {f"t{i}": "x" for i in range(6)}
-    with pytest.raises(ConfigurationError, match="sticky_worker_tags=.*at most 5 tags"):
+    with pytest.raises(ConfigurationError, match=r"sticky_worker_tags=.*at most 5 tags"):
         StickyConfig.from_app(app)
     assert resolve_policy("tests.cluster_app.place_on_largest") is not None
 
