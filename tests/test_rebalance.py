@@ -143,6 +143,9 @@ def test_rebalance_moves_only_idle_keys_and_keeps_their_state(
     running = task.delay(busy, 3, 8.0)  # runs for 8 s on r1
     later = task.apply_async((scheduled, 3), countdown=25)  # waits on r1
     time.sleep(1.0)
+    replies = app.control.broadcast("sticky_busy_keys", destination=[R1], reply=True, timeout=5)
+    reported = {tuple(k) for k in replies[0][R1]["keys"]}
+    assert {("key", busy), ("key", scheduled)} <= reported, "running and scheduled are busy"
 
     dry = cli(sub, "rebalance", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
