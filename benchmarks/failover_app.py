@@ -119,3 +119,10 @@ def check(self: Any, key: str, *, state: Any) -> dict[str, Any]:
         "sha": None if blob is None else hashlib.sha256(blob).hexdigest(),
         "stored_sha": state.get("sha"),
     }
+
+
+@sticky_task(key="key", name="failover_bench.touch", bind=True)
+def touch(self: Any, key: str) -> str:
+    """A stateless step (no ``state`` parameter, so nothing is written locally) that
+    returns the node it ran on; ``placement_spread.py`` compares it with the key's owner."""
+    return str(self.request.hostname)
