@@ -11,11 +11,13 @@ from .errors import (
     ForwardingError,
     InvalidKeyError,
     LeaseStoreUnavailable,
+    MoveError,
     StateDirError,
     StateSizeLimitError,
     StickyError,
 )
 from .lifecycle import release
+from .rebalance import move_key
 from .state import StateHandle
 from .task import StickyTask, sticky_task
 
@@ -26,6 +28,7 @@ __all__ = [
     "ForwardingError",
     "InvalidKeyError",
     "LeaseStoreUnavailable",
+    "MoveError",
     "StateDirError",
     "StateHandle",
     "StateSizeLimitError",
@@ -33,6 +36,7 @@ __all__ = [
     "StickyTask",
     "__version__",
     "install",
+    "move_key",
     "release",
     "sticky_task",
 ]

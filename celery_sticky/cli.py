@@ -847,7 +847,7 @@ def move(
     with _broker(app):  # fail fast when the broker is down
         pass
     try:
-        sent = move_key(app, workflow, key, worker, owner=info.owner)
+        sent = move_key(workflow, key, worker, app=app, owner=info.owner)
     except MoveError as exc:
         raise CommandError(str(exc)) from None
     result: dict[str, Any] = {
@@ -919,7 +919,8 @@ def rebalance(
         row.update({"to": m.target, "task_id": None, "error": None})
         if not dry_run:
             try:
-                row["task_id"] = move_key(app, m.workflow, m.key, m.target, owner=m.source).id
+                moving = move_key(m.workflow, m.key, m.target, app=app, owner=m.source)
+                row["task_id"] = moving.id
             except MoveError as exc:
                 row["error"] = str(exc)
         rows.append(row)

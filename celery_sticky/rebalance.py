@@ -49,15 +49,20 @@ _BEGIN_ERRORS = {
 }
 
 
-def move_key(app: Celery, workflow: str, key: str, target: str, owner: str = "") -> Any:
-    """Start moving ``workflow:key`` to ``target`` (see the module doc).
+def move_key(
+    workflow: str, key: str, target: str, *, app: Celery | None = None, owner: str = ""
+) -> Any:
+    """Start moving ``workflow:key`` and its state to worker ``target`` (see the module doc).
 
-    Returns the ``AsyncResult`` of the move task; raises :class:`MoveError` when
-    the key cannot be moved now, saying why. ``owner``: move only if it still
-    belongs to that worker.
+    Returns the ``AsyncResult`` of the move task sent to the key's owner; raises
+    :class:`MoveError` when the key cannot be moved now, saying why. ``owner``:
+    move only if the key still belongs to that worker.
     """
+    from celery import current_app
+
     from .app import lease_store, router_of
 
+    app = app or current_app
     config = get_config(app)
     if config.state_replication == "off":
         raise MoveError(

@@ -96,7 +96,7 @@ def test_moving_a_busy_key_keeps_its_order_and_state(
     task.apply_async((key, 0), queue=on(app, R1)).get(timeout=30)
     before = [task.delay(key, step, 0.3) for step in range(1, 6)]
     time.sleep(0.5)  # step 1 runs, steps 2-5 wait behind it on r1
-    move_key(app, "key", key, R2)
+    move_key("key", key, R2, app=app)
     after = [task.delay(key, step, 0.05) for step in range(6, 12)]
     for result in before + after:
         result.get(timeout=60)
@@ -117,7 +117,7 @@ def test_move_refuses_what_it_must_not_do(moving: Any, sub: str) -> None:
     key = unique("eu-move")
     assert task.apply_async((key, 0, "eu"), queue=on(app, R1)).get(timeout=30) == R1
     with pytest.raises(MoveError, match=f"worker '{R3}' lacks a tag the key's affinity region=eu"):
-        move_key(app, "key", key, R3)
+        move_key("key", key, R3, app=app)
     done = cli(sub, "move", "key", key, "nobody@nowhere")
     assert done.returncode == 1 and "unknown worker 'nobody@nowhere'" in done.stderr
     done = cli(sub, "move", "key", unique("none"), R2)
