@@ -44,11 +44,8 @@ end
 local owner = redis.call('HGET', KEYS[1], 'owner')
 local affinity = ARGV[7]
 if owner then
-  if affinity == '' then
-    affinity = redis.call('HGET', KEYS[1], 'affinity') or ''
-  end
   local beat = redis.call('ZSCORE', KEYS[2], owner)
-  if live(owner) then
+  if beat and tonumber(beat) >= deadline and redis.call('HGET', info(owner), 'draining') ~= '1' then
     local moving_to = redis.call('HGET', KEYS[1], 'moving_to')
     if moving_to and ARGV[2] ~= owner then
       if live(moving_to) then
@@ -61,6 +58,9 @@ if owner then
   -- Dead or draining: the key waits in the owner's queue until that queue moved on.
   if ARGV[5] ~= '1' and beat and redis.call('HGET', info(owner), 'reaped') ~= '1' then
     return {owner, redis.call('HGET', KEYS[1], 'epoch'), -2, '', ''}
+  end
+  if affinity == '' then
+    affinity = redis.call('HGET', KEYS[1], 'affinity') or ''
   end
 end
 
