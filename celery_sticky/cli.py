@@ -542,6 +542,8 @@ def show(ctx: click.Context, workflow: str, key: str, timeout: float, as_json: b
         "alive": info.alive,
         "origin": info.origin,
         "since": float(since) if since else None,
+        "affinity": info.affinity or None,
+        "moving_to": info.moving_to or None,
         "on_owner": None,
         "owner_error": None,
     }
@@ -569,6 +571,10 @@ def show(ctx: click.Context, workflow: str, key: str, timeout: float, as_json: b
         ("origin", info.origin),
         ("owned since", _when(result["since"])),
     ]
+    if info.affinity:
+        pairs.append(("affinity", info.affinity))
+    if info.moving_to:
+        pairs.append(("moving to", info.moving_to))
     on_owner = result["on_owner"]
     if on_owner is None:
         pairs.append(("on the owner", result["owner_error"]))

@@ -116,6 +116,8 @@ def test_move_refuses_what_it_must_not_do(moving: Any, sub: str) -> None:
     task = app.tasks["tests.cluster_app.regional_step"]
     key = unique("eu-move")
     assert task.apply_async((key, 0, "eu"), queue=on(app, R1)).get(timeout=30) == R1
+    shown = cli(sub, "show", "key", key, "--json")
+    assert json.loads(shown.stdout)["affinity"] == "region=eu", shown.stderr
     with pytest.raises(MoveError, match=f"worker '{R3}' lacks a tag the key's affinity region=eu"):
         move_key("key", key, R3, app=app)
     done = cli(sub, "move", "key", key, "nobody@nowhere")
