@@ -142,7 +142,7 @@ def test_rebalance_moves_only_idle_keys_and_keeps_their_state(
         for step in range(3):
             task.apply_async((key, step), queue=on(app, R1)).get(timeout=30)
     busy, scheduled = keys[0], keys[1]
-    running = task.delay(busy, 3, 8.0)  # runs for 8 s on r1
+    running = task.delay(busy, 3, 20.0)  # runs on r1 until well after the rebalance
     later = task.apply_async((scheduled, 3), countdown=25)  # waits on r1
     time.sleep(1.0)
     replies = app.control.broadcast("sticky_busy_keys", destination=[R1], reply=True, timeout=5)
