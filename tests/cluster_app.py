@@ -232,22 +232,33 @@ def sticky_collect(self: Any, results: list[Any], key: str, *, state: Any) -> li
     return list(results)
 
 
-def _region_of(key: str, step: int, region: str, gpu: bool = False) -> dict[str, str]:
+def _region_of(
+    key: str, step: int, region: str, gpu: bool = False, duration: float = 0.0
+) -> dict[str, str]:
     return {"region": region, "gpu": "yes"} if gpu else {"region": region}
 
 
-@sticky_task(key="key", bind=True, affinity=_region_of)
+@sticky_task(key="key", bind=True, acks_late=True, affinity=_region_of)
 def regional_step(
-    self: Any, key: str, step: int, region: str, gpu: bool = False, *, state: Any
+    self: Any,
+    key: str,
+    step: int,
+    region: str,
+    gpu: bool = False,
+    duration: float = 0.0,
+    *,
+    state: Any,
 ) -> str:
     """A step only a worker of the key's region (and with a GPU, when asked) may run."""
+    start = time.time()
     state["steps"] = [*state.get("steps", []), step]
+    time.sleep(duration)
     record(
         {
             "key": key,
             "step": step,
             "node": self.request.hostname,
-            "start": time.time(),
+            "start": start,
             "end": time.time(),
             "id": self.request.id,
             "region": region,

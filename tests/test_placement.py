@@ -254,3 +254,43 @@ def test_a_placement_function_sees_candidates_and_decides(tagged: Any, sub: str)
     assert seen["eu-b@sticky-tests"].tags == {"region": "eu", "gpu": "yes"}
     assert seen["eu-b@sticky-tests"].capacity == 4
     assert all(len(offer) == 1 for offer in cluster_app.offered[:5]), "us keys: us-a only"
+
+
+def test_a_dead_workers_tasks_wait_for_a_worker_that_may_run_them(
+    tagged: Any, redis_client: Any, sub: str
+) -> None:
+    """kill -9 of the only ``region=ap`` worker: its queued tasks go to the affinity's
+    queue, not to the live eu and us workers, and run when another ap worker comes."""
+    from celery_sticky.placement import affinity_queue_name
+    from celery_sticky.reaper import queue_size
+
+    app, cluster = tagged
+    task = app.tasks["tests.cluster_app.regional_step"]
+    redis_client.delete(f"{sub}:events")
+    ap = [f"{sub}.default"]
+    cluster.start("ap-1@sticky-tests", queues=ap, args=["--sticky-tag", "region=ap"])
+    keys = [unique("ap") for _ in range(4)]
+    results = [task.delay(key, step, "ap", False, 0.5) for step in range(5) for key in keys]
+    time.sleep(1.5)
+    cluster.kill("ap-1@sticky-tests")
+    waiting = affinity_queue_name(str(app.conf.sticky_queue_prefix), "region=ap")
+    deadline = time.monotonic() + 60
+    while queue_size(app, waiting) == 0:
+        assert time.monotonic() < deadline, "the dead worker's queue was not moved on"
+        time.sleep(0.5)
+    time.sleep(2)  # the reaper moves the rest; nobody may run them meanwhile
+    early = [e for e in read_events(redis_client, sub) if "step" in e]
+    assert {e["node"] for e in early} <= {"ap-1@sticky-tests"}
+    cluster.start("ap-2@sticky-tests", queues=ap, args=["--sticky-tag", "region=ap"])
+    try:
+        for result in results:
+            assert result.get(timeout=90) in ("ap-1@sticky-tests", "ap-2@sticky-tests")
+    finally:
+        cluster.stop("ap-2@sticky-tests")
+    found = [e for e in read_events(redis_client, sub) if "step" in e and e["key"] in keys]
+    assert {e["node"] for e in found} <= {"ap-1@sticky-tests", "ap-2@sticky-tests"}
+    for key in keys:
+        runs = sorted((e for e in found if e["key"] == key), key=lambda e: e["start"])
+        assert {e["step"] for e in runs} == set(range(5)), "no task lost"
+        later = [e["step"] for e in runs if e["node"] == "ap-2@sticky-tests"]
+        assert later == sorted(later), f"{key}: the moved steps ran in order"
