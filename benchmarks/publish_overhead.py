@@ -49,7 +49,8 @@ from celery_sticky import sticky_task
 from celery_sticky.app import lease_store, router_of
 from celery_sticky.lease import LeaseStore
 from celery_sticky.message import HEADER
-from celery_sticky.settings import PLACEMENTS, StickyConfig, get_config
+from celery_sticky.placement import BUILTIN_POLICIES
+from celery_sticky.settings import StickyConfig, get_config
 
 DEFAULT_URL = "redis://127.0.0.1:6379/14"
 TARGET = 1.15
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup", type=positive(int), default=200, help="untimed publishes per case"
     )
     parser.add_argument(
-        "--placement", choices=PLACEMENTS, default="least_loaded", help="sticky_placement"
+        "--placement", choices=BUILTIN_POLICIES, default="least_loaded", help="sticky_placement"
     )
     args = parser.parse_args(argv)
     return against_redis(DEFAULT_URL, lambda url: bench(url, args))
