@@ -43,6 +43,7 @@ def make_app(prefix: str | None = None, **settings: Any) -> Celery:
         sticky_on_state_lost="tests.cluster_app.rebuild_lost_state",
         sticky_metrics_port=int(os.environ.get("STICKY_TEST_METRICS_PORT") or 0) or None,
         sticky_metrics_address="127.0.0.1",
+        sticky_max_keys_per_worker=int(os.environ.get("STICKY_TEST_MAX_KEYS") or 0) or None,
     )
     visibility = _float_env("STICKY_TEST_VISIBILITY_TIMEOUT")
     if visibility is not None:

@@ -294,3 +294,26 @@ def test_a_dead_workers_tasks_wait_for_a_worker_that_may_run_them(
         assert {e["step"] for e in runs} == set(range(5)), "no task lost"
         later = [e["step"] for e in runs if e["node"] == "ap-2@sticky-tests"]
         assert later == sorted(later), f"{key}: the moved steps ran in order"
+
+
+def test_a_full_worker_still_gets_keys_no_other_may_hold(
+    tagged: Any, sub: str, caplog: Any
+) -> None:
+    """``sticky_max_keys_per_worker`` as a worker advertises it, and its soft fallback."""
+    app, cluster = tagged
+    name = "lim-1@sticky-tests"
+    cluster.start(
+        name,
+        queues=[f"{sub}.default"],
+        args=["--sticky-tag", "region=lim"],
+        env={"STICKY_TEST_MAX_KEYS": "2"},
+    )
+    try:
+        assert _live(app)[name].max_keys == 2
+        task = app.tasks["tests.cluster_app.regional_step"]
+        with caplog.at_level(logging.WARNING, logger="celery_sticky.router"):
+            nodes = [task.delay(unique("lim"), 0, "lim").get(timeout=30) for _ in range(4)]
+        assert nodes == [name] * 4, "the only matching worker takes them all"
+        assert "sticky_max_keys_per_worker keys; placed on lim-1@sticky-tests anyway" in caplog.text
+    finally:
+        cluster.stop(name)
