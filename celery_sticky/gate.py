@@ -259,6 +259,11 @@ class KeyGate:
         lease = self.node.prove(header.workflow, header.key, header.affinity)
         if lease is None:
             return _Outcome.WAIT
+        if lease.status is ClaimStatus.MOVING and lease.owner == self.node.name:
+            # Moving here: ask again every 0.2 s (a move commits within about
+            # sticky_lease_cache_ttl), not with the store-outage backoff.
+            entry.retry_delay = 0.1
+            return _Outcome.WAIT
         entry.retry_delay = 0.0
         if lease.status is ClaimStatus.NO_LIVE_WORKER:
             # This node may not hold the key and no live worker may: wait in the

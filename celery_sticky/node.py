@@ -109,9 +109,10 @@ class StickyNode:
         ``NO_LIVE_WORKER`` lease means no live worker may hold the key and this
         node must not either: the caller parks the task in the affinity's queue.
 
-        Returns None when ownership cannot be proven now (the lease store does not
-        answer, this node is not registered alive, or the key is being moved here);
-        the caller waits and retries.
+        A ``MOVING`` lease naming this node: the key is being moved here; the
+        caller holds the task until the move commits. Returns None when ownership
+        cannot be proven now (the lease store does not answer, or this node is not
+        registered alive); the caller waits and retries.
         """
         try:
             lease = self.store.claim(
@@ -124,8 +125,8 @@ class StickyNode:
             if affinity and not matches(decode_tags(affinity), self.tags):
                 return lease
             return None
-        if lease.owner == self.name and lease.status in (ClaimStatus.PENDING, ClaimStatus.MOVING):
-            # PENDING: the registry counts this node dead, it must not run the key.
-            # MOVING: the key is on its way here; its old owner still runs what it has.
-            return None
+        if lease.owner == self.name and lease.status is ClaimStatus.PENDING:
+            return None  # the registry counts this node dead: it must not run the key
+        # MOVING with this node as the owner: the key is on its way here while its
+        # old owner runs what it has; the caller holds the task (and asks again soon).
         return lease
