@@ -1,10 +1,11 @@
 """The Celery app the failover benchmark's workers run (``celery -A failover_app:app``).
 
-Its settings come from ``FAILOVER_*`` environment variables, so the benchmark
-(``benchmarks/failover.py``) and the worker subprocesses it starts agree on
-Redis, the key and queue prefix, the lease TTL and the state directory. Every
-task records when its body started and on which node (an RPUSH of a JSON event
-to ``<prefix>:events``) before doing anything else.
+Its settings come from ``FAILOVER_*`` environment variables, so the benchmarks
+(``benchmarks/failover.py``, ``benchmarks/placement_spread.py``) and the worker
+subprocesses they start agree on Redis, the key and queue prefix, the lease TTL
+and the state directory. The workflow steps (``step``, ``check``) record when
+their body started and on which node (an RPUSH of a JSON event to
+``<prefix>:events``) before doing anything else; ``touch`` only says where it ran.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""How evenly each placement policy spreads new keys over workers of unequal capacity.
+"""How evenly each placement policy spreads new keys over workers of unequal capacity,
+and how long moving a key on purpose takes.
 
 Four real ``celery worker`` subprocesses (prefork, ``-c 1`` each, ``WorkerCluster``)
 advertise capacities 1, 1, 2 and 4 (``--sticky-capacity``). For each repetition,
@@ -32,7 +33,14 @@ its result); the workers store results as usual and the benchmark reads them
 from Redis: each task's status, and the node that ran it, which must be the
 key's owner. A warm-up batch of 50 keys per policy, not reported, runs first.
 
-    python benchmarks/placement_spread.py [--keys N] [--reps N]
+Then ``--moves`` times, a key whose state holds ``--move-state-mb`` MB is made
+on the capacity-1 worker, moved to the capacity-4 one (``move_key``), and its next
+task (``failover_bench.check``) is published right after: the time from the move
+call to that task's result, polled every 10 ms, is what a moved key waits (the
+move task's countdown of ``sticky_lease_cache_ttl`` + 0.25 s, the export, the
+import). The task must run on the target with the state intact (SHA-256).
+
+    python benchmarks/placement_spread.py [--keys N] [--reps N] [--moves N]
 
 ``BENCH_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``) is the broker, result
 store and lease store; when nothing answers there an embedded Redis is started.
@@ -73,6 +81,7 @@ from common import against_redis, positive
 
 from celery_sticky.app import lease_store
 from celery_sticky.placement import Candidate
+from celery_sticky.rebalance import move_key
 from celery_sticky.testing import WorkerCluster
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -223,7 +232,26 @@ class Cluster:
                 lease_store(app).redis.close()
             app.close()
 
-    def wait(self, ids: list[str], timeout: float) -> list[dict[str, Any]]:
+    def move(self, key: str, size: int) -> float:
+        """Seconds from ``move_key`` to the result of the key's next task, on the target."""
+        source, target = self.names[0], self.names[-1]
+        fill = self.app.tasks["failover_bench.fill"]
+        check = self.app.tasks["failover_bench.check"]
+        made = fill.apply_async((key, size), queue=f"{self.prefix}.{source}").id
+        self.task_ids.append(made)
+        sha = self.wait([made], timeout=60)[0]["result"]
+        started = time.perf_counter()
+        move_key("key", key, target, app=self.app)
+        after = check.delay(key).id
+        self.task_ids.append(after)
+        result = self.wait([after], timeout=60, poll=0.01)[0]["result"]
+        waited = time.perf_counter() - started
+        if (result["node"], result["sha"], result["recovered"]) != (target, sha, True):
+            raise RuntimeError(f"moved key {key}: {result} (wanted {target}, sha {sha})")
+        lease_store(self.app).release("key", key)
+        return waited
+
+    def wait(self, ids: list[str], timeout: float, poll: float = 0.1) -> list[dict[str, Any]]:
         """Every task's stored result (as the worker wrote it), once all are there."""
         names = [f"celery-task-meta-{i}" for i in ids]
         deadline = time.monotonic() + timeout
@@ -233,7 +261,7 @@ class Cluster:
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {done} of {len(names)} tasks ran in {timeout:.0f} s")
-            time.sleep(0.1)
+            time.sleep(poll)
         raw = itertools.chain.from_iterable(
             self.redis.mget(names[s : s + 1000]) for s in range(0, len(names), 1000)
         )
@@ -276,6 +304,25 @@ def run_batches(cluster: Cluster, args: argparse.Namespace) -> list[Batch]:
                 f"{batch.publish_us:.0f} µs/key"
             )
     return batches
+
+
+def run_moves(cluster: Cluster, args: argparse.Namespace) -> list[float]:
+    size = int(args.move_state_mb * 2**20)
+    waits = [cluster.move(f"move-{i}", size) for i in range(args.moves)]
+    log(f"{args.moves} move(s): median {statistics.median(waits):.2f} s")
+    return waits
+
+
+def report_moves(waits: list[float], args: argparse.Namespace) -> None:
+    print(
+        f"moves: {len(waits)} key(s) with {args.move_state_mb:g} MB of state, capacity-1 worker "
+        "to capacity-4 worker, sticky_lease_cache_ttl=1"
+    )
+    print(
+        f"    move_key -> next task's result on the target: median {statistics.median(waits):.2f} s"
+        f", min {min(waits):.2f} s, max {max(waits):.2f} s; every state arrived intact (SHA-256)"
+    )
+    print()
 
 
 def report(batches: list[Batch], args: argparse.Namespace) -> None:
@@ -342,6 +389,7 @@ def bench(url: str, args: argparse.Namespace, argv: list[str]) -> None:
         cluster.start()
         log("workers registered")
         batches = run_batches(cluster, args)
+        waits = run_moves(cluster, args)
     except BaseException:
         keep = True
         raise
@@ -361,6 +409,7 @@ def bench(url: str, args: argparse.Namespace, argv: list[str]) -> None:
     )
     print()
     report(batches, args)
+    report_moves(waits, args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--keys", type=positive(int), default=2000, help="new keys per batch")
     parser.add_argument("--reps", type=positive(int), default=3, help="batches per policy")
+    parser.add_argument("--moves", type=positive(int), default=10, help="keys moved, one by one")
+    parser.add_argument(
+        "--move-state-mb", type=positive(float), default=1.0, help="MB of state per moved key"
+    )
     args = parser.parse_args(argv)
     return against_redis(DEFAULT_URL, lambda url: bench(url, args, argv))
 
