@@ -1,11 +1,17 @@
-"""What the benchmark scripts share: an argument type and the Redis they run against."""
+"""What the benchmark scripts share: an argument type, the Redis they run against,
+the worker app module, a progress log."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import sys
+import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from celery_sticky.testing import redis_at
@@ -33,3 +39,16 @@ def against_redis(default_url: str, bench: Callable[[str], None]) -> int:
         traceback.print_exc()
         return 1
     return 0
+
+
+def app_module() -> ModuleType:
+    """``failover_app``, imported the way the workers import it (from this directory)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module("failover_app")
+
+
+def log(message: str) -> None:
+    """A progress line on stderr (stdout holds the report)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import itertools
 import json
 import os
@@ -60,13 +59,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import celery
 import redis
 from celery.result import AsyncResult
-from common import against_redis, positive
+from common import against_redis, app_module, log, positive
 
 from celery_sticky.app import lease_store
 from celery_sticky.testing import WorkerCluster
@@ -79,17 +77,6 @@ DRAINED = re.compile(
 )
 LOG_TIME = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}):")
 REAPED = re.compile(r"sticky: moved (\d+) task\(s\) from dead worker (\S+)")
-
-
-def app_module() -> ModuleType:
-    """``failover_app``, imported the way the workers import it (from this directory)."""
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    return importlib.import_module("failover_app")
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 class Phase:

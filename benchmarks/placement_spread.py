@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import itertools
 import json
 import os
@@ -71,13 +70,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import celery
 import redis
 from celery import Celery
-from common import against_redis, positive
+from common import against_redis, app_module, log, positive
 
 from celery_sticky.app import lease_store
 from celery_sticky.placement import Candidate
@@ -105,17 +103,6 @@ def two_choices(workflow: str, key: str, candidates: Sequence[Candidate]) -> str
         return None
     picked = random.sample(list(candidates), min(2, len(candidates)))
     return min(picked, key=lambda c: c.load).name
-
-
-def app_module() -> ModuleType:
-    """``failover_app``, imported the way the workers import it (from this directory)."""
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    return importlib.import_module("failover_app")
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass

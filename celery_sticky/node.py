@@ -14,7 +14,7 @@ import threading
 
 from .errors import LeaseStoreUnavailable
 from .lease import ClaimStatus, Lease, LeaseStore
-from .placement import decode_tags, encode_tags, matches
+from .placement import decode_tags, encode_tags, fallback_policy, matches
 from .settings import StickyConfig
 
 logger = logging.getLogger(__name__)
@@ -37,10 +37,8 @@ class StickyNode:
         self.capacity = capacity
         self.tags = dict(tags or {})
         self.queue = config.direct_queue_name(name)
-        # Who takes a key this node may not (affinity, key limit): the configured
-        # policy; least_loaded for those that do not pick in the lease store.
-        placement = config.placement
-        self.fallback_policy = placement if placement in ("hash", "random") else "least_loaded"
+        # Who takes a key this node may not (affinity, key limit).
+        self.fallback_policy = fallback_policy(config.placement)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._registered = False

@@ -185,6 +185,13 @@ def resolve_policy(value: str) -> str | PlacementFunc:
     return chosen
 
 
+def fallback_policy(placement: str) -> str:
+    """The policy the claim script uses when it must pick a worker itself (a worker
+    that may not take a key, the reaper): the configured one when the script runs
+    it, ``least_loaded`` for ``first_come`` and placement functions."""
+    return placement if placement in ("hash", "random") else "least_loaded"
+
+
 def eligible(candidates: Iterable[Candidate], affinity: Tags) -> list[Candidate]:
     """The candidates a key with ``affinity`` may go to; full ones only if all are full."""
     matching = [c for c in candidates if matches(affinity, c.tags)]

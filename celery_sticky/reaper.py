@@ -29,7 +29,7 @@ from .errors import LeaseStoreUnavailable
 from .forwarding import republish
 from .lease import ClaimStatus, LeaseStore
 from .message import StickyHeader
-from .placement import affinity_queue_name
+from .placement import affinity_queue_name, fallback_policy
 from .router import direct_queue
 
 logger = logging.getLogger(__name__)
@@ -108,8 +108,7 @@ def move_queue(
     hands those keys over first, so their tasks wait for nothing else).
     """
     moved = 0
-    placement = store.config.placement
-    policy = placement if placement in ("hash", "random") else "least_loaded"
+    policy = fallback_policy(store.config.placement)
     with app.connection_for_write() as connection:
         channel = connection.default_channel
         if restore:

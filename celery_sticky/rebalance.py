@@ -15,7 +15,8 @@ its state, without breaking the order of its tasks:
    target's held tasks then run there, the first one importing the state.
 
 If the owner dies before step 3, the key fails over as usual (the move is off);
-if the target dies, the owner keeps the key.
+if the target dies, or the move misses its deadline (its task lost or failed),
+the move is off and the owner keeps the key.
 """
 
 from __future__ import annotations
@@ -50,13 +51,22 @@ _BEGIN_ERRORS = {
 
 
 def move_key(
-    workflow: str, key: str, target: str, *, app: Celery | None = None, owner: str = ""
+    workflow: str,
+    key: str,
+    target: str,
+    *,
+    app: Celery | None = None,
+    owner: str = "",
+    timeout: float = 60.0,
 ) -> Any:
     """Start moving ``workflow:key`` and its state to worker ``target`` (see the module doc).
 
     Returns the ``AsyncResult`` of the move task sent to the key's owner; raises
     :class:`MoveError` when the key cannot be moved now, saying why. ``owner``:
-    move only if the key still belongs to that worker.
+    move only if the key still belongs to that worker. A move whose task has not
+    committed ``timeout`` seconds after it became due (the task was lost or
+    failed, or the tasks queued before it ran longer) is called off: the key
+    stays with its owner, and the tasks held for it on the target go there.
     """
     from celery import current_app
 
@@ -69,7 +79,10 @@ def move_key(
             "sticky_state_replication='off': a moved key would start empty on its new worker"
         )
     store = lease_store(app)
-    status, current, epoch = store.begin_move(workflow, key, target, owner)
+    countdown = config.lease_cache_ttl + 0.25
+    status, current, epoch = store.begin_move(
+        workflow, key, target, owner, deadline=countdown + timeout
+    )
     if status != 1:
         info = store.lookup(workflow, key)
         affinity = info.affinity if info is not None else ""
@@ -84,7 +97,7 @@ def move_key(
     return app.tasks[MOVE_KEY].apply_async(
         kwargs={"workflow": workflow, "key": key, "target": target, "epoch": epoch},
         queue=config.direct_queue_name(current),
-        countdown=config.lease_cache_ttl + 0.25,
+        countdown=countdown,
     )
 
 

@@ -48,10 +48,12 @@ if owner then
   if beat and tonumber(beat) >= deadline and redis.call('HGET', info(owner), 'draining') ~= '1' then
     local moving_to = redis.call('HGET', KEYS[1], 'moving_to')
     if moving_to and ARGV[2] ~= owner then
-      if live(moving_to) then
+      local moving_until = tonumber(redis.call('HGET', KEYS[1], 'moving_until') or '0')
+      if live(moving_to) and moving_until >= now then
         return {moving_to, redis.call('HGET', KEYS[1], 'epoch'), -4, owner, ''}
       end
-      redis.call('HDEL', KEYS[1], 'moving_to')  -- the target died: the move is off
+      -- The target died, or the move missed its deadline: the move is off.
+      redis.call('HDEL', KEYS[1], 'moving_to', 'moving_until')
     end
     return {owner, redis.call('HGET', KEYS[1], 'epoch'), 0, '', ''}
   end
@@ -175,6 +177,6 @@ if owner then
 end
 redis.call('HSET', KEYS[1], 'owner', chosen, 'epoch', epoch, 'since', tostring(now),
            'origin', origin, 'affinity', affinity)
-redis.call('HDEL', KEYS[1], 'moving_to')
+redis.call('HDEL', KEYS[1], 'moving_to', 'moving_until')
 redis.call('SADD', prefix .. 'owned:' .. chosen, ARGV[4])
 return {chosen, epoch, status, owner or '', over_limit}

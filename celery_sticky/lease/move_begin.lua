@@ -5,9 +5,13 @@
 -- owner then runs celery-sticky's move task through the key's line (after every
 -- task queued before it), exports the state and commits the move (move_commit.lua).
 --
+-- A move not committed by its deadline is off (claim.lua drops it), so a move
+-- task that is lost or fails never leaves the key's new tasks waiting for good.
+--
 -- KEYS[1] lease hash      KEYS[2] workers zset
 -- ARGV[1] lease TTL (s)   ARGV[2] key prefix   ARGV[3] target node
 -- ARGV[4] expected owner ('' for whoever holds it)
+-- ARGV[5] seconds from now until the move is off if it has not committed
 --
 -- Returns {status, owner, epoch}: 1 = started, 0 = nobody holds the key (or not the
 -- expected owner), -1 = the owner is not live, -2 = the target is not live,
@@ -35,7 +39,8 @@ if not live(owner) then
   return {-1, owner, epoch}
 end
 local moving_to = redis.call('HGET', KEYS[1], 'moving_to')
-if moving_to and live(moving_to) then
+local moving_until = tonumber(redis.call('HGET', KEYS[1], 'moving_until') or '0')
+if moving_to and live(moving_to) and moving_until >= now then
   return {-4, owner, epoch}
 end
 if not live(ARGV[3]) then
@@ -48,5 +53,6 @@ for pair in string.gmatch(affinity, '[^,]+') do
     return {-3, owner, epoch}
   end
 end
-redis.call('HSET', KEYS[1], 'moving_to', ARGV[3])
+redis.call('HSET', KEYS[1], 'moving_to', ARGV[3],
+           'moving_until', string.format('%.6f', now + tonumber(ARGV[5])))
 return {1, owner, epoch}

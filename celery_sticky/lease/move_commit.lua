@@ -6,7 +6,8 @@
 -- ARGV[4] owner           ARGV[5] its epoch         ARGV[6] target node
 --
 -- Returns {status, owner, epoch}: 1 = moved (the new lease), 0 = not moved: the lease
--- changed meanwhile, or the target is gone (the move is called off; the owner keeps it).
+-- changed meanwhile, or the target is gone or the deadline passed (the move is called
+-- off; the owner keeps it).
 local now = redis.call('TIME')
 now = tonumber(now[1]) + tonumber(now[2]) / 1000000
 local owner = redis.call('HGET', KEYS[1], 'owner')
@@ -16,14 +17,15 @@ if owner ~= ARGV[4] or epoch ~= ARGV[5] or redis.call('HGET', KEYS[1], 'moving_t
 end
 local beat = redis.call('ZSCORE', KEYS[2], ARGV[6])
 if not beat or tonumber(beat) < now - tonumber(ARGV[1])
-    or redis.call('HGET', ARGV[2] .. 'worker:' .. ARGV[6], 'draining') == '1' then
-  redis.call('HDEL', KEYS[1], 'moving_to')
+    or redis.call('HGET', ARGV[2] .. 'worker:' .. ARGV[6], 'draining') == '1'
+    or tonumber(redis.call('HGET', KEYS[1], 'moving_until') or '0') < now then
+  redis.call('HDEL', KEYS[1], 'moving_to', 'moving_until')
   return {0, owner, epoch}
 end
 local new_epoch = string.format('%.0f', redis.call('INCR', KEYS[3]))
 redis.call('HSET', KEYS[1], 'owner', ARGV[6], 'epoch', new_epoch, 'since', tostring(now),
            'origin', 'moved')
-redis.call('HDEL', KEYS[1], 'moving_to')
+redis.call('HDEL', KEYS[1], 'moving_to', 'moving_until')
 redis.call('SREM', ARGV[2] .. 'owned:' .. owner, ARGV[3])
 redis.call('SADD', ARGV[2] .. 'owned:' .. ARGV[6], ARGV[3])
 return {1, ARGV[6], new_epoch}

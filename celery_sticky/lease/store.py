@@ -199,16 +199,17 @@ class LeaseStore:
         return float(now)
 
     def begin_move(
-        self, workflow: str, key: str, target: str, owner: str = ""
+        self, workflow: str, key: str, target: str, owner: str = "", *, deadline: float = 60.0
     ) -> tuple[int, str, int]:
-        """Route the key's new tasks to ``target`` until the move commits (see move_begin.lua).
+        """Route the key's new tasks to ``target`` until the move commits, or is off
+        ``deadline`` seconds from now (see move_begin.lua).
 
         Returns ``(status, owner, epoch)``.
         """
         status, current, epoch = self._call(
             self._move_begin,
             keys=[self.lease_key(workflow, key), self.workers_key],
-            args=[self.config.lease_ttl, self.prefix, target, owner],
+            args=[self.config.lease_ttl, self.prefix, target, owner, deadline],
         )
         return int(status), str(current), int(epoch)
 

@@ -10,27 +10,17 @@ from __future__ import annotations
 import collections
 import hashlib
 import math
-import os
-import uuid
-from collections.abc import Iterator
+import time
 from typing import Any
 
 import pytest
-from celery import Celery
 
 from celery_sticky.lease import ClaimStatus, LeaseStore
-from celery_sticky.settings import StickyConfig
 
 
 @pytest.fixture
-def store(redis_client: Any) -> Iterator[LeaseStore]:
-    prefix = f"lp{uuid.uuid4().hex[:8]}"
-    app = Celery("placement", broker=os.environ["STICKY_TEST_REDIS_URL"], set_as_current=False)
-    app.conf.update(sticky_key_prefix=prefix, sticky_lease_ttl=30.0)
-    store = LeaseStore(StickyConfig.from_app(app))
-    yield store
-    for name in redis_client.scan_iter(f"{prefix}:*"):
-        redis_client.delete(name)
+def store(make_store: Any) -> LeaseStore:
+    return make_store(30.0)  # type: ignore[no-any-return]
 
 
 def register(
@@ -190,6 +180,24 @@ def test_a_move_to_a_worker_that_died_is_called_off(store: LeaseStore) -> None:
     assert store.claim("order", "1")[:3] == ("a", lease.epoch, ClaimStatus.OWNED)
     assert store.commit_move("order", "1", "a", lease.epoch, "b").status is ClaimStatus.OWNED
     assert store.lookup("order", "1").moving_to == ""  # type: ignore[union-attr]
+
+
+def test_a_move_that_misses_its_deadline_is_called_off(store: LeaseStore) -> None:
+    """A lost or failed move task must not leave the key's new tasks waiting for good."""
+    register(store, "a")
+    register(store, "b")
+    lease = store.claim("order", "1", candidate="a")
+    assert store.begin_move("order", "1", "b", deadline=0.3)[0] == 1
+    assert store.claim("order", "1").status is ClaimStatus.MOVING
+    time.sleep(0.4)
+    assert store.claim("order", "1")[:3] == ("a", lease.epoch, ClaimStatus.OWNED)
+    assert store.lookup("order", "1").moving_to == ""  # type: ignore[union-attr]
+    assert store.commit_move("order", "1", "a", lease.epoch, "b").status is ClaimStatus.OWNED
+    # Late, but nobody asked meanwhile: the commit itself checks the deadline.
+    assert store.begin_move("order", "1", "b", deadline=0.3)[0] == 1
+    time.sleep(0.4)
+    assert store.commit_move("order", "1", "a", lease.epoch, "b").status is ClaimStatus.OWNED
+    assert store.begin_move("order", "1", "b")[0] == 1, "a new move may start"
 
 
 def test_registered_tags_are_remembered(store: LeaseStore) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,16 +14,8 @@ from celery_sticky.testing import start_server
 
 
 @pytest.fixture
-def store(redis_client: Any) -> Iterator[LeaseStore]:
-    import os
-
-    prefix = f"ls{uuid.uuid4().hex[:8]}"
-    app = Celery("store", broker=os.environ["STICKY_TEST_REDIS_URL"], set_as_current=False)
-    app.conf.update(sticky_key_prefix=prefix, sticky_lease_ttl=1.0)
-    store = LeaseStore(StickyConfig.from_app(app))
-    yield store
-    for name in redis_client.scan_iter(f"{prefix}:*"):
-        redis_client.delete(name)
+def store(make_store: Any) -> LeaseStore:
+    return make_store(1.0)  # type: ignore[no-any-return]
 
 
 def test_claim_epochs_rise_and_a_live_owner_keeps_its_key(store: LeaseStore) -> None:
