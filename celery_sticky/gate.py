@@ -28,7 +28,7 @@ from celery.worker.state import task_ready, task_reserved
 from celery.worker.strategy import default as default_strategy
 from kombu.message import Message
 
-from . import metrics
+from . import faults, metrics
 from .errors import ForwardingError, InvalidKeyError
 from .events import dispatcher_send, ownership_changed
 from .forwarding import forward
@@ -285,6 +285,7 @@ class KeyGate:
                 send=dispatcher_send(self.consumer),
             )
         metrics.gate_wait.observe(time.monotonic() - entry.created)
+        faults.reach("after_prove")
         proven = header._replace(epoch=lease.epoch)
         entry.message.headers[HEADER] = proven.encode()
         self._local.entry = entry

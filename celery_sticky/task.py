@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from celery import Celery, Task, shared_task
 from celery.exceptions import Ignore
 
+from . import faults
 from .events import ownership_changed
 from .handoff import adopt, holds_lease, replicate
 from .keys import KeyFunc, KeySpec
@@ -100,6 +101,7 @@ class StickyTask(Task):  # type: ignore[misc]
         except BaseException:
             state.discard()
             raise
+        faults.reach("after_run")
         if epoch and not holds_lease(self.app, workflow, key, nodename, epoch):
             # Fenced: this worker lost the key while the task ran (paused, cut off).
             # Nothing is committed; the task goes to the key's owner instead.
@@ -115,13 +117,16 @@ class StickyTask(Task):  # type: ignore[misc]
             )
             self.signature_from_request().apply_async()
             raise Ignore()
+        faults.reach("after_fence")
         finish = state.finishing or self.ends_workflow
         try:
             state.commit(result, finish=finish, epoch=epoch)
         except AlreadyApplied as done:
             return done.result
+        faults.reach("after_commit")
         if config.state_replication == "sync" and not finish:
             replicate(self.app, config, store, workflow, key)
+        faults.reach("after_replicate")
         if state._outbox:  # nothing published: no outbox record to read
             send_outbox(self.app, store, workflow, key, task_id)
         if finish:

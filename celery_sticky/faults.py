@@ -1,0 +1,70 @@
+"""Named fault points on the execution path, for tests that must hit a window every time.
+
+A random fault schedule hits the window between a worker's ownership check and its
+commit only by luck; a fault point hits it on every run. The execution path calls
+:func:`reach` at a few named places (``FAULT_POINTS``). Nothing happens unless the
+process was started with ``STICKY_TEST_FAULT=<point>:<action>`` in its environment
+(read once, at import), so production pays one dictionary lookup per point.
+
+Actions act on the whole process group, which the test cluster gives each worker
+(``start_new_session``), so the pool children stop or die with the main process:
+
+- ``stop``: SIGSTOP the group (a GC pause, a frozen VM, a partition); the test
+  sends SIGCONT when it has made another worker take over;
+- ``kill``: SIGKILL the group (a power cut).
+
+A point fires once per test: the first process to reach it creates the marker file
+``STICKY_TEST_FAULT_MARKER`` (default ``<tmp>/sticky-fault-<point>``) exclusively
+and writes its pid there, so the test can wait for the file instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+
+#: Where the execution path calls :func:`reach`, in the order a task passes them.
+FAULT_POINTS = (
+    "after_prove",  # worker main process: ownership proven, before the pool gets the task
+    "after_run",  # pool: the task's body returned, before the fence
+    "after_fence",  # pool: the fence passed, before the local commit
+    "after_commit",  # pool: committed locally, before replication
+    "after_replicate",  # pool: replicated, before the outbox is sent
+)
+
+_ACTIONS = {"stop": signal.SIGSTOP, "kill": signal.SIGKILL}
+
+
+def _parse(spec: str) -> tuple[str, int] | None:
+    if not spec:
+        return None
+    point, _, action = spec.partition(":")
+    if point not in FAULT_POINTS or action not in _ACTIONS:
+        raise ValueError(
+            f"STICKY_TEST_FAULT={spec!r}: expected <point>:<action> with point in "
+            f"{', '.join(FAULT_POINTS)} and action in {', '.join(_ACTIONS)}"
+        )
+    return point, _ACTIONS[action]
+
+
+_ARMED = _parse(os.environ.get("STICKY_TEST_FAULT", ""))
+
+
+def marker_path(point: str) -> str:
+    """The file the first process to reach ``point`` creates."""
+    default = os.path.join(tempfile.gettempdir(), f"sticky-fault-{point}")
+    return os.environ.get("STICKY_TEST_FAULT_MARKER") or default
+
+
+def reach(point: str) -> None:
+    """Apply the armed fault if this is its point and it has not fired yet."""
+    if _ARMED is None or _ARMED[0] != point:
+        return
+    try:
+        fd = os.open(marker_path(point), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return  # fired already, in this process or another
+    with os.fdopen(fd, "w") as marker:
+        marker.write(str(os.getpid()))
+    os.killpg(os.getpgid(0), _ARMED[1])
