@@ -66,7 +66,7 @@ import redis
 from celery.result import AsyncResult
 from common import against_redis, app_module, log, positive
 
-from celery_sticky.app import lease_store
+from celery_sticky.context import lease_store
 from celery_sticky.testing import WorkerCluster
 
 DEFAULT_URL = "redis://127.0.0.1:6379/9"

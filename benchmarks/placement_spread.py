@@ -77,9 +77,9 @@ import redis
 from celery import Celery
 from common import against_redis, app_module, log, positive
 
-from celery_sticky.app import lease_store
+from celery_sticky.context import lease_store
 from celery_sticky.placement import Candidate
-from celery_sticky.rebalance import move_key
+from celery_sticky.producer.admin import move_key
 from celery_sticky.testing import WorkerCluster
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"

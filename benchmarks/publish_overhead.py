@@ -46,11 +46,12 @@ from celery import Celery
 from common import against_redis, positive
 
 from celery_sticky import sticky_task
-from celery_sticky.app import lease_store, router_of
+from celery_sticky.context import get_config, lease_store
 from celery_sticky.lease import LeaseStore
-from celery_sticky.message import HEADER
 from celery_sticky.placement import BUILTIN_POLICIES
-from celery_sticky.settings import StickyConfig, get_config
+from celery_sticky.producer.install import router_of
+from celery_sticky.settings import StickyConfig
+from celery_sticky.wire import HEADER
 
 DEFAULT_URL = "redis://127.0.0.1:6379/14"
 TARGET = 1.15

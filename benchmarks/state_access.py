@@ -77,9 +77,9 @@ from celery import Celery
 from common import against_redis, positive
 
 from celery_sticky.lease.store import LeaseStore
-from celery_sticky.local_state import NodeState
+from celery_sticky.local.handle import StateHandle
+from celery_sticky.local.node_state import NodeState
 from celery_sticky.settings import StickyConfig
-from celery_sticky.state import StateHandle
 
 DEFAULT_URL = "redis://127.0.0.1:6379/15"
 MB = 1_000_000

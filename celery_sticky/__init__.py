@@ -5,7 +5,6 @@ Every task of a workflow key runs on the worker that holds the key's state.
 
 from __future__ import annotations
 
-from .app import install
 from .errors import (
     ConfigurationError,
     ForwardingError,
@@ -16,10 +15,10 @@ from .errors import (
     StateSizeLimitError,
     StickyError,
 )
-from .lifecycle import release
-from .rebalance import move_key
-from .state import StateHandle
-from .task import StickyTask, sticky_task
+from .local.handle import StateHandle
+from .producer.admin import move_key, release
+from .producer.install import install
+from .producer.task import StickyTask, sticky_task
 
 __version__ = "0.1.0"
 

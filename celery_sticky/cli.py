@@ -27,10 +27,13 @@ from kombu.exceptions import OperationalError
 
 # Imported with this plugin (Celery loads it at start): `celery inspect` and
 # `celery control` then know sticky_key_info and sticky_drain too.
-from . import control  # noqa: F401
-from .errors import ConfigurationError, LeaseStoreUnavailable
-from .lease import LeaseStore, WorkerInfo
-from .lease.store import redact_url
+from .context import get_config, lease_store
+from .errors import ConfigurationError, LeaseStoreUnavailable, MoveError
+from .lease import LeaseStore, WorkerInfo, redact_url
+from .producer import admin
+from .producer.install import install
+from .producer.queues import queued_keys
+from .producer.rebalance import affinity_lookup, plan_rebalance
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -91,9 +94,6 @@ def _app(ctx: click.Context) -> Celery:
 
 
 def _store(ctx: click.Context) -> LeaseStore:
-    from .app import lease_store
-    from .settings import get_config
-
     app = _app(ctx)
     try:
         return lease_store(app)
@@ -107,8 +107,6 @@ def _no_color(ctx: click.Context) -> bool:
 
 
 def _lease_url(ctx: click.Context) -> str:
-    from .settings import get_config
-
     try:
         return redact_url(get_config(_app(ctx)).redis_url)
     except Exception:
@@ -123,8 +121,7 @@ def _broker_url(ctx: click.Context) -> str:
 
 
 def _server_time(store: LeaseStore) -> float:
-    seconds, micros = store.guard(store.redis.time)
-    return float(seconds) + float(micros) / 1e6
+    return store.server_time()
 
 
 @contextlib.contextmanager
@@ -437,43 +434,27 @@ def keys(
     the cursor a page ends with to get the next one, with the same filters.
     """
     store = _store(ctx)
-    client = store.redis
     if worker is not None:
-        if store.guard(lambda: client.zscore(store.workers_key, worker)) is None:
+        if not store.is_registered(worker):
             raise NotFound(f"unknown worker {worker!r}: not in the lease store's registry")
-        owned = store.owned_key(worker)
         match = f"{_glob_escape(workflow)}:*" if workflow else None
 
         def scan(position: int) -> tuple[int, list[str]]:
-            page: tuple[int, list[str]] = store.guard(
-                lambda: client.sscan(owned, position, match=match, count=SCAN_COUNT)
-            )
-            return page
+            return store.scan_owned(worker, position, match, SCAN_COUNT)
 
         members, next_cursor = _scan_page(scan, cursor, limit)
         pairs = [tuple(member.split(":", 1)) for member in members]
     else:
-        lease_prefix = f"{store.prefix}lease:"  # as LeaseStore.lease_key writes them
+        lease_prefix = store.lease_key_prefix
         pattern = _glob_escape(lease_prefix) + (f"{_glob_escape(workflow)}:*" if workflow else "*")
 
         def scan(position: int) -> tuple[int, list[str]]:
-            page: tuple[int, list[str]] = store.guard(
-                lambda: client.scan(position, match=pattern, count=SCAN_COUNT)
-            )
-            return page
+            return store.scan_lease_keys(position, pattern, SCAN_COUNT)
 
         names, next_cursor = _scan_page(scan, cursor, limit)
         pairs = [tuple(name[len(lease_prefix) :].split(":", 1)) for name in names]
     pairs = [pair for pair in pairs if len(pair) == 2]
-
-    def read() -> list[Any]:
-        pipe = client.pipeline(transaction=False)
-        for wf, key in pairs:
-            pipe.hmget(store.lease_key(wf, key), "owner", "epoch", "origin")
-        replies: list[Any] = pipe.execute()
-        return replies
-
-    leases = store.guard(read)
+    leases = store.lease_rows(pairs)
     alive = {w.name: w.alive and not w.draining for w in store.workers()}
     rows: list[dict[str, Any]] = []
     for (wf, key), (owner, epoch, origin) in sorted(zip(pairs, leases, strict=True)):
@@ -484,7 +465,7 @@ def keys(
                 "workflow": wf,
                 "key": key,
                 "owner": owner,
-                "epoch": int(epoch),
+                "epoch": int(epoch or 0),
                 "alive": alive.get(owner, False),
                 "origin": origin or "claimed",
             }
@@ -533,7 +514,7 @@ def show(ctx: click.Context, workflow: str, key: str, timeout: float, as_json: b
     info = store.lookup(workflow, key)
     if info is None:
         raise NotFound(f"no lease for {workflow}:{key}: nobody owns it")
-    since = store.guard(lambda: store.redis.hget(store.lease_key(workflow, key), "since"))
+    since = store.lease_since(workflow, key)
     result: dict[str, Any] = {
         "workflow": workflow,
         "key": key,
@@ -541,7 +522,7 @@ def show(ctx: click.Context, workflow: str, key: str, timeout: float, as_json: b
         "epoch": info.epoch,
         "alive": info.alive,
         "origin": info.origin,
-        "since": float(since) if since else None,
+        "since": since,
         "affinity": info.affinity or None,
         "moving_to": info.moving_to or None,
         "on_owner": None,
@@ -629,8 +610,6 @@ def release(
     tasks already queued for the key, deletes the key's local state and releases
     its lease. Prints the task id.
     """
-    from . import lifecycle
-    from .app import install
 
     app = _app(ctx)
     install(app)  # the end_workflow task and the router that sends it to the owner
@@ -640,7 +619,7 @@ def release(
         raise NotFound(f"no lease for {workflow}:{key}: nobody owns it")
     with _broker(app):  # fail fast when the broker is down
         pass
-    sent = lifecycle.release(workflow, key, app=app)
+    sent = admin.release(workflow, key, app=app)
     if sent is None:
         raise NotFound(f"no lease for {workflow}:{key}: nobody owns it")
     result: dict[str, Any] = {
@@ -756,7 +735,7 @@ def reap(ctx: click.Context, as_json: bool) -> None:
     queued tasks go, in publish order, to their keys' new owners. Keys with no
     queued task stay with the dead worker until their next task takes them over.
     """
-    from .reaper import reap as reap_worker
+    from .worker.reaper import reap as reap_worker  # the CLI reaps as a worker would
 
     app = _app(ctx)
     store = _store(ctx)
@@ -838,9 +817,6 @@ def move(
     tasks it already has, then hands the state over. A busy key is moved too,
     after its queued tasks (rebalance moves only idle ones).
     """
-    from .app import install
-    from .errors import MoveError
-    from .rebalance import move_key
 
     app = _app(ctx)
     install(app)
@@ -853,7 +829,7 @@ def move(
     with _broker(app):  # fail fast when the broker is down
         pass
     try:
-        sent = move_key(workflow, key, worker, app=app, owner=info.owner)
+        sent = admin.move_key(workflow, key, worker, app=app, owner=info.owner)
     except MoveError as exc:
         raise CommandError(str(exc)) from None
     result: dict[str, Any] = {
@@ -899,9 +875,6 @@ def rebalance(
     with its state, and only while a move narrows the gap between two workers.
     A key's affinity is kept: it only moves to a worker carrying its tags.
     """
-    from .app import install
-    from .errors import MoveError
-    from .rebalance import affinity_lookup, move_key, plan_rebalance, queued_keys
 
     app = _app(ctx)
     install(app)
@@ -925,7 +898,7 @@ def rebalance(
         row.update({"to": m.target, "task_id": None, "error": None})
         if not dry_run:
             try:
-                moving = move_key(m.workflow, m.key, m.target, app=app, owner=m.source)
+                moving = admin.move_key(m.workflow, m.key, m.target, app=app, owner=m.source)
                 row["task_id"] = moving.id
             except MoveError as exc:
                 row["error"] = str(exc)

@@ -2,18 +2,17 @@
 
 Settings are read with ``app.conf.get("sticky_<name>", default)`` rather than
 through ``app.add_defaults``: defaults added that way override values loaded by
-``config_from_object`` (a known Celery trap).
+``config_from_object`` (a known Celery trap). This module only turns a mapping
+of settings into a validated :class:`StickyConfig`; caching it per app is
+:mod:`celery_sticky.context`'s job.
 """
 
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from celery import Celery
+from typing import Any, Protocol
 
 from .errors import ConfigurationError
 from .placement import BUILTIN_POLICIES, MAX_TAGS, parse_tags, resolve_policy
@@ -278,6 +277,14 @@ SETTINGS: tuple[Setting, ...] = (
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
+class AppSettings(Protocol):
+    """What :meth:`StickyConfig.from_conf` reads: ``app.conf`` of a Celery app."""
+
+    broker_url: Any
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+
 @dataclass(frozen=True)
 class StickyConfig:
     """The resolved ``sticky_*`` settings of one app, validated once."""
@@ -308,15 +315,22 @@ class StickyConfig:
     proof_retry_max: float
 
     @classmethod
-    def from_app(cls, app: Celery) -> StickyConfig:
+    def from_app(cls, app: Any) -> StickyConfig:
+        """Validate the ``sticky_*`` settings of a Celery app (uncached: see
+        :func:`celery_sticky.context.get_config`)."""
+        return cls.from_conf(app.conf)
+
+    @classmethod
+    def from_conf(cls, conf: AppSettings) -> StickyConfig:
+        """Validate the ``sticky_*`` settings of ``conf`` (a Celery app's ``app.conf``)."""
         values: dict[str, Any] = {}
         for setting in SETTINGS:
-            raw = app.conf.get(setting.key, setting.default)
+            raw = conf.get(setting.key, setting.default)
             try:
                 values[setting.name] = setting.convert(raw)
             except (TypeError, ValueError) as exc:
                 raise ConfigurationError(f"{setting.key}={raw!r}: {exc}") from None
-        values["redis_url"] = values["redis_url"] or _redis_url_from_broker(app)
+        values["redis_url"] = values["redis_url"] or _redis_url_from_broker(conf)
         values["state_dir"] = values["state_dir"] or _default_state_dir()
         ttl = values["lease_ttl"]
         interval = values["heartbeat_interval"] or ttl / 4
@@ -338,8 +352,8 @@ class StickyConfig:
         return f"{self.queue_prefix}.{nodename}"
 
 
-def _redis_url_from_broker(app: Celery) -> str:
-    broker = app.conf.broker_url
+def _redis_url_from_broker(conf: AppSettings) -> str:
+    broker = conf.broker_url
     urls = broker if isinstance(broker, list | tuple) else str(broker or "").split(";")
     first = str(urls[0]).strip() if urls else ""
     if first.startswith(REDIS_SCHEMES):
@@ -349,19 +363,3 @@ def _redis_url_from_broker(app: Celery) -> str:
         f"sticky_redis_url is not set and broker_url {shown!r} is not a Redis URL: "
         "set sticky_redis_url to the Redis that holds the leases"
     )
-
-
-_configs: weakref.WeakKeyDictionary[Celery, StickyConfig] = weakref.WeakKeyDictionary()
-
-
-def get_config(app: Celery) -> StickyConfig:
-    """The app's resolved settings, read on first use (after configuration)."""
-    config = _configs.get(app)
-    if config is None:
-        config = _configs[app] = StickyConfig.from_app(app)
-    return config
-
-
-def reset_config(app: Celery) -> None:
-    """Forget the cached settings, so the next use reads ``app.conf`` again."""
-    _configs.pop(app, None)

@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from celery_sticky.app import lease_store
+from celery_sticky.context import lease_store
 from celery_sticky.testing import WorkerCluster, answers, redis_at
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"

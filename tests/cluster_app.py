@@ -194,7 +194,7 @@ if os.environ.get("STICKY_TEST_CRASH_BEFORE_OUTBOX"):
     # after its commit kills its whole worker, as a power cut would.
     import signal
 
-    import celery_sticky.task as _task_module
+    import celery_sticky.worker.execution as _task_module
 
     _send_outbox = _task_module.send_outbox
     _marker = os.environ["STICKY_TEST_CRASH_BEFORE_OUTBOX"]

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from celery_sticky.app import lease_store
+from celery_sticky.context import lease_store
 from celery_sticky.testing import WorkerCluster, start_server
 from tests.conftest import REPO, unique
 
@@ -74,7 +74,7 @@ def test_consumer_step_sends_held_back_acks_at_shutdown() -> None:
     Dropped, the broker restores messages whose tasks ran, and the drain runs them
     again elsewhere (tests/test_gate.py's gevent case on Celery 5.3 shows it end to end).
     """
-    from celery_sticky.bootsteps import StickyConsumer
+    from celery_sticky.worker.bootsteps.gate import StickyConsumer
 
     sent: list[str] = []
 

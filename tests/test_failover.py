@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from celery_sticky.app import lease_store
+from celery_sticky.context import lease_store
 from celery_sticky.testing import WorkerCluster
 from tests.conftest import read_events, start_cluster, unique
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from celery_sticky.app import lease_store
+from celery_sticky.context import lease_store
 from celery_sticky.errors import ForwardingError
 from tests.conftest import unique
 

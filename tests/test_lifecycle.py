@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from celery_sticky import release
-from celery_sticky.app import lease_store
+from celery_sticky.context import lease_store
 from celery_sticky.testing import WorkerCluster
 from tests.conftest import start_cluster, unique
 

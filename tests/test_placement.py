@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from celery_sticky.app import lease_store, router_of
+from celery_sticky.context import lease_store
 from celery_sticky.errors import ConfigurationError
 from celery_sticky.placement import (
     Candidate,
@@ -25,6 +25,7 @@ from celery_sticky.placement import (
     parse_tags,
     resolve_policy,
 )
+from celery_sticky.producer.install import router_of
 from celery_sticky.settings import StickyConfig
 from celery_sticky.testing import WorkerCluster
 from tests.conftest import read_events, start_cluster, unique
@@ -174,7 +175,7 @@ def test_a_task_no_live_worker_may_run_waits_for_one(
     task = app.tasks["tests.cluster_app.regional_step"]
     routed, landed = unique("apac"), unique("apac-landed")
     redis_client.delete(f"{sub}:events")
-    with caplog.at_level(logging.ERROR, logger="celery_sticky.router"):
+    with caplog.at_level(logging.ERROR, logger="celery_sticky.producer.router"):
         first = task.apply_async((routed, 0, "apac"))
     assert "no worker has ever advertised the tags region=apac" in caplog.text
     assert f"queue {sub}.affinity.region=apac" in caplog.text
@@ -262,7 +263,7 @@ def test_a_dead_workers_tasks_wait_for_a_worker_that_may_run_them(
     """kill -9 of the only ``region=ap`` worker: its queued tasks go to the affinity's
     queue, not to the live eu and us workers, and run when another ap worker comes."""
     from celery_sticky.placement import affinity_queue_name
-    from celery_sticky.reaper import queue_size
+    from celery_sticky.producer.queues import queue_size
 
     app, cluster = tagged
     task = app.tasks["tests.cluster_app.regional_step"]
@@ -311,7 +312,7 @@ def test_a_full_worker_still_gets_keys_no_other_may_hold(
     try:
         assert _live(app)[name].max_keys == 2
         task = app.tasks["tests.cluster_app.regional_step"]
-        with caplog.at_level(logging.WARNING, logger="celery_sticky.router"):
+        with caplog.at_level(logging.WARNING, logger="celery_sticky.producer.router"):
             nodes = [task.delay(unique("lim"), 0, "lim").get(timeout=30) for _ in range(4)]
         assert nodes == [name] * 4, "the only matching worker takes them all"
         assert "sticky_max_keys_per_worker keys; placed on lim-1@sticky-tests anyway" in caplog.text

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from celery_sticky.app import lease_store
+from celery_sticky.context import lease_store
 from celery_sticky.errors import MoveError
 from celery_sticky.lease import WorkerInfo
-from celery_sticky.rebalance import move_key, plan_rebalance
+from celery_sticky.producer.admin import move_key
+from celery_sticky.producer.rebalance import plan_rebalance
 from celery_sticky.testing import WorkerCluster
 from tests.conftest import REPO, read_events, start_cluster, unique
 from tests.invariants import violations

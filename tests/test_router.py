@@ -6,8 +6,9 @@ from typing import Any
 
 from celery import chain, group
 
-from celery_sticky.app import lease_store, router_of
-from celery_sticky.message import HEADER
+from celery_sticky.context import lease_store
+from celery_sticky.producer.install import router_of
+from celery_sticky.wire import HEADER
 from tests.conftest import unique
 from tests.invariants import violations
 

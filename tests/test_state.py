@@ -12,9 +12,9 @@ import pytest
 from celery import Celery
 
 from celery_sticky.errors import StateSizeLimitError
-from celery_sticky.local_state import AlreadyApplied, NodeState
+from celery_sticky.local.handle import StateHandle, outbox_task_id
+from celery_sticky.local.node_state import AlreadyApplied, NodeState
 from celery_sticky.settings import StickyConfig
-from celery_sticky.state import StateHandle, outbox_task_id
 from tests.conftest import unique
 
 

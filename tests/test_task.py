@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from celery.utils.imports import symbol_by_name
 
 from celery_sticky import ConfigurationError, InvalidKeyError, LeaseStoreUnavailable, install
-from celery_sticky.app import router_of
-from celery_sticky.router import StickyRouter
-from celery_sticky.task import StickyTask, sticky_task
+from celery_sticky.producer.install import router_of
+from celery_sticky.producer.router import StickyRouter
+from celery_sticky.producer.task import StickyTask, sticky_task
 
 
 def test_callers_never_pass_state(sticky_app: Any) -> None:
@@ -86,12 +87,16 @@ def test_install_is_idempotent() -> None:
     app = Celery("idempotent", broker="redis://127.0.0.1:6379/0", set_as_current=False)
     app.conf.task_routes = {"other.*": {"queue": "other"}}
     install(app)
+    steps = {name: set(app.steps[name]) for name in ("worker", "consumer")}
     install(app)
     routes = app.conf.task_routes
     assert sum(isinstance(r, StickyRouter) for r in routes) == 1
     assert routes[1] == {"other.*": {"queue": "other"}}
-    assert [s for s in app.steps["worker"] if s.__name__ == "StickyWorker"] != []
-    assert len(app.steps["worker"]) == 1 and len(app.steps["consumer"]) == 1
+    # Steps are named by string (a producer never imports the worker side).
+    worker_steps = [symbol_by_name(s) for s in app.steps["worker"]]
+    assert [s for s in worker_steps if s.__name__ == "StickyWorker"] != []
+    assert {name: set(app.steps[name]) for name in ("worker", "consumer")} == steps
+    assert len(app.steps["consumer"]) == 1
 
 
 def test_unreachable_lease_store_fails_publish_naming_the_url() -> None:
@@ -109,7 +114,7 @@ def test_unreachable_lease_store_fails_publish_naming_the_url() -> None:
 def test_non_redis_broker_needs_sticky_redis_url() -> None:
     app = Celery("amqp", broker="amqp://guest:guest@127.0.0.1:5672//", set_as_current=False)
     app.finalize()
-    from celery_sticky.settings import get_config
+    from celery_sticky.context import get_config
 
     with pytest.raises(ConfigurationError, match="sticky_redis_url is not set"):
         get_config(app)
@@ -130,3 +135,64 @@ def test_registering_on_one_app_works_from_any_thread() -> None:
     assert seen == [app]
     assert isinstance(app.tasks[ship.name], StickyTask)
     assert any(isinstance(r, StickyRouter) for r in app.conf.task_routes)
+
+
+_TWO_APPS = """
+import json, os, tempfile
+from celery import Celery
+from celery_sticky import sticky_task
+
+installed = Celery("installed", broker=os.environ["URL"], set_as_current=False)
+prefix = os.environ["PREFIX"]
+installed.conf.update(
+    sticky_key_prefix=prefix, sticky_queue_prefix=prefix, sticky_state_dir=tempfile.mkdtemp()
+)
+plain = Celery("plain", broker="amqp://guest:guest@127.0.0.1:1//", set_as_current=False)
+
+@sticky_task(key="order_id", app=installed)
+def step(order_id, *, state):
+    return None
+
+@plain.task(shared=False)
+def add(x, y):
+    return x + y
+
+report = {}
+for app in (installed, plain):
+    app.finalize()
+    worker = app.WorkController(hostname=f"{app.main}@two-apps", pool_cls="solo", concurrency=1)
+    report[app.main] = {
+        "steps": sorted(worker.blueprint.steps),
+        "routes": [type(r).__name__ for r in (app.conf.task_routes or ())],
+        "tasks": sorted(t for t in app.tasks if t.startswith("celery_sticky")),
+    }
+print(json.dumps(report))
+"""
+
+
+def test_install_touches_only_its_app(prefix: str) -> None:
+    """Two apps in one process: the one a sticky task binds to gets the router, the
+    bootsteps and the library's own tasks; the other (an AMQP broker and no
+    ``sticky_*`` settings) builds its worker as plain Celery."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "URL": os.environ["STICKY_TEST_REDIS_URL"], "PREFIX": f"{prefix}two"}
+    out = subprocess.run(
+        [sys.executable, "-c", _TWO_APPS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.splitlines()[-1])
+    sticky_steps = [s for s in report["installed"]["steps"] if "celery_sticky" in s]
+    assert "celery_sticky.worker.bootsteps.node.StickyWorker" in sticky_steps
+    assert report["installed"]["routes"] == ["StickyRouter"]
+    assert report["installed"]["tasks"] == ["celery_sticky.end_workflow", "celery_sticky.move_key"]
+    assert [s for s in report["plain"]["steps"] if "celery_sticky" in s] == []
+    assert report["plain"]["routes"] == []
+    assert report["plain"]["tasks"] == []

@@ -2,14 +2,15 @@
 
 Every decision that must be atomic across producers and workers is one Lua
 script (the ``.lua`` files beside this module), run with EVALSHA. Liveness is
-measured against the Redis server's clock, never a worker's.
+measured against the Redis server's clock, never a worker's. The keys it
+writes are listed in :mod:`celery_sticky.lease`.
 """
 
 from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple, TypeVar
@@ -347,8 +348,58 @@ class LeaseStore:
         pairs = (str(member).split(":", 1) for member in members)
         return {(workflow, key) for workflow, key in pairs}
 
+    def owned_count(self, node: str) -> int:
+        """How many keys are registered to ``node``."""
+        return int(self.guard(lambda: self.redis.scard(self.owned_key(node))))
+
+    def is_registered(self, node: str) -> bool:
+        """Whether ``node`` is in the worker registry (alive or not)."""
+        return self.guard(lambda: self.redis.zscore(self.workers_key, node)) is not None
+
+    def lease_since(self, workflow: str, key: str) -> float | None:
+        """Server time the key's current owner took it, or None when nobody holds it."""
+        since = self.guard(lambda: self.redis.hget(self.lease_key(workflow, key), "since"))
+        return float(since) if since else None
+
+    def scan_owned(
+        self, node: str, position: int, match: str | None, count: int
+    ) -> tuple[int, list[str]]:
+        """One SSCAN page of ``node``'s owned set: ``(next position, ['<workflow>:<key>'])``."""
+        page: tuple[int, list[str]] = self.guard(
+            lambda: self.redis.sscan(self.owned_key(node), position, match=match, count=count)
+        )
+        return page
+
+    @property
+    def lease_key_prefix(self) -> str:
+        """What every lease key starts with (``<prefix>lease:``)."""
+        return f"{self.prefix}lease:"
+
+    def scan_lease_keys(self, position: int, match: str, count: int) -> tuple[int, list[str]]:
+        """One SCAN page of lease keys matching ``match`` (a glob over whole key names)."""
+        page: tuple[int, list[str]] = self.guard(
+            lambda: self.redis.scan(position, match=match, count=count)
+        )
+        return page
+
+    def lease_rows(self, pairs: Sequence[Sequence[str]]) -> list[list[str | None]]:
+        """``[owner, epoch, origin]`` of each ``(workflow, key)``, one pipelined read."""
+
+        def read() -> list[list[str | None]]:
+            pipe = self.redis.pipeline(transaction=False)
+            for workflow, key in pairs:
+                pipe.hmget(self.lease_key(workflow, key), "owner", "epoch", "origin")
+            replies: list[list[str | None]] = pipe.execute()
+            return replies
+
+        return self.guard(read)
+
     def ping(self) -> None:
         self.guard(self.redis.ping)
+
+    def server_time(self) -> float:
+        """The Redis server's clock, which every liveness decision is measured against."""
+        return self.guard(self._server_time)
 
     def _server_time(self) -> float:
         seconds, micros = self.redis.time()

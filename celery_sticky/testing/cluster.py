@@ -19,7 +19,7 @@ from pathlib import Path
 
 from celery import Celery
 
-from ..app import lease_store
+from ..context import lease_store
 
 
 @dataclass

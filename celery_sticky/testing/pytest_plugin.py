@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from ..app import lease_store
+from ..context import lease_store
 from .cluster import WorkerCluster
 from .redis_server import redis_at
 
@@ -55,7 +55,7 @@ def sticky_config(sticky_redis_url: str, tmp_path: Path) -> dict[str, Any]:
 @pytest.fixture
 def sticky_celery_app(sticky_config: dict[str, Any]) -> Celery:
     """A Celery app configured by ``sticky_config``, with celery-sticky installed."""
-    from ..app import install
+    from ..producer.install import install
 
     app = Celery(f"sticky-test-{sticky_config['sticky_key_prefix']}", set_as_current=False)
     app.conf.update(sticky_config)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from celery_sticky.app import lease_store
+from celery_sticky.context import lease_store
 from celery_sticky.testing import start_server
 from tests.conftest import read_events, start_cluster
 

@@ -33,8 +33,8 @@ def test_fixtures_start_workers_and_tell_owners(
 
 
 def test_sticky_config_and_app(sticky_config: dict[str, Any], sticky_celery_app: Any) -> None:
-    from celery_sticky.app import router_of
-    from celery_sticky.settings import get_config
+    from celery_sticky.context import get_config
+    from celery_sticky.producer.install import router_of
 
     prefix = sticky_config["sticky_key_prefix"]
     assert sticky_config["task_default_queue"] == f"{prefix}.default"

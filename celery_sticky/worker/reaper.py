@@ -24,13 +24,13 @@ from typing import Any
 from celery import Celery
 from kombu.message import Message
 
-from . import metrics
-from .errors import LeaseStoreUnavailable
+from .. import metrics
+from ..errors import LeaseStoreUnavailable
+from ..lease import ClaimStatus, LeaseStore
+from ..placement import affinity_queue_name, fallback_policy
+from ..producer.queues import queue_size
+from ..wire import StickyHeader, direct_queue
 from .forwarding import republish
-from .lease import ClaimStatus, LeaseStore
-from .message import StickyHeader
-from .placement import affinity_queue_name, fallback_policy
-from .router import direct_queue
 
 logger = logging.getLogger(__name__)
 
@@ -151,16 +151,6 @@ def move_queue(
             moved += 1
             metrics.moved.inc()
     return moved
-
-
-def queue_size(app: Celery, queue: str) -> int:
-    """Messages waiting in ``queue`` (0 when it does not exist)."""
-    with app.connection_for_write() as connection:
-        bound = direct_queue(queue).bind(connection.default_channel)  # type: ignore[no-untyped-call]
-        try:
-            return int(bound.queue_declare(passive=True).message_count)
-        except Exception:  # a queue that does not exist (RabbitMQ answers 404)
-            return 0
 
 
 def reap(app: Celery, store: LeaseStore, node: str, reaped_at: float | None = None) -> int:

@@ -13,7 +13,7 @@ import logging
 
 from celery import Celery
 
-from .local_state import NodeState
+from ..local.node_state import NodeState
 
 logger = logging.getLogger(__name__)
 

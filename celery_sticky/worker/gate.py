@@ -28,14 +28,14 @@ from celery.worker.state import task_ready, task_reserved
 from celery.worker.strategy import default as default_strategy
 from kombu.message import Message
 
-from . import faults, metrics
-from .errors import ForwardingError, InvalidKeyError
-from .events import dispatcher_send, ownership_changed
+from .. import faults, metrics
+from ..errors import ForwardingError, InvalidKeyError
+from ..events import dispatcher_send, ownership_changed
+from ..lease import ClaimStatus
+from ..placement import affinity_queue_name
+from ..wire import HEADER, StickyHeader
 from .forwarding import forward
-from .lease import ClaimStatus
-from .message import HEADER, StickyHeader
 from .node import StickyNode
-from .placement import affinity_queue_name
 
 logger = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ import time
 
 from celery import Celery
 
-from .errors import LeaseStoreUnavailable
-from .events import ownership_changed
-from .handoff import handoff_store
-from .local_state import NodeState
+from ..context import context
+from ..errors import LeaseStoreUnavailable
+from ..events import ownership_changed
+from ..local.node_state import NodeState
 from .node import StickyNode
 from .reaper import move_queue
 
@@ -39,7 +39,7 @@ def drain_node(app: Celery, node: StickyNode, directory: str) -> None:
     owned = leases.owned_keys(node.name)
     handed: set[tuple[str, str]] = set()  # looked at
     exported: set[tuple[str, str]] = set()  # copied to the hand-over store
-    copies = handoff_store(config, leases) if config.state_replication != "off" else None
+    copies = context(app).handoff if config.state_replication != "off" else None
     store = NodeState(directory, config) if copies is not None else None
 
     def hand_over(keys: list[tuple[str, str]]) -> None:

@@ -1,8 +1,9 @@
-"""Worker bootsteps: the node's direct queue, registration and heartbeat, the gate.
+"""The ``Sticky`` worker step: this node's direct queue, registration, heartbeat, gate, drain.
 
-``StickyWorker`` is a worker step (it lives as long as the worker; consumer
-steps restart on every broker reconnect). ``StickyConsumer`` only tells the
-gate when the broker connection restarts.
+A worker step lives as long as the worker (consumer steps restart on every
+broker reconnect). It builds the node's services before the consumer starts, so
+the direct queue and the affinity queues are consumed from the start, and
+drains the node once the pool has stopped (``worker_shutdown``).
 """
 
 from __future__ import annotations
@@ -13,19 +14,21 @@ import time
 from typing import Any
 
 from celery import bootsteps
+from celery.signals import worker_shutdown
 
-from . import metrics
-from .drain import drain_safely
-from .errors import ConfigurationError, LeaseStoreUnavailable
-from .gate import KeyGate
-from .lifecycle import passivate
-from .local_state import NodeState, check_node_directory, open_node_state, set_current_node
-from .node import StickyNode
-from .outbox import send_pending
-from .placement import MAX_TAGS, affinity_queues, parse_tags
-from .reaper import Reaper, restore_unacked
-from .router import direct_queue
-from .settings import StickyConfig, get_config
+from ...context import context
+from ...errors import ConfigurationError, LeaseStoreUnavailable
+from ...local.node_state import NodeState, check_node_directory, open_node_state, set_current_node
+from ...placement import MAX_TAGS, affinity_queues, parse_tags
+from ...producer.own_tasks import register_own_tasks
+from ...settings import StickyConfig
+from ...wire import direct_queue
+from .. import control  # noqa: F401  (registers the remote control commands)
+from ..drain import drain_safely
+from ..gate import KeyGate
+from ..node import StickyNode
+from ..outbox import send_pending
+from ..reaper import restore_unacked
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +47,16 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         **kwargs: Any,
     ) -> None:
         super().__init__(worker, **kwargs)
-        from .app import lease_store
-
         app = worker.app
-        config = get_config(app)
+        ctx = context(app)
+        config = ctx.config
+        register_own_tasks(app)
         # Fail at start, not at the first task, when the state dir is unusable.
         self.state_directory = check_node_directory(config, worker.hostname)
         set_current_node(worker.hostname)  # before the pool forks: children inherit it
         capacity = sticky_capacity or config.worker_capacity or int(worker.concurrency or 1)
         tags = worker_tags(config, sticky_tag)
-        self.node = StickyNode(worker.hostname, config, lease_store(app), capacity, tags)
+        self.node = StickyNode(worker.hostname, config, ctx.leases, capacity, tags)
         self.gate = KeyGate(app, self.node)
         # Added before the consumer starts, so it consumes the queues from the start:
         # its direct queue, and the queues where tasks wait for workers with its tags.
@@ -62,11 +65,9 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
             app.amqp.queues.select_add(direct_queue(name))
         if tags:
             logger.info("sticky: %s carries tags %s, capacity %d", worker.hostname, tags, capacity)
-        self.reaper = Reaper(
-            app, self.node.store, self.node.name, min(1.0, config.heartbeat_interval)
-        )
         self.drained = False
         worker.sticky = self
+        worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid="celery_sticky.drain")
         logger.debug("sticky: node %s, state in %s", worker.hostname, self.state_directory)
 
     def start(self, worker: Any) -> None:
@@ -76,7 +77,6 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
             time.sleep(0.2)
         self._restore_own_unacked(worker)
         self.node.start()
-        self.reaper.start()
         threading.Thread(target=self._drop_stale_state, name="sticky-cleanup", daemon=True).start()
         # The pool has forked by now (this step requires it), so the main process
         # may open the state briefly: send what a crash left in the outbox.
@@ -85,20 +85,10 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
             send_pending(worker.app, store)
         finally:
             store.close()
-        if self.node.config.metrics_port:
-            self._serve_metrics()
-        idle_timeout = self.node.config.idle_timeout
-        if idle_timeout is not None:
-            worker.timer.call_repeatedly(
-                min(idle_timeout / 2, 60.0),
-                passivate,
-                (worker.app, self.node.queue, self.gate.idle, idle_timeout),
-            )
 
     def stop(self, worker: Any) -> None:
         # Draining from now on: this node's keys are routed to its queue, which the
         # drain (after the pool finished its tasks) moves on.
-        self.reaper.stop()
         try:
             self.node.store.set_draining(self.node.name)
         except LeaseStoreUnavailable as exc:
@@ -115,33 +105,6 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
             drain_safely(worker.app, self.node, self.state_directory)
         finally:
             self.node.stop(deregister=True)
-
-    def _serve_metrics(self) -> None:
-        config = self.node.config
-
-        def gauges() -> dict[str, float]:
-            values: dict[str, float] = {
-                "gate_busy_keys": self.gate.busy_keys(),
-                "gate_waiting": self.gate.waiting(),
-                "state_bytes": metrics.directory_bytes(self.state_directory),
-            }
-            try:
-                owned = self.node.store.owned_key(self.node.name)
-                values["keys_owned"] = self.node.store.guard(
-                    lambda: self.node.store.redis.scard(owned)
-                )
-            except LeaseStoreUnavailable:
-                pass
-            return values
-
-        assert config.metrics_port is not None
-        if metrics.serve(config.metrics_port, config.metrics_address, gauges):
-            logger.info("sticky: metrics on %s:%d", config.metrics_address, config.metrics_port)
-        else:
-            logger.warning(
-                "sticky: sticky_metrics_port is set but prometheus_client is not "
-                "installed: pip install 'celery-sticky[prometheus]'"
-            )
 
     def _restore_own_unacked(self, worker: Any) -> None:
         """Give back what a crashed earlier run of this node had taken (Redis only).
@@ -186,30 +149,6 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
                 logger.info("sticky: dropped the local state of %d key(s) that moved on", dropped)
         except Exception:
             logger.exception("sticky: could not check local state against the leases")
-
-
-class StickyConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
-    """On a broker reconnect, forget gate entries whose messages come back anyway.
-
-    At shutdown, first send the acknowledgements the consumer still holds back.
-    """
-
-    label = "Sticky gate"
-    requires = ("celery.worker.consumer.tasks:Tasks",)
-
-    def stop(self, consumer: Any) -> None:
-        step = getattr(consumer.controller, "sticky", None)
-        if step is not None:
-            step.gate.forget_unstarted()
-
-    def shutdown(self, consumer: Any) -> None:
-        # Without an event loop (gevent, eventlet pools) Celery 5.3 queues acks as
-        # pending operations, run only between two polls of the broker, and closes the
-        # connection without running the last ones (celery#5663): the broker restores
-        # messages whose tasks already ran and the drain runs them again on the keys'
-        # next owners. This step shuts down before the Connection step: send them now.
-        consumer.perform_pending_operations()
-        self.stop(consumer)
 
 
 def worker_tags(config: StickyConfig, options: tuple[str, ...] = ()) -> dict[str, str]:

@@ -39,9 +39,9 @@ from typing import Any
 
 import diskcache
 
-from .errors import StateDirError, StateSizeLimitError
-from .memory_tier import MISS, MemoryTier
-from .settings import StickyConfig
+from ..errors import StateDirError, StateSizeLimitError
+from ..settings import StickyConfig
+from .memory import MISS, MemoryTier
 
 DELETED = object()
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL

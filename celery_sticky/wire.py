@@ -1,5 +1,6 @@
-"""The ``sticky`` message header: workflow, key, epoch, hop count, publish time, affinity.
+"""The wire format: the ``sticky`` message header and the direct queues it travels in.
 
+The header carries workflow, key, epoch, hop count, publish time and affinity.
 The router writes it at publish; the worker's gate, forwarding and fencing read
 it without decoding the task's arguments. The publish time (nanoseconds) puts a
 moved queue back in publish order, whatever order a broker restored it in. The
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, NamedTuple
+
+from kombu.entity import Exchange, Queue
 
 HEADER = "sticky"
 
@@ -40,3 +43,14 @@ class StickyHeader(NamedTuple):
     def with_headers(self, headers: Mapping[str, Any] | None) -> dict[str, Any]:
         """A new headers dict with this header set (the input is not changed)."""
         return {**(headers or {}), HEADER: self.encode()}
+
+
+def direct_queue(name: str) -> Queue:
+    """A worker's direct queue (or an affinity queue): durable, never auto-deleted,
+    no ``expires`` (``Queue(expires=...)`` on Redis drops the list with its messages).
+    """
+    exchange = Exchange(name, type="direct")  # type: ignore[no-untyped-call]
+    queue: Queue = Queue(  # type: ignore[no-untyped-call]
+        name, exchange, routing_key=name, durable=True, auto_delete=False
+    )
+    return queue

@@ -10,19 +10,15 @@ affinity's queue, where the first matching worker to come claims it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery
-from kombu.entity import Exchange, Queue
-
-from . import metrics
-from .keys import KeySpec
-from .lease import ClaimStatus, Lease, LeaseStore
-from .message import StickyHeader
-from .placement import (
+from .. import metrics
+from ..context import RouteCache, context, get_config
+from ..keys import KeySpec
+from ..lease import ClaimStatus, Lease, LeaseStore
+from ..placement import (
     AffinitySpec,
     Candidate,
     PlacementFunc,
@@ -32,11 +28,15 @@ from .placement import (
     matches,
     resolve_policy,
 )
-from .settings import StickyConfig, get_config
+from ..settings import StickyConfig
+from ..wire import StickyHeader
+from .queues import ensure_queue
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 logger = logging.getLogger(__name__)
 
-_CACHE_LIMIT = 100_000
 _OUTCOMES = {
     ClaimStatus.OWNED: "owned",
     ClaimStatus.CLAIMED: "claimed",
@@ -55,34 +55,12 @@ _CANDIDATES_TTL = 1.0
 _WARN_EVERY = 60.0
 
 
-def direct_queue(name: str) -> Queue:
-    """A worker's direct queue: durable, never auto-deleted, no ``expires``.
-
-    (``Queue(expires=...)`` on Redis drops the list with its messages.)
-    """
-    exchange = Exchange(name, type="direct")  # type: ignore[no-untyped-call]
-    queue: Queue = Queue(  # type: ignore[no-untyped-call]
-        name, exchange, routing_key=name, durable=True, auto_delete=False
-    )
-    return queue
-
-
-def ensure_queue(app: Celery, name: str) -> None:
-    """Make ``name`` a known queue of the app, so publishing to it needs no lookup."""
-    queues = app.amqp.queues
-    if name not in queues:
-        queues.add(direct_queue(name))
-
-
 class StickyRouter:
     """A Celery router (``task_routes`` entry) for tasks made with ``@sticky_task``."""
 
     def __init__(self, app: Celery) -> None:
         self.app = app
         self._config: StickyConfig | None = None
-        # (workflow, key) -> (expires at, queue name, epoch); process-local.
-        self._cache: dict[tuple[str, str], tuple[float, str, int]] = {}
-        self._lock = threading.Lock()
         self._policy: str | PlacementFunc | None = None
         self._candidates: tuple[float, list[Candidate]] = (0.0, [])
         self._warned: dict[str, float] = {}  # affinity or "over_limit" -> when last logged
@@ -101,9 +79,12 @@ class StickyRouter:
 
     @property
     def store(self) -> LeaseStore:
-        from .app import lease_store
+        return context(self.app).leases
 
-        return lease_store(self.app)
+    @property
+    def cache(self) -> RouteCache:
+        """This process's lease cache (shared with release and move, which forget keys)."""
+        return context(self.app).routes
 
     def __call__(
         self,
@@ -148,9 +129,9 @@ class StickyRouter:
     ) -> tuple[str | None, int, str]:
         """``(queue or None, epoch, outcome)``; outcome labels the routing metric."""
         now = time.monotonic()
-        cached = self._cache.get((workflow, key))
-        if cached is not None and cached[0] > now:
-            return cached[1], cached[2], "owned"
+        cached = self.cache.get(workflow, key, now)
+        if cached is not None:
+            return cached[0], cached[1], "owned"
         config = self.config
         lease = self._claim(workflow, key, affinity)
         if lease.status in (ClaimStatus.NO_LIVE_WORKER, ClaimStatus.UNOWNED):
@@ -177,10 +158,7 @@ class StickyRouter:
         if lease.status in (ClaimStatus.PENDING, ClaimStatus.MOVING):
             return queue, lease.epoch, _OUTCOMES[lease.status]
         outcome, epoch = _OUTCOMES[lease.status], lease.epoch
-        with self._lock:
-            if len(self._cache) >= _CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[(workflow, key)] = (now + config.lease_cache_ttl, queue, epoch)
+        self.cache.put(workflow, key, queue, epoch, now)
         return queue, epoch, outcome
 
     def _claim(self, workflow: str, key: str, affinity: str) -> Lease:
@@ -274,4 +252,4 @@ class StickyRouter:
 
     def forget(self, workflow: str, key: str) -> None:
         """Drop a cached lease (after a release), so the next publish asks Redis."""
-        self._cache.pop((workflow, key), None)
+        self.cache.forget(workflow, key)

@@ -1,7 +1,7 @@
 """Remote control commands the ``celery sticky`` CLI asks workers (``celery control``).
 
 Registered in Celery's global command panel when this module is imported (by
-:func:`celery_sticky.install`), so every worker of a sticky app answers them:
+the worker's sticky bootstep), so every worker running celery-sticky answers them:
 
 - ``sticky_drain``: warm shutdown of the worker; its shutdown path drains it
   (keys handed over, queue moved on). It replies before it stops, unlike
@@ -20,6 +20,8 @@ from typing import Any
 from celery.platforms import EX_OK
 from celery.worker import state as worker_state
 from celery.worker.control import control_command, inspect_command
+
+from ..local.node_state import NodeState
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +65,6 @@ def sticky_busy_keys(state: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 def key_info(step: Any, workflow: str, key: str) -> dict[str, Any]:
-    from .local_state import NodeState
-
     queued, running = step.gate.key_status(workflow, key)
     info: dict[str, Any] = {
         "node": step.node.name,

@@ -14,10 +14,10 @@ from typing import Any
 from celery import Celery
 from kombu.message import Message
 
-from . import metrics
-from .errors import ForwardingError
-from .message import StickyHeader
-from .router import direct_queue, ensure_queue
+from .. import metrics
+from ..errors import ForwardingError
+from ..producer.queues import ensure_queue
+from ..wire import StickyHeader, direct_queue
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Reads see the task's own writes; writes are buffered and committed when the task
 succeeds, in one transaction with the record that the task was applied (see
-:mod:`celery_sticky.local_state`). A task that raises, or retries, applies
+:mod:`celery_sticky.local.node_state`). A task that raises, or retries, applies
 nothing. Messages published with :meth:`StateHandle.publish` leave after the
 commit, with task ids derived from the publishing task's id.
 """
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery.canvas import Signature
+from .memory import MISS
+from .node_state import DELETED, NodeState
 
-from .local_state import DELETED, NodeState
-from .memory_tier import MISS
+if TYPE_CHECKING:
+    from celery.canvas import Signature
 
 #: Namespace of outbox task ids: uuid5(namespace, "<publishing task id>/<position>").
 OUTBOX_NAMESPACE = uuid.UUID("6f1f4d6c-3c0e-5a57-9b0e-5f3c8d1c2a77")
@@ -129,7 +130,9 @@ class StateHandle(MutableMapping[str, Any]):
         task that runs again after a crash publishes the same ids, and a sticky
         receiver drops the copy. Messages of a failed task are never sent.
         """
-        if not isinstance(signature, Signature):
+        from celery import canvas  # loaded only where tasks publish
+
+        if not isinstance(signature, canvas.Signature):
             raise TypeError(f"state.publish() takes a signature, not {type(signature).__name__}")
         task_id = outbox_task_id(self.task_id, len(self._outbox))
         message = dict(signature)
@@ -144,6 +147,11 @@ class StateHandle(MutableMapping[str, Any]):
     @property
     def finishing(self) -> bool:
         return self._finish
+
+    @property
+    def published(self) -> bool:
+        """Whether the task published messages (its outbox is not empty)."""
+        return bool(self._outbox)
 
     @property
     def last_commit(self) -> float | None:

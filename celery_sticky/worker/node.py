@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import threading
 
-from .errors import LeaseStoreUnavailable
-from .lease import ClaimStatus, Lease, LeaseStore
-from .placement import decode_tags, encode_tags, fallback_policy, matches
-from .settings import StickyConfig
+from ..errors import LeaseStoreUnavailable
+from ..lease import ClaimStatus, Lease, LeaseStore
+from ..placement import decode_tags, encode_tags, fallback_policy, matches
+from ..settings import StickyConfig
 
 logger = logging.getLogger(__name__)
 

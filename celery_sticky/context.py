@@ -1,0 +1,116 @@
+"""Per-app, per-process objects, built once and cached on the app in one place.
+
+A producer, a worker's main process and each pool process need the app's
+resolved settings, a lease store client, a hand-over store client and the
+router's lease cache. Building them on every use costs a Redis connection each
+time (the hand-over store once did, per commit); sharing them across a fork
+shares a socket between processes. So :func:`context` keeps one
+:class:`StickyContext` per app and process id: after a fork the child builds its
+own on first use. Settings are read on first use (after configuration), once
+per app: a fork does not change them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import TYPE_CHECKING
+
+from .handoff import HandoffStore, open_handoff_store
+from .lease import LeaseStore
+from .settings import StickyConfig
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+#: Most leases a process caches before it forgets the oldest half.
+ROUTE_CACHE_LIMIT = 100_000
+
+
+class RouteCache:
+    """Leases a producer looked up: ``(workflow, key) -> (queue, epoch)`` for a few seconds.
+
+    A stale entry is harmless (the receiving worker checks ownership and
+    forwards); entries are dropped when this process releases or moves the key.
+    """
+
+    def __init__(self, ttl: float, limit: int = ROUTE_CACHE_LIMIT) -> None:
+        self.ttl = ttl
+        self.limit = limit
+        self._entries: dict[tuple[str, str], tuple[float, str, int]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, workflow: str, key: str, now: float) -> tuple[str, int] | None:
+        entry = self._entries.get((workflow, key))
+        if entry is None or entry[0] <= now:
+            return None
+        return entry[1], entry[2]
+
+    def put(self, workflow: str, key: str, queue: str, epoch: int, now: float) -> None:
+        with self._lock:
+            if len(self._entries) >= self.limit:
+                # dicts keep insertion order: drop the older half, keep the hot rest.
+                for stale in list(self._entries)[: self.limit // 2]:
+                    del self._entries[stale]
+            self._entries[(workflow, key)] = (now + self.ttl, queue, epoch)
+
+    def forget(self, workflow: str, key: str) -> None:
+        self._entries.pop((workflow, key), None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class StickyContext:
+    """What one process needs of one app: config, stores, route cache."""
+
+    def __init__(self, config: StickyConfig) -> None:
+        self.config = config
+        self.pid = os.getpid()
+        self.leases = LeaseStore(config)
+        self.routes = RouteCache(config.lease_cache_ttl)
+        self._handoff: HandoffStore | None = None
+
+    @property
+    def handoff(self) -> HandoffStore:
+        """The hand-over store, built on first use (its setting is checked then)."""
+        if self._handoff is None:
+            self._handoff = open_handoff_store(self.config, self.leases)
+        return self._handoff
+
+
+_configs: weakref.WeakKeyDictionary[Celery, StickyConfig] = weakref.WeakKeyDictionary()
+_contexts: weakref.WeakKeyDictionary[Celery, StickyContext] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def get_config(app: Celery) -> StickyConfig:
+    """The app's resolved settings, read on first use (after configuration)."""
+    config = _configs.get(app)
+    if config is None:
+        config = _configs[app] = StickyConfig.from_conf(app.conf)
+    return config
+
+
+def reset_config(app: Celery) -> None:
+    """Forget the cached settings and clients, so the next use reads ``app.conf`` again."""
+    _configs.pop(app, None)
+    _contexts.pop(app, None)
+
+
+def context(app: Celery) -> StickyContext:
+    """This process's :class:`StickyContext` for ``app`` (a new one after a fork)."""
+    found = _contexts.get(app)
+    if found is not None and found.pid == os.getpid():
+        return found
+    with _lock:
+        found = _contexts.get(app)
+        if found is None or found.pid != os.getpid():
+            found = _contexts[app] = StickyContext(get_config(app))
+    return found
+
+
+def lease_store(app: Celery) -> LeaseStore:
+    """This process's lease store client for ``app``."""
+    return context(app).leases

@@ -1,0 +1,51 @@
+"""The owner's half of a move: the ``move_key`` task's body.
+
+:func:`celery_sticky.producer.admin.move_key` marked the lease *moving* and sent
+``move_key`` into the key's line on its owner; when its turn comes, this exports
+the key's state to the hand-over store and makes the target the owner under a
+new epoch, atomically with the check that the move is still on
+(``move_commit.lua``). See :mod:`celery_sticky.producer.admin` for the whole
+protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..context import context
+from ..events import ownership_changed
+from ..lease import ClaimStatus
+from ..local.node_state import open_node_state
+
+logger = logging.getLogger(__name__)
+
+
+def run_move(app: Any, workflow: str, key: str, target: str, epoch: int, node: str) -> str:
+    """The move task's body on the owner, after every task queued before it.
+
+    Returns ``"moved"``, ``"called_off"`` (the target went away: the key stays)
+    or ``"stale"`` (the lease changed meanwhile: nothing to do).
+    """
+    ctx = context(app)
+    leases = ctx.leases
+    info = leases.lookup(workflow, key)
+    if info is None or (info.owner, info.epoch, info.moving_to) != (node, epoch, target):
+        return "stale"
+    state = open_node_state(ctx.config, node)
+    copies = ctx.handoff
+    data = state.export_key(workflow, key)
+    if data is not None:
+        copies.put(workflow, key, data)
+    lease = leases.commit_move(workflow, key, node, epoch, target)
+    if lease.status is not ClaimStatus.CLAIMED:
+        if data is not None and ctx.config.state_replication != "sync":
+            copies.delete(workflow, key)
+        logger.warning(
+            "sticky: move of %s:%s to %s called off: %s gone", workflow, key, target, target
+        )
+        return "called_off"
+    state.delete_key(workflow, key)
+    ctx.routes.forget(workflow, key)
+    ownership_changed("moved", workflow, key, lease.epoch, target, previous=node)
+    return "moved"
