@@ -368,12 +368,12 @@ class HandoffWatch:
     """Samples, in a thread, how many hand-over copies of the run wait in Redis, and their bytes.
 
     (The server's ``used_memory`` is shared with other users; this counts the run's own
-    ``<prefix>:handoff:*`` lists, with ``MEMORY USAGE``.)
+    ``<prefix>:copyv:*`` lists, with ``MEMORY USAGE``.)
     """
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.client = client
-        self.pattern = f"{prefix}:handoff:*"
+        self.pattern = f"{prefix}:copyv:*"
         self.peak_bytes = 0
         self.peak_keys = 0
         self._stop = threading.Event()

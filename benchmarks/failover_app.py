@@ -31,6 +31,7 @@ def make_app(
         task_default_queue=f"{prefix}.default",
         sticky_redis_url=url,
         sticky_key_prefix=prefix,
+        sticky_secret=f"benchmark-{prefix}-hand-over-secret",
         sticky_queue_prefix=prefix,
         sticky_state_dir=state_dir,
         sticky_lease_ttl=lease_ttl,

@@ -17,7 +17,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING
 
-from .handoff import HandoffStore, open_handoff_store
+from .handoff import Copies, open_handoff_store
 from .lease import LeaseStore
 from .settings import StickyConfig
 
@@ -70,14 +70,15 @@ class StickyContext:
         self.pid = os.getpid()
         self.leases = LeaseStore(config)
         self.routes = RouteCache(config.lease_cache_ttl)
-        self._handoff: HandoffStore | None = None
+        self._copies: Copies | None = None
 
     @property
-    def handoff(self) -> HandoffStore:
-        """The hand-over store, built on first use (its setting is checked then)."""
-        if self._handoff is None:
-            self._handoff = open_handoff_store(self.config, self.leases)
-        return self._handoff
+    def copies(self) -> Copies:
+        """The hand-over copies, built on first use (their setting is checked then)."""
+        if self._copies is None:
+            blobs = open_handoff_store(self.config, self.leases)
+            self._copies = Copies(self.config, self.leases, blobs)
+        return self._copies
 
 
 _configs: weakref.WeakKeyDictionary[Celery, StickyConfig] = weakref.WeakKeyDictionary()

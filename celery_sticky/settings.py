@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .errors import ConfigurationError
@@ -82,6 +82,13 @@ def _policy(value: Any) -> str:
         )
     resolve_policy(value)  # fails now, naming the setting, rather than at the first publish
     return value
+
+
+def _secrets(value: Any) -> tuple[str, ...]:
+    found = (value,) if isinstance(value, str) else tuple(value)
+    if not found or not all(isinstance(v, str) and len(v) >= 16 for v in found):
+        raise ValueError("must be a string of 16 characters or more, or a list of such strings")
+    return found
 
 
 def _name(value: Any) -> str:
@@ -241,8 +248,23 @@ SETTINGS: tuple[Setting, ...] = (
         "redis",
         "Where hand-over copies wait: `redis` (the lease store, in chunks), "
         "`dir:/path` (a directory every worker mounts), or a dotted path to a class taking "
-        "`(config, lease_store)`.",
+        "`(config, lease_store)` with `write(name, blob)`, `read(name)` and `delete(name)`. "
+        "Whichever it is, a copy becomes the key's copy only through a switch in the lease "
+        "store that checks the writer still holds the key (see docs/failure-modes.md).",
         str,
+    ),
+    Setting(
+        "secret",
+        None,
+        "Secret that signs hand-over copies (HMAC-SHA256): a copy is unpickled only when its "
+        "signature checks, so whoever can write to the lease store's Redis or the hand-over "
+        "directory cannot run code in the workers. A string, or a list of strings, newest "
+        "first: the first signs, every one verifies (to rotate, put the new one first and "
+        "drop the old one once every worker has it). Default: the `STICKY_SECRET` "
+        "environment variable (and `STICKY_SECRET_PREVIOUS`, which only verifies). Without "
+        "a secret no copy is written or read: a key's state starts empty on its next owner, "
+        "and workers say so at start.",
+        _optional(_secrets),
     ),
     Setting(
         "on_state_lost",
@@ -313,6 +335,8 @@ class StickyConfig:
     metrics_port: int | None
     metrics_address: str
     proof_retry_max: float
+    #: Newest first; empty when none is configured. Not shown in the repr.
+    secret: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_app(cls, app: Any) -> StickyConfig:
@@ -329,9 +353,11 @@ class StickyConfig:
             try:
                 values[setting.name] = setting.convert(raw)
             except (TypeError, ValueError) as exc:
-                raise ConfigurationError(f"{setting.key}={raw!r}: {exc}") from None
+                shown = "<hidden>" if setting.name == "secret" else repr(raw)
+                raise ConfigurationError(f"{setting.key}={shown}: {exc}") from None
         values["redis_url"] = values["redis_url"] or _redis_url_from_broker(conf)
         values["state_dir"] = values["state_dir"] or _default_state_dir()
+        values["secret"] = values["secret"] or _secrets_from_environment()
         ttl = values["lease_ttl"]
         interval = values["heartbeat_interval"] or ttl / 4
         if interval * 2 > ttl:
@@ -350,6 +376,18 @@ class StickyConfig:
 
     def direct_queue_name(self, nodename: str) -> str:
         return f"{self.queue_prefix}.{nodename}"
+
+
+def _secrets_from_environment() -> tuple[str, ...]:
+    found: list[str] = []
+    for name in ("STICKY_SECRET", "STICKY_SECRET_PREVIOUS"):
+        value = os.environ.get(name)
+        if value:
+            try:
+                found.extend(_secrets(value))
+            except ValueError as exc:
+                raise ConfigurationError(f"${name}: {exc}") from None
+    return tuple(found)
 
 
 def _redis_url_from_broker(conf: AppSettings) -> str:

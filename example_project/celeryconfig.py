@@ -21,6 +21,9 @@ task_default_queue = example_run_id
 # The example needs no remote control; without it, workers leave no pidbox bindings.
 worker_enable_remote_control = False
 
+# Signs the state handed over between workers; every worker needs the same one.
+# A demo value: a deployment takes it from its secret store (STICKY_SECRET).
+sticky_secret = os.environ.get("STICKY_SECRET") or "example-project-demo-secret"
 sticky_key_prefix = example_run_id
 sticky_queue_prefix = example_run_id
 sticky_state_dir = os.environ.get(

@@ -31,6 +31,7 @@ def make_app(prefix: str | None = None, **settings: Any) -> Celery:
         task_default_queue=f"{prefix}.default",
         sticky_redis_url=os.environ.get("STICKY_TEST_LEASE_URL") or url,
         sticky_key_prefix=prefix,
+        sticky_secret=f"tests-{prefix}-hand-over-secret",
         sticky_queue_prefix=prefix,
         sticky_state_dir=os.environ.get("STICKY_TEST_STATE_DIR", "/tmp/sticky-test-state"),
         sticky_lease_ttl=float(os.environ.get("STICKY_TEST_LEASE_TTL", "10")),

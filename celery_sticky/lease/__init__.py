@@ -31,21 +31,35 @@ key                            type    written by                               
                                        registered
 ``P reaping:<node>``           string  try_lock_reaping: the reaper that moves a    PX, 120 s
                                        dead node's queue on
-``P handoff:<workflow>:<key>`` list    RedisHandoffStore: a key's exported state,   never; deleted
-                                       pickled, in chunks of 4 MiB                  on import or
-                                                                                    release
+``P copy:<workflow>:<key>``    string  copy_switch.lua: the version name of the     never; deleted
+                                       key's hand-over copy (fenced: only the       on import or
+                                       live owner under its epoch switches it)      release
+``P copyv:<wf>:<key>@<e>.<r>`` list    RedisHandoffStore: one version of a copy,    1 day until
+                                       signed pickle in chunks of 4 MiB             switched, then
+                                                                                    with the pointer
 =============================  ======  ===========================================  ============
 """
 
 from .copies import RedisHandoffStore
-from .store import ClaimStatus, Lease, LeaseInfo, LeaseStore, WorkerInfo, redact_url
+from .store import (
+    ClaimStatus,
+    Heartbeat,
+    Lease,
+    LeaseInfo,
+    LeaseStore,
+    WorkerInfo,
+    instance_token,
+    redact_url,
+)
 
 __all__ = [
     "ClaimStatus",
+    "Heartbeat",
     "Lease",
     "LeaseInfo",
     "LeaseStore",
     "RedisHandoffStore",
     "WorkerInfo",
+    "instance_token",
     "redact_url",
 ]

@@ -9,7 +9,10 @@ writes are listed in :mod:`celery_sticky.lease`.
 from __future__ import annotations
 
 import enum
+import os
 import random
+import socket
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -55,6 +58,25 @@ class LeaseInfo(NamedTuple):
     moving_to: str = ""  # the worker a move under way hands it to
 
 
+class Heartbeat(NamedTuple):
+    """A heartbeat's answer: ``status`` is ``ok``, ``taken`` (another live process
+    registered the name), ``superseded`` (this process is no longer the registered
+    one) or ``reaped`` (register again to rejoin); ``instance`` is the registered token."""
+
+    status: str
+    server_time: float
+    instance: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def instance_token() -> str:
+    """This process's token for the worker registry: ``<host>:<pid>:<random>``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
 @dataclass(frozen=True)
 class WorkerInfo:
     name: str
@@ -96,6 +118,8 @@ class LeaseStore:
         self.config = config
         self.url = config.redis_url
         self.prefix = f"{config.key_prefix}:"
+        #: The token heartbeats carry unless the caller passes its own.
+        self.instance = instance_token()
         # Typed Any: redis-py types replies as bytes | str, decode_responses makes them str.
         self.redis: Any = client or redis.Redis.from_url(
             config.redis_url,
@@ -108,6 +132,7 @@ class LeaseStore:
         self._heartbeat: Script = self.redis.register_script(_load_script("heartbeat"))
         self._lookup: Script = self.redis.register_script(_load_script("lookup"))
         self._release: Script = self.redis.register_script(_load_script("release"))
+        self._copy_switch: Script = self.redis.register_script(_load_script("copy_switch"))
         self._deregister: Script = self.redis.register_script(_load_script("deregister"))
         self._move_begin: Script = self.redis.register_script(_load_script("move_begin"))
         self._move_commit: Script = self.redis.register_script(_load_script("move_commit"))
@@ -171,14 +196,40 @@ class LeaseStore:
         )
         return Lease(owner, int(epoch), ClaimStatus(int(status)), previous, over_limit == "1")
 
-    def release(self, workflow: str, key: str, owner: str = "") -> bool:
-        """Drop a lease (only ``owner``'s when given); the next task claims afresh."""
+    def release(self, workflow: str, key: str, owner: str = "", epoch: int = 0) -> bool:
+        """Drop a lease (only ``owner``'s, under ``epoch``, when given); the next task
+        claims afresh."""
         released = self._call(
             self._release,
             keys=[self.lease_key(workflow, key)],
-            args=[self.prefix, f"{workflow}:{key}", owner],
+            args=[self.prefix, f"{workflow}:{key}", owner, str(epoch) if epoch else ""],
         )
         return bool(released)
+
+    def copy_pointer_key(self, workflow: str, key: str) -> str:
+        return f"{self.prefix}copy:{workflow}:{key}"
+
+    def copy_pointer(self, workflow: str, key: str) -> str | None:
+        """The version name the key's hand-over copy points at, or None."""
+        name = self.guard(lambda: self.redis.get(self.copy_pointer_key(workflow, key)))
+        return str(name) if name else None
+
+    def switch_copy(
+        self, workflow: str, key: str, writer: str, epoch: int, version: str, version_key: str
+    ) -> tuple[bool, str]:
+        """Make ``version`` the key's copy (``""``: retire it) if ``writer`` still holds the
+        key live under ``epoch`` (copy_switch.lua). Returns ``(switched, previous version)``."""
+        switched, previous = self._call(
+            self._copy_switch,
+            keys=[
+                self.lease_key(workflow, key),
+                self.workers_key,
+                self.copy_pointer_key(workflow, key),
+                version_key,
+            ],
+            args=[self.config.lease_ttl, writer, epoch, version],
+        )
+        return bool(int(switched)), str(previous)
 
     def heartbeat(
         self,
@@ -189,15 +240,28 @@ class LeaseStore:
         register: bool = False,
         tags: str = "",
         max_keys: int | None = None,
-    ) -> float:
-        """Renew ``node``'s heartbeat (``register``: at start, with its ``tags``
-        and key limit); returns the server time."""
-        now = self._call(
+        instance: str = "",
+        force: bool = False,
+    ) -> Heartbeat:
+        """Renew ``node``'s heartbeat (``register``: at start, with its ``tags``,
+        key limit and ``instance`` token; ``force``: over a live token whose process
+        is known to be gone). See heartbeat.lua for the statuses."""
+        status, now, registered = self._call(
             self._heartbeat,
             keys=[self.workers_key, self.worker_key(node), self.tagsets_key],
-            args=[node, capacity, queue, "1" if register else "", tags, max_keys or ""],
+            args=[
+                node,
+                capacity,
+                queue,
+                "1" if register else "",
+                tags,
+                max_keys or "",
+                instance or self.instance,
+                self.config.lease_ttl,
+                "1" if force else "",
+            ],
         )
-        return float(now)
+        return Heartbeat(str(status), float(now), str(registered))
 
     def begin_move(
         self, workflow: str, key: str, target: str, owner: str = "", *, deadline: float = 60.0

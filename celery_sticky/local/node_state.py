@@ -396,6 +396,10 @@ class NodeState:
             cache.set("k" + wk, (int(data.get("seq") or 0), last_commit, epoch))
         self.memory.discard_key(self.directory, workflow, key)
 
+    def has_state(self, workflow: str, key: str) -> bool:
+        """Whether the key has local state (fields, or a record of an epoch)."""
+        return self._meta(_wk(workflow, key))[2] is not None or bool(self.fields(workflow, key))
+
     def reset_key(self, workflow: str, key: str, epoch: int) -> bool:
         """Start the key afresh under ``epoch``; True when there was local state to drop."""
         cache = self.cache

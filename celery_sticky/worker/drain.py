@@ -39,7 +39,9 @@ def drain_node(app: Celery, node: StickyNode, directory: str) -> None:
     owned = leases.owned_keys(node.name)
     handed: set[tuple[str, str]] = set()  # looked at
     exported: set[tuple[str, str]] = set()  # copied to the hand-over store
-    copies = context(app).handoff if config.state_replication != "off" else None
+    copies = context(app).copies if config.state_replication != "off" else None
+    if copies is not None and not copies.enabled:
+        copies = None  # no sticky_secret: nothing can be handed over (said at start)
     store = NodeState(directory, config) if copies is not None else None
 
     def hand_over(keys: list[tuple[str, str]]) -> None:
@@ -53,8 +55,9 @@ def drain_node(app: Celery, node: StickyNode, directory: str) -> None:
             if info is None or info.owner != node.name:
                 continue
             data = store.export_key(workflow, key)
-            if data is not None:
-                copies.put(workflow, key, data)
+            if data is not None and copies.publish(
+                workflow, key, data, owner=node.name, epoch=info.epoch
+            ):
                 exported.add((workflow, key))
                 ownership_changed("handed_over", workflow, key, info.epoch, node.name)
 

@@ -11,12 +11,14 @@ from :class:`~celery_sticky.producer.task.StickyTask`), which passes through:
    report the loss when the key had state elsewhere);
 3. **run**: the task's body, with a :class:`~celery_sticky.local.StateHandle`
    that buffers its writes;
-4. **fence**: does this worker still hold the key under the message's epoch?
-   If not, nothing is committed and the task goes to the key's owner;
+4. **fence**: does this worker still hold the key, live, under the message's
+   epoch? If not, nothing is committed and the task goes to the key's owner;
 5. **commit**: the buffered writes, the applied record and the outbox, in one
-   local transaction;
+   local transaction. It is private to this worker: a worker paused between the
+   fence and here commits to its own disk only, and that state is dropped when
+   the worker next sees the key under a newer epoch (phase 2);
 6. **replicate**: with ``sticky_state_replication = "sync"``, refresh the key's
-   hand-over copy;
+   hand-over copy, fenced again where it lands (:mod:`celery_sticky.handoff`);
 7. **send outbox**: the messages the task published, now that it committed;
 8. **end**: a task that finished its workflow releases the key.
 
@@ -30,7 +32,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from celery.exceptions import Ignore
 from celery.utils.imports import symbol_by_name
@@ -39,6 +41,7 @@ from .. import faults
 from ..context import StickyContext, context
 from ..errors import LeaseStoreUnavailable
 from ..events import ownership_changed
+from ..lease import LeaseInfo
 from ..local.handle import StateHandle
 from ..local.node_state import AlreadyApplied, NodeState, current_node, dumps, open_node_state
 from ..wire import StickyHeader
@@ -72,8 +75,13 @@ def execute(
 
     # 2. adopt
     recovered = None
-    if epoch and store.epoch(workflow, key) != epoch:
-        recovered = adopt(ctx, store, workflow, key, epoch)
+    local_epoch = store.epoch(workflow, key)
+    if epoch and local_epoch is not None and epoch < local_epoch:
+        # Proven under an older lease than the state it would change: it must not
+        # reset the state of a later lease. The key's owner runs it instead.
+        fence(task, ctx, workflow, key, nodename, epoch, None)
+    if epoch and local_epoch != epoch:
+        recovered = adopt(ctx, store, workflow, key, nodename, epoch)
 
     # 3. run
     state = StateHandle(store, workflow, key, task_id=task_id, epoch=epoch, recovered=recovered)
@@ -85,24 +93,14 @@ def execute(
     faults.reach("after_run")
 
     # 4. fence
-    if epoch and not holds_lease(ctx, workflow, key, nodename, epoch):
-        # This worker lost the key while the task ran (paused, cut off): nothing
-        # is committed; the task goes to the key's owner instead.
-        state.discard()
-        ownership_changed(
-            "fenced",
-            workflow,
-            key,
-            epoch,
-            nodename,
-            send=_event_sender(task),
-            level=logging.WARNING,
-        )
-        task.signature_from_request().apply_async()
-        raise Ignore()
+    if epoch:
+        lease = current_lease(ctx, workflow, key)
+        if not holds(lease, nodename, epoch):
+            state.discard()
+            fence(task, ctx, workflow, key, nodename, epoch, lease)
     faults.reach("after_fence")
 
-    # 5. commit
+    # 5. commit: local and private to this worker until a later phase shares it
     finish = state.finishing or task.ends_workflow
     try:
         state.commit(result, finish=finish, epoch=epoch)
@@ -110,54 +108,48 @@ def execute(
         return done.result
     faults.reach("after_commit")
 
-    # 6. replicate
+    # From here on the task's effects are in: a failure below is logged, never
+    # reported as the task's failure ("a failing task applies nothing").
+    # 6. replicate: the shared copy, fenced where it lands (copy_switch.lua)
     if ctx.config.state_replication == "sync" and not finish:
-        replicate(ctx, store, workflow, key)
+        try:
+            replicate(ctx, store, workflow, key, nodename, epoch)
+        except Exception:
+            logger.exception(
+                "sticky: task %s committed to %s:%s but its copy was not refreshed; the "
+                "next commit refreshes it",
+                task_id,
+                workflow,
+                key,
+            )
     faults.reach("after_replicate")
 
     # 7. send outbox
+    unsent: Exception | None = None
     if state.published:
-        send_outbox(task.app, store, workflow, key, task_id)
+        try:
+            send_outbox(task.app, store, workflow, key, task_id)
+        except Exception as exc:
+            unsent = exc
+            logger.exception("sticky: task %s committed but its outbox was not sent", task_id)
 
     # 8. end
     if finish:
-        end_lease(task.app, workflow, key, nodename, epoch, send=_event_sender(task))
+        try:
+            end_lease(task.app, workflow, key, nodename, epoch, send=_event_sender(task))
+        except Exception:
+            logger.exception(
+                "sticky: could not release %s:%s after its workflow ended", workflow, key
+            )
+    if unsent is not None:
+        # A retry has the same task id: it finds the task applied (phase 1) and
+        # sends the outbox it left, without applying anything twice.
+        raise task.retry(exc=unsent, countdown=1.0, max_retries=None)
     return result
 
 
-def adopt(ctx: StickyContext, store: NodeState, workflow: str, key: str, epoch: int) -> bool | None:
-    """Make the key's local state belong to ``epoch`` before its first task here.
-
-    Imports the hand-over (or replicated) copy when there is one: True. Otherwise
-    starts the key empty; when the key had state before (it was taken over from
-    a dead owner, or this worker held an older copy) the state is lost: the
-    ``sticky_on_state_lost`` hook may rebuild it, and False is returned. None: a
-    new key, nothing was lost.
-    """
-    config = ctx.config
-    copies = ctx.handoff
-    data = copies.get(workflow, key) if config.state_replication != "off" else None
-    if data is not None:
-        store.import_key(workflow, key, data, epoch)
-        if config.state_replication != "sync":
-            copies.delete(workflow, key)
-        logger.info("sticky: imported the state of %s:%s (epoch %s)", workflow, key, epoch)
-        return True
-    had_local = store.reset_key(workflow, key, epoch)
-    info = ctx.leases.lookup(workflow, key)
-    if not had_local and (info is None or info.origin != "taken_over"):
-        return None
-    logger.warning("sticky: the state of %s:%s was lost (no copy when it moved)", workflow, key)
-    if config.on_state_lost:
-        rebuilt = symbol_by_name(config.on_state_lost)(workflow, key)
-        if rebuilt:
-            fields = {name: dumps(value) for name, value in dict(rebuilt).items()}
-            store.import_key(workflow, key, {"fields": fields}, epoch)
-    return False
-
-
-def holds_lease(ctx: StickyContext, workflow: str, key: str, node: str, epoch: int) -> bool:
-    """Whether ``node`` still holds the key under ``epoch`` (the fence before a commit).
+def current_lease(ctx: StickyContext, workflow: str, key: str) -> LeaseInfo | None:
+    """The key's lease as the lease store has it now (liveness by the server's clock).
 
     Waits while the lease store does not answer (up to a minute), since a commit
     that cannot be proven must not happen.
@@ -165,8 +157,7 @@ def holds_lease(ctx: StickyContext, workflow: str, key: str, node: str, epoch: i
     delay, deadline = 0.1, time.monotonic() + 60
     while True:
         try:
-            info = ctx.leases.lookup(workflow, key)
-            return info is not None and info.owner == node and info.epoch == epoch
+            return ctx.leases.lookup(workflow, key)
         except LeaseStoreUnavailable:
             if time.monotonic() > deadline:
                 raise
@@ -174,11 +165,81 @@ def holds_lease(ctx: StickyContext, workflow: str, key: str, node: str, epoch: i
             delay = min(delay * 2, 5.0)
 
 
-def replicate(ctx: StickyContext, store: NodeState, workflow: str, key: str) -> None:
-    """Refresh the key's copy in the hand-over store (``sticky_state_replication="sync"``)."""
-    data = store.export_key(workflow, key)
+def holds(lease: LeaseInfo | None, node: str, epoch: int) -> bool:
+    """Whether ``lease`` is ``node``'s, under ``epoch``, and live."""
+    return lease is not None and lease.owner == node and lease.epoch == epoch and lease.alive
+
+
+def fence(
+    task: Any,
+    ctx: StickyContext,
+    workflow: str,
+    key: str,
+    node: str,
+    epoch: int,
+    lease: LeaseInfo | None,
+) -> NoReturn:
+    """This worker lost the key (paused, cut off) or the message is stale: commit
+    nothing, send the task to the key's live owner (or let the router place it),
+    and end this run without a result."""
+    ownership_changed(
+        "fenced", workflow, key, epoch, node, send=_event_sender(task), level=logging.WARNING
+    )
+    request = task.request
+    again = task.signature(request.args, request.kwargs, request.as_execution_options())
+    if lease is not None and lease.alive and lease.owner != node:
+        # Straight to the owner: not back to this worker's own queue, where
+        # delivery_info would send it (Celery's signature_from_request).
+        again.set(queue=ctx.config.direct_queue_name(lease.owner))
+    again.apply_async()
+    raise Ignore()
+
+
+def adopt(
+    ctx: StickyContext, store: NodeState, workflow: str, key: str, node: str, epoch: int
+) -> bool | None:
+    """Make the key's local state belong to ``epoch`` before its first task here.
+
+    Imports the hand-over (or replicated) copy when there is one: True. Otherwise
+    starts the key empty; when the key had state before (it was taken over from
+    a dead owner, or this worker held an older copy) the state is lost: the
+    ``sticky_on_state_lost`` hook may rebuild it, and False is returned. None: a
+    new key, nothing was lost. Nothing is stored before the hook returned, so a
+    hook that raises leaves the key to be adopted again by the task's retry.
+    """
+    config = ctx.config
+    copies = ctx.copies
+    data = copies.get(workflow, key) if config.state_replication != "off" else None
     if data is not None:
-        ctx.handoff.put(workflow, key, data)
+        store.import_key(workflow, key, data, epoch)
+        if config.state_replication != "sync":
+            copies.retire(workflow, key, owner=node, epoch=epoch)
+        logger.info("sticky: imported the state of %s:%s (epoch %s)", workflow, key, epoch)
+        return True
+    had_local = store.has_state(workflow, key)
+    info = ctx.leases.lookup(workflow, key)
+    if not had_local and (info is None or info.origin != "taken_over"):
+        store.reset_key(workflow, key, epoch)
+        return None
+    rebuilt = symbol_by_name(config.on_state_lost)(workflow, key) if config.on_state_lost else None
+    logger.warning("sticky: the state of %s:%s was lost (no copy when it moved)", workflow, key)
+    if rebuilt:
+        fields = {name: dumps(value) for name, value in dict(rebuilt).items()}
+        store.import_key(workflow, key, {"fields": fields}, epoch)
+    else:
+        store.reset_key(workflow, key, epoch)
+    return False
+
+
+def replicate(
+    ctx: StickyContext, store: NodeState, workflow: str, key: str, node: str, epoch: int
+) -> bool:
+    """Refresh the key's hand-over copy (``sticky_state_replication="sync"``), fenced:
+    False when ``node`` no longer holds the key under ``epoch`` (nothing became visible)."""
+    data = store.export_key(workflow, key)
+    if data is None:
+        return False
+    return ctx.copies.publish(workflow, key, data, owner=node, epoch=epoch)
 
 
 def end_lease(
@@ -188,8 +249,8 @@ def end_lease(
     ctx = context(app)
     try:
         # A replicated copy of an ended workflow must not come back to life.
-        ctx.handoff.delete(workflow, key)
-        ctx.leases.release(workflow, key, owner=owner)
+        ctx.copies.retire(workflow, key, owner=owner, epoch=epoch)
+        ctx.leases.release(workflow, key, owner=owner, epoch=epoch)
     except LeaseStoreUnavailable as exc:
         # The state is gone already; the lease lapses with the owner or moves on.
         logger.warning("sticky: could not release %s:%s: %s", workflow, key, exc)

@@ -286,8 +286,12 @@ class KeyGate:
             )
         metrics.gate_wait.observe(time.monotonic() - entry.created)
         faults.reach("after_prove")
-        proven = header._replace(epoch=lease.epoch)
-        entry.message.headers[HEADER] = proven.encode()
+        proven = header._replace(epoch=lease.epoch).encode()
+        entry.message.headers[HEADER] = proven
+        if entry.request is not None:
+            # A due ETA/countdown task: its Request copied the headers when it
+            # arrived; it runs (and adopts) under the epoch proven now.
+            entry.request.request_dict[HEADER] = proven
         self._local.entry = entry
         try:
             if entry.request is not None:

@@ -33,14 +33,13 @@ def run_move(app: Any, workflow: str, key: str, target: str, epoch: int, node: s
     if info is None or (info.owner, info.epoch, info.moving_to) != (node, epoch, target):
         return "stale"
     state = open_node_state(ctx.config, node)
-    copies = ctx.handoff
+    copies = ctx.copies
     data = state.export_key(workflow, key)
-    if data is not None:
-        copies.put(workflow, key, data)
+    published = data is not None and copies.publish(workflow, key, data, owner=node, epoch=epoch)
     lease = leases.commit_move(workflow, key, node, epoch, target)
     if lease.status is not ClaimStatus.CLAIMED:
-        if data is not None and ctx.config.state_replication != "sync":
-            copies.delete(workflow, key)
+        if published and ctx.config.state_replication != "sync":
+            copies.retire(workflow, key, owner=node, epoch=epoch)
         logger.warning(
             "sticky: move of %s:%s to %s called off: %s gone", workflow, key, target, target
         )

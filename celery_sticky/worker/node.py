@@ -10,10 +10,13 @@ remembers owning it, and a cached proof would then run a task in two places.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+from collections.abc import Callable
 
-from ..errors import LeaseStoreUnavailable
-from ..lease import ClaimStatus, Lease, LeaseStore
+from ..errors import ConfigurationError, LeaseStoreUnavailable
+from ..lease import ClaimStatus, Heartbeat, Lease, LeaseStore, instance_token
 from ..placement import decode_tags, encode_tags, fallback_policy, matches
 from ..settings import StickyConfig
 
@@ -42,19 +45,83 @@ class StickyNode:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._registered = False
+        #: This process's token in the registry: one process per node name.
+        self.instance = instance_token()
+        #: Reaped while paused: no proof succeeds until it registered again.
+        self.rejoining = False
+        #: Another process took this node's name while this one was away: this
+        #: process must stop without touching the node's registry entry or queue.
+        self.superseded = False
+        #: Called (from the heartbeat thread) once this process is superseded.
+        self.on_superseded: Callable[[], None] = lambda: None
+        #: Called (from the heartbeat thread) while rejoining, before registering again.
+        self.on_rejoin: Callable[[], None] = lambda: None
 
     # -- liveness --------------------------------------------------------------
 
     def beat(self, register: bool = False) -> None:
-        self.store.heartbeat(
+        """One heartbeat (or registration); acts on what the lease store answers."""
+        reply = self._heartbeat(register)
+        if reply.status == "taken" and _gone(reply.instance):
+            # A crashed earlier process of this node on this host: its name is free.
+            reply = self._heartbeat(register, force=True)
+        if reply.status == "taken":
+            raise NodeNameInUse(
+                f"node name {self.name} is in use by another live worker process "
+                f"({_describe(reply.instance)}): give this worker another name (-n), or "
+                "stop the other one first"
+            )
+        if reply.status == "superseded":
+            self._superseded(reply)
+            return
+        if reply.status == "reaped":
+            self._rejoin()
+            return
+        self._registered = True
+
+    def _heartbeat(self, register: bool, force: bool = False) -> Heartbeat:
+        return self.store.heartbeat(
             self.name,
             self.capacity,
             self.queue,
             register=register,
             tags=encode_tags(self.tags),
             max_keys=self.config.max_keys_per_worker,
+            instance=self.instance,
+            force=force,
         )
+
+    def _rejoin(self) -> None:
+        """Reaped while it was only paused: its queue was moved on and its keys may
+        have been taken over. Drop the state of keys that moved, then register again
+        (which clears the reaped mark); until then no proof succeeds here."""
+        self.rejoining = True
+        logger.warning(
+            "sticky: %s was presumed dead (paused longer than sticky_lease_ttl) and its "
+            "queue moved on; rejoining",
+            self.name,
+        )
+        self.on_rejoin()
+        reply = self._heartbeat(register=True)
+        if reply.status == "superseded" or reply.status == "taken":
+            self._superseded(reply)
+            return
+        self.rejoining = False
         self._registered = True
+        logger.info("sticky: %s rejoined", self.name)
+
+    def _superseded(self, reply: Heartbeat) -> None:
+        if self.superseded:
+            return
+        self.superseded = True
+        self._stop.set()
+        logger.error(
+            "sticky: another process took the node name %s (%s) while this one was away; "
+            "this process stops without touching the node's keys or queue",
+            self.name,
+            _describe(reply.instance),
+        )
+        self.on_superseded()
 
     def start(self) -> None:
         try:
@@ -70,9 +137,9 @@ class StickyNode:
 
     def stop(self, deregister: bool = True) -> None:
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.config.heartbeat_interval + 1)
-        if deregister:
+        if deregister and not self.superseded:
             try:
                 self.store.deregister(self.name)
             except LeaseStoreUnavailable as exc:
@@ -88,7 +155,13 @@ class StickyNode:
                     logger.info("sticky: lease store answers again; %s heartbeats", self.name)
                 failures = 0
                 delay = self.config.heartbeat_interval
-            except LeaseStoreUnavailable as exc:
+            except NodeNameInUse as exc:
+                # The store did not answer at start; now that it does, the name is taken.
+                logger.error("sticky: %s", exc)
+                self.superseded = True
+                self._stop.set()
+                self.on_superseded()
+            except Exception as exc:  # the thread lives as long as the worker
                 failures += 1
                 if failures == 1 or failures % 10 == 0:
                     logger.warning(
@@ -112,6 +185,8 @@ class StickyNode:
         cannot be proven now (the lease store does not answer, or this node is not
         registered alive); the caller waits and retries.
         """
+        if self.rejoining or self.superseded:
+            return None
         try:
             lease = self.store.claim(
                 workflow, key, candidate=self.name, policy=self.fallback_policy, affinity=affinity
@@ -128,3 +203,31 @@ class StickyNode:
         # MOVING with this node as the owner: the key is on its way here while its
         # old owner runs what it has; the caller holds the task (and asks again soon).
         return lease
+
+
+class NodeNameInUse(ConfigurationError):
+    """Another live worker process registered this node name."""
+
+
+def _describe(instance: str) -> str:
+    host, _, rest = instance.partition(":")
+    pid = rest.partition(":")[0]
+    return f"host {host}, pid {pid}" if pid else instance or "unknown process"
+
+
+def _gone(instance: str) -> bool:
+    """Whether ``instance`` was a process of this host that no longer runs."""
+    host, _, rest = instance.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -174,7 +174,7 @@ def reap(app: Celery, store: LeaseStore, node: str, reaped_at: float | None = No
         moved = move_queue(app, store, queue, restore=False) if queue_size(app, queue) else 0
     if moved:
         logger.info("sticky: moved %d task(s) from dead worker %s", moved, node)
-    if time.time() - reaped_at > RETIRE_AFTER:
+    if store.server_time() - reaped_at > RETIRE_AFTER:  # both by the server's clock
         with app.connection_for_write() as connection:
             direct_queue(queue).bind(connection.default_channel).delete()  # type: ignore[no-untyped-call]
         store.forget_worker(node)

@@ -57,6 +57,8 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         capacity = sticky_capacity or config.worker_capacity or int(worker.concurrency or 1)
         tags = worker_tags(config, sticky_tag)
         self.node = StickyNode(worker.hostname, config, ctx.leases, capacity, tags)
+        self.node.on_rejoin = self._drop_stale_state
+        self.node.on_superseded = _terminate
         self.gate = KeyGate(app, self.node)
         # Added before the consumer starts, so it consumes the queues from the start:
         # its direct queue, and the queues where tasks wait for workers with its tags.
@@ -65,6 +67,14 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
             app.amqp.queues.select_add(direct_queue(name))
         if tags:
             logger.info("sticky: %s carries tags %s, capacity %d", worker.hostname, tags, capacity)
+        if config.state_replication != "off" and not config.secret:
+            logger.warning(
+                "sticky: sticky_state_replication=%r but sticky_secret is not set (nor "
+                "STICKY_SECRET): hand-over copies are neither written nor read, so a key's "
+                "state starts empty on its next owner. Set a secret shared by every worker "
+                "to hand state over",
+                config.state_replication,
+            )
         self.drained = False
         worker.sticky = self
         worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid="celery_sticky.drain")
@@ -89,6 +99,8 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
     def stop(self, worker: Any) -> None:
         # Draining from now on: this node's keys are routed to its queue, which the
         # drain (after the pool finished its tasks) moves on.
+        if self.node.superseded:
+            return  # the name, its queue and its keys belong to another process now
         try:
             self.node.store.set_draining(self.node.name)
         except LeaseStoreUnavailable as exc:
@@ -98,7 +110,7 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def drain(self, worker: Any) -> None:
         """After the pool stopped (``worker_shutdown``): hand keys over, move the queue."""
-        if self.drained:
+        if self.drained or self.node.superseded:
             return
         self.drained = True
         try:
@@ -149,6 +161,14 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
                 logger.info("sticky: dropped the local state of %d key(s) that moved on", dropped)
         except Exception:
             logger.exception("sticky: could not check local state against the leases")
+
+
+def _terminate() -> None:
+    """Stop this worker now, without a drain (its node name belongs to another process)."""
+    from celery.platforms import EX_FAILURE
+    from celery.worker import state as worker_state
+
+    worker_state.should_terminate = EX_FAILURE
 
 
 def worker_tags(config: StickyConfig, options: tuple[str, ...] = ()) -> dict[str, str]:

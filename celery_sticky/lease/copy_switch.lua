@@ -1,0 +1,34 @@
+-- Point a key's hand-over copy at a new version, or retire it, fenced by the lease.
+--
+-- A copy is written first under a version name nobody reads (a Redis list, a file);
+-- this script then makes it the key's copy, atomically with the check that the
+-- writer still holds the key: it is the owner, under the epoch it wrote with, and
+-- its heartbeat is younger than the TTL by this server's clock. A paused or cut-off
+-- owner that resumes after another worker took the key over is refused here, so
+-- nothing it wrote becomes visible. (A draining owner still heartbeats: it may
+-- hand its keys over.)
+--
+-- KEYS[1] lease hash      KEYS[2] workers zset      KEYS[3] pointer (string)
+-- KEYS[4] the new version's Redis key (a list for the Redis store; any name otherwise)
+-- ARGV[1] lease TTL (s)   ARGV[2] writer (node)     ARGV[3] writer's epoch
+-- ARGV[4] new version name ('' to retire the copy)
+--
+-- Returns {1, previous version name or ''} when switched, {0, ''} when refused.
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner ~= ARGV[2] or redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[3] then
+  return {0, ''}
+end
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local beat = redis.call('ZSCORE', KEYS[2], owner)
+if not beat or tonumber(beat) < now - tonumber(ARGV[1]) then
+  return {0, ''}
+end
+local previous = redis.call('GET', KEYS[3]) or ''
+if ARGV[4] == '' then
+  redis.call('DEL', KEYS[3])
+else
+  redis.call('SET', KEYS[3], ARGV[4])
+  redis.call('PERSIST', KEYS[4])
+end
+return {1, previous}
