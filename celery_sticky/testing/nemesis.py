@@ -289,6 +289,8 @@ class NemesisResult:
     faults: Counter[str] = field(default_factory=Counter)
     timeline: list[str] = field(default_factory=list)
     settled: bool = True
+    #: Workers that exited by themselves during the run (restarted), by node name.
+    crashes: Counter[str] = field(default_factory=Counter)
 
     @property
     def ok(self) -> bool:
@@ -301,6 +303,7 @@ class NemesisResult:
             f"workers={self.config.workers} keys={self.config.keys} "
             f"producers={self.config.producers}",
             f"faults: {faults}",
+            f"workers that exited by themselves: {sum(self.crashes.values())}",
             "" if self.settled else "not every published step ran before the settle timeout",
             self.report.describe(),
         ]
@@ -448,7 +451,7 @@ class Nemesis:
             for key in run.keys:
                 finals[key] = _read_with_retry(read, key)
             report = check(run.published, self.records(), finals)
-        return NemesisResult(cfg, report, run.faults, run.timeline, settled)
+        return NemesisResult(cfg, report, run.faults, run.timeline, settled, run.crashes)
 
 
 def _read_with_retry(read: ReadFn, key: str, attempts: int = 3) -> Sequence[Sequence[Any]] | None:
@@ -477,6 +480,7 @@ class _Run:
         self.published: dict[str, Published] = {key: Published() for key in self.keys}
         self.lock = threading.Lock()
         self.faults: Counter[str] = Counter()
+        self.crashes: Counter[str] = Counter()
         self.timeline: list[str] = []
         self.actions: list[tuple[float, int, str, Callable[[], None]]] = []
         self.counter = itertools.count()
@@ -540,6 +544,7 @@ class _Run:
             next_fault = time.monotonic() + self.rng.uniform(*self.cfg.fault_interval)
             while time.monotonic() < end:
                 self.run_due()
+                self.notice_crashes()
                 if time.monotonic() >= next_fault:
                     self.fault()
                     next_fault = time.monotonic() + self.rng.uniform(*self.cfg.fault_interval)
@@ -600,6 +605,23 @@ class _Run:
             self.proxy_fault = True
             self.note(f"{kind} for {delay:.1f}s")
             self.later(delay, "restore the broker", self.restore_broker)
+
+    def notice_crashes(self) -> None:
+        """A worker that exited by itself (not killed or stopped here) crashed: count it,
+        keep its log's last line in the timeline, and start it again."""
+        for name in self.names:
+            worker = self.cluster.workers[name]
+            if worker.running or name in self.dead or name in self.terminating:
+                continue
+            self.crashes[name] += 1
+            last = next(
+                (line for line in reversed(worker.log().splitlines()) if "CRITICAL" in line),
+                "no CRITICAL line in its log",
+            )
+            code = worker.process.returncode if worker.process is not None else None
+            self.note(f"{name} exited by itself (exit {code}): {last[:200]}")
+            self.cluster.reap(name)
+            self.restart(name)
 
     def possible(self, kind: str) -> bool:
         if kind.startswith(("kill9", "pause", "sigterm")):
