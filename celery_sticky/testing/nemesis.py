@@ -546,7 +546,10 @@ class _Run:
                 self.run_due()
                 self.notice_crashes()
                 if time.monotonic() >= next_fault:
-                    self.fault()
+                    try:
+                        self.fault()
+                    except Exception as exc:  # a fault that could not be applied
+                        self.note(f"applying a fault failed: {exc!r}")
                     next_fault = time.monotonic() + self.rng.uniform(*self.cfg.fault_interval)
                 time.sleep(0.05)
         finally:
@@ -555,8 +558,13 @@ class _Run:
                 thread.join(30)
 
     def run_due(self, everything: bool = False) -> None:
-        while self.actions and (everything or self.actions[0][0] <= time.monotonic()):
-            _, _, what, action = heapq.heappop(self.actions)
+        """Run the actions due now (all pending ones when ``everything``); an action
+        that schedules another one does not run it in the same call."""
+        now = time.monotonic()
+        due = []
+        while self.actions and (everything or self.actions[0][0] <= now):
+            due.append(heapq.heappop(self.actions))
+        for _, _, what, action in due:
             try:
                 action()
             except Exception as exc:
@@ -588,7 +596,10 @@ class _Run:
             self.cluster.signal(name, signal.SIGTERM)
             self.terminating.add(name)
             self.note(f"SIGTERM {name}")
-            self.later(0.5, f"restart {name} once it exited", lambda: self.after_term(name, 0))
+            deadline = time.monotonic() + 60
+            self.later(
+                0.5, f"restart {name} once it exited", lambda: self.after_term(name, deadline)
+            )
         elif kind.startswith("lease_restart"):
             keep = kind == "lease_restart_with_data"
             down = self.rng.uniform(0.0, 1.0)
@@ -641,11 +652,12 @@ class _Run:
         self.cluster.resume(name)
         self.note(f"SIGCONT {name}")
 
-    def after_term(self, name: str, waited: float) -> None:
+    def after_term(self, name: str, deadline: float) -> None:
+        """Restart ``name`` once it exited after SIGTERM; kill it at ``deadline``."""
         worker = self.cluster.workers[name]
-        if worker.running and waited < 60:
+        if worker.running and time.monotonic() < deadline:
             self.later(
-                0.5, f"restart {name} once it exited", lambda: self.after_term(name, waited + 0.5)
+                0.5, f"restart {name} once it exited", lambda: self.after_term(name, deadline)
             )
             return
         if worker.running:
