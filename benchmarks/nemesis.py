@@ -77,6 +77,7 @@ def bench(url: str, args: argparse.Namespace) -> None:
         publish_interval=args.publish_interval,
         fault_interval=(args.fault_min, args.fault_max),
         settle_timeout=args.settle,
+        faults=tuple(args.faults),
     )
     failed = True
     try:
@@ -126,6 +127,14 @@ def nemesis_env(
     }
 
 
+def fault_kinds(value: str) -> list[str]:
+    kinds = [part.strip() for part in value.split(",") if part.strip()]
+    unknown = sorted(set(kinds) - set(FAULT_KINDS))
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(f"unknown fault kinds {unknown}; known: {FAULT_KINDS}")
+    return kinds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--minutes", type=positive(float), default=10.0, help="time under faults")
@@ -141,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=positive(float), default=180.0, help="s to finish")
     parser.add_argument("--replication", choices=["sync", "on_handoff", "off"], default="sync")
     parser.add_argument("--broker", default="", help="broker URL (default: BENCH_REDIS_URL)")
+    parser.add_argument(
+        "--faults",
+        type=fault_kinds,
+        default=list(FAULT_KINDS),
+        help=f"comma-separated fault kinds (default: all of {','.join(FAULT_KINDS)})",
+    )
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
     return against_redis(DEFAULT_URL, lambda url: bench(url, args))

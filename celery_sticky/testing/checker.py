@@ -29,6 +29,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+#: At most this many lines of the first offending key's history in a report.
+HISTORY_LINES = 80
 #: The violation counts, in report order.
 VIOLATIONS = ("lost", "duplicated", "reordered", "overlapping", "phantom", "unreadable")
 
@@ -142,7 +144,10 @@ class Report:
             lines.append(f"first offending key {first.key}:")
             lines += [f"  {problem}" for problem in first.problems]
             lines.append("  history (state entries, then every body run by start):")
-            lines += [f"    {line}" for line in first.history]
+            shown = first.history[:HISTORY_LINES]
+            lines += [f"    {line}" for line in shown]
+            if len(first.history) > len(shown):
+                lines.append(f"    ... {len(first.history) - len(shown)} more runs")
         return "\n".join(lines)
 
 
