@@ -15,6 +15,7 @@ import redis
 from celery import Celery, shared_task
 
 from celery_sticky import sticky_task
+from celery_sticky.testing.nemesis import LEASE_URL_ENV, register_probe
 
 
 def _float_env(name: str) -> float | None:
@@ -29,7 +30,9 @@ def make_app(prefix: str | None = None, **settings: Any) -> Celery:
     app = Celery(f"tests-{prefix}", broker=broker, backend=url, set_as_current=False)
     app.conf.update(
         task_default_queue=f"{prefix}.default",
-        sticky_redis_url=os.environ.get("STICKY_TEST_LEASE_URL") or url,
+        sticky_redis_url=os.environ.get("STICKY_TEST_LEASE_URL")
+        or os.environ.get(LEASE_URL_ENV)
+        or url,
         sticky_key_prefix=prefix,
         sticky_secret=f"tests-{prefix}-hand-over-secret",
         sticky_queue_prefix=prefix,
@@ -59,6 +62,7 @@ def make_app(prefix: str | None = None, **settings: Any) -> Celery:
         # connection: after two missed heartbeats.
         app.conf.broker_heartbeat = 2
     app.conf.update(settings)
+    register_probe(app)  # the nemesis's probe tasks (tests/testing/test_nemesis.py)
     return app
 
 
