@@ -177,6 +177,11 @@ def test_a_fenced_task_goes_to_the_keys_owner(run: Run) -> None:
     result.get(timeout=60)
     zombie_log = run.cluster.workers["zombie@fence-tests"]
     wait_for(lambda: "fenced key:" in zombie_log.log(), timeout=30, message="never fenced")
+    # The taker gets the step twice: moved from the dead zombie's queue, and re-sent by
+    # the fenced zombie (it finds it applied and answers with the stored result).
+    received = f"Task tests.cluster_app.record_step[{result.id}] received"
+    taker_log = run.cluster.workers["taker@fence-tests"]
+    wait_for(lambda: taker_log.log().count(received) >= 2, timeout=30, message="not re-sent")
     steps = run.state(key)["state"]["steps"]
     assert sorted(steps) == [0, 1] and len(steps) == 2, steps
     # Straight to the owner: the zombie never got its own task back to forward it.
