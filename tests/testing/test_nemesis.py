@@ -207,6 +207,7 @@ def test_a_short_seeded_nemesis_run(prefix: str, tmp_path: Path) -> None:
         publish_interval=0.1,
         fault_interval=(2.0, 5.0),
         settle_timeout=60.0,
+        read_timeout=10.0,
     )
     sub = f"{prefix}s{uuid.uuid4().hex[:4]}"
     with Nemesis(
