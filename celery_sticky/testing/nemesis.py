@@ -270,6 +270,8 @@ class NemesisConfig:
     faults: Sequence[str] = FAULT_KINDS
     #: Seconds allowed after healing for every published step to run.
     settle_timeout: float = 90.0
+    #: Seconds to wait for each read of a key's final state (two attempts).
+    read_timeout: float = 30.0
     #: Node names are ``<node_prefix><i>@<host>``.
     node_prefix: str = "n"
     host: str = "nemesis"
@@ -449,15 +451,17 @@ class Nemesis:
             settled = run.settle()
             finals: dict[str, Sequence[Sequence[Any]] | None] = {}
             for key in run.keys:
-                finals[key] = _read_with_retry(read, key)
+                finals[key] = _read_with_retry(read, key, cfg.read_timeout)
             report = check(run.published, self.records(), finals)
         return NemesisResult(cfg, report, run.faults, run.timeline, settled, run.crashes)
 
 
-def _read_with_retry(read: ReadFn, key: str, attempts: int = 3) -> Sequence[Sequence[Any]] | None:
+def _read_with_retry(
+    read: ReadFn, key: str, timeout: float, attempts: int = 2
+) -> Sequence[Sequence[Any]] | None:
     for _ in range(attempts):
         try:
-            return read(key, 30.0)
+            return read(key, timeout)
         except Exception as exc:
             logger.warning("nemesis: reading %s failed: %r", key, exc)
     return None
