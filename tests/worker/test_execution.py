@@ -186,3 +186,38 @@ def test_a_fenced_task_goes_to_the_keys_owner(run: Run) -> None:
     assert sorted(steps) == [0, 1] and len(steps) == 2, steps
     # Straight to the owner: the zombie never got its own task back to forward it.
     assert f"[{result.id}] of key:{key} to" not in zombie_log.log()
+
+
+def test_a_zombies_outbox_and_the_new_owners_rerun_apply_once(run: Run) -> None:
+    """The owner of ``A`` commits a task that published three steps of ``B`` and is
+    frozen (whole group) before it sends them (``after_replicate:stop``). The key is
+    taken over and the task runs again there, publishing the same three messages
+    (their ids derive from the task's id and position). The zombie resumes and sends
+    its copies too: ``B``'s owner applies each step once."""
+    marker = run.logs.parent / "fault-marker"
+    run.start(
+        "sender@fence-tests",
+        STICKY_TEST_FAULT="after_replicate:stop",
+        STICKY_TEST_FAULT_MARKER=str(marker),
+    )
+    source, target = f"outbox-{uuid.uuid4().hex[:8]}", f"target-{uuid.uuid4().hex[:8]}"
+    fan_out = run.tasks["tests.cluster_app.fan_out"].delay(source, target, 3)
+    wait_for(marker.exists, timeout=30, message="the owner never reached after_replicate")
+    assert run.cluster is not None
+    run.cluster.workers["sender@fence-tests"].paused = True
+    run.start("rerun@fence-tests")
+    ids = fan_out.get(timeout=60)  # the re-run on the new owner
+    assert len(ids) == 3
+    run.cluster.resume("sender@fence-tests")
+    sender = run.cluster.workers["sender@fence-tests"]
+    wait_for(
+        lambda: f"fan_out[{fan_out.id}] succeeded" in sender.log(),
+        timeout=60,
+        message="the zombie never sent its outbox",
+    )
+    # Its copies were published before it reported success; a step published now
+    # reaches B's owner after them, and B's line runs in arrival order.
+    run.step(target, 99).get(timeout=60)
+    assert run.state(target)["state"]["steps"] == [0, 1, 2, 99]
+    bodies = [e["id"] for e in run.events(target) if e.get("step") in (0, 1, 2)]
+    assert sorted(bodies) == sorted(ids), "a step of B ran twice"
