@@ -21,7 +21,7 @@ import pytest
 
 from celery_sticky.context import lease_store
 from celery_sticky.testing import WorkerCluster, wait_for
-from tests.conftest import read_events, start_cluster, unique
+from tests.conftest import read_events, start_cluster, unique, wait_settled
 
 TTL = 3.0
 BOUND = TTL + 2.0
@@ -175,6 +175,7 @@ def test_lost_state_is_said_not_hidden(run: Run) -> None:
     for key in (plain, rebuilt):
         run.step.delay(key, 0, 0.0).get(timeout=30)
         run.step.delay(key, 1, 0.0).get(timeout=30)
+        wait_settled(run.app, run.owner(key), "key", key)  # acknowledged before the kill
     victims = {run.owner(plain), run.owner(rebuilt)}
     for victim in victims:
         cluster.kill(victim)
