@@ -2,7 +2,7 @@
 
 Registered with Celery through the ``celery.commands`` entry point, so it runs as
 ``celery -A proj sticky <command>`` with the app Celery loaded (``ctx.obj.app``).
-Every command prints a table (rich when installed, plain columns otherwise), or
+Every command prints plain columns (the same whether or not rich is installed), or
 JSON with ``--json``. Exit codes: 0 ok, 1 not found (an unknown worker or key),
 2 usage or configuration error, 3 the lease store or the broker does not answer,
 4 timed out waiting for a worker.
@@ -23,6 +23,8 @@ from typing import Any
 import click
 import redis
 from celery import Celery
+from celery.utils.debug import humanbytes
+from celery.utils.time import humanize_seconds
 from kombu.exceptions import OperationalError
 
 # Imported with this plugin (Celery loads it at start): `celery inspect` and
@@ -102,10 +104,6 @@ def _store(ctx: click.Context) -> LeaseStore:
         raise BadSetup(f"sticky_redis_url {url!r}: {exc}") from None
 
 
-def _no_color(ctx: click.Context) -> bool:
-    return bool(getattr(ctx.find_root().obj, "no_color", False))
-
-
 def _lease_url(ctx: click.Context) -> str:
     try:
         return redact_url(get_config(_app(ctx)).redis_url)
@@ -166,75 +164,33 @@ def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-def _console(ctx: click.Context) -> Any:
-    """A rich console, or None when rich is not installed (plain text then)."""
-    try:
-        from rich.console import Console
-    except ImportError:
-        return None
-    console = Console(no_color=_no_color(ctx), highlight=False)
-    if not console.is_terminal:
-        console.width = 200  # piped: no wrapping at 80 columns
-    return console
-
-
 def _table(
     ctx: click.Context, columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str = ""
 ) -> None:
+    """Plain columns, the same whatever is installed (stable for people and for grep)."""
     cells = [["" if cell is None else str(cell) for cell in row] for row in rows]
-    console = _console(ctx)
-    if console is not None:
-        from rich import box
-        from rich.table import Table
-
-        table = Table(
-            title=title or None,
-            box=box.SIMPLE_HEAD,
-            show_edge=False,
-            pad_edge=False,
-            title_justify="left",
-        )
-        for column in columns:
-            table.add_column(column, overflow="fold")
-        for row in cells:
-            table.add_row(*row)
-        console.print(table)
-        return
     if title:
         click.echo(title)
     widths = [len(column) for column in columns]
     for row in cells:
         widths = [max(width, len(cell)) for width, cell in zip(widths, row, strict=True)]
     for row in [list(columns), ["-" * width for width in widths], *cells]:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        click.echo(line.rstrip())
 
 
 def _fields(ctx: click.Context, pairs: Sequence[tuple[str, Any]]) -> None:
     """A record, one ``name  value`` line each."""
-    console = _console(ctx)
-    if console is not None:
-        from rich.table import Table
-
-        grid = Table.grid(padding=(0, 2))
-        grid.add_column(style="bold")
-        grid.add_column(overflow="fold")
-        for name, value in pairs:
-            grid.add_row(name, "" if value is None else str(value))
-        console.print(grid)
-        return
     width = max(len(name) for name, _ in pairs)
     for name, value in pairs:
-        click.echo(f"{name.ljust(width)}  {'' if value is None else value}")
+        click.echo(f"{name.ljust(width)}  {'' if value is None else value}".rstrip())
 
 
 def _ago(seconds: float | None) -> str:
+    """``3.20 seconds``, ``1.25 minutes`` (Celery's ``humanize_seconds``); ``-`` for None."""
     if seconds is None:
         return "-"
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.0f}h"
+    return str(humanize_seconds(max(seconds, 0.0), microseconds=True))
 
 
 def _when(timestamp: float | None) -> str:
@@ -581,12 +537,8 @@ def show(ctx: click.Context, workflow: str, key: str, timeout: float, as_json: b
 
 
 def _size(count: int) -> str:
-    size = float(count)
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{count} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{count} bytes"
+    """``2KB``, ``4.77MB`` (Celery's ``humanbytes``)."""
+    return str(humanbytes(count))
 
 
 # -- release ---------------------------------------------------------------------

@@ -183,8 +183,10 @@ class WorkerCluster:
 
 
 def _children(pid: int) -> list[int]:
+    """The pids of ``pid``'s children (its pool processes), by psutil."""
+    import psutil
+
     try:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    except FileNotFoundError:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
         return []
-    return [int(p) for p in out.split()]
