@@ -23,6 +23,8 @@ from typing import Any
 import click
 import redis
 from celery import Celery
+from celery.bin.base import COMMA_SEPARATED_LIST
+from celery.utils import text
 from celery.utils.debug import humanbytes
 from celery.utils.time import humanize_seconds
 from kombu.exceptions import OperationalError
@@ -32,6 +34,7 @@ from kombu.exceptions import OperationalError
 from .context import get_config, lease_store
 from .errors import ConfigurationError, LeaseStoreUnavailable, MoveError
 from .lease import LeaseStore, WorkerInfo, redact_url
+from .placement import affinity_queues
 from .producer import admin
 from .producer.install import install
 from .producer.queues import queued_keys
@@ -908,6 +911,104 @@ def _reap_note(row: dict[str, Any]) -> str:
     if row["already_reaped"]:
         return "already reaped (stragglers moved)" if row["moved"] else "already reaped"
     return "reaped"
+
+
+# -- purge -----------------------------------------------------------------------
+
+
+def sticky_queues(app: Celery, store: LeaseStore) -> list[str]:
+    """The direct queue of every registered worker and every affinity queue a tag set
+    ever registered serves: the queues ``celery purge`` does not know."""
+    prefix = get_config(app).queue_prefix
+    workers = store.workers()
+    names = {w.queue for w in workers if w.queue}
+    for tags in [*(w.tags for w in workers), *store.tagsets()]:
+        names.update(affinity_queues(prefix, tags))
+    return sorted(names)
+
+
+@sticky.command()
+@click.option("-f", "--force", is_flag=True, help="Don't prompt for verification.")
+@click.option(
+    "-Q",
+    "--queues",
+    type=COMMA_SEPARATED_LIST,
+    help="Comma separated list of queue names to purge (of the sticky queues).",
+)
+@click.option(
+    "-X",
+    "--exclude-queues",
+    type=COMMA_SEPARATED_LIST,
+    help="Comma separated list of queue names not to purge.",
+)
+@json_option
+@click.pass_context
+def purge(
+    ctx: click.Context,
+    force: bool,
+    queues: list[str] | None,
+    exclude_queues: list[str] | None,
+    as_json: bool,
+) -> None:
+    """Erase the messages waiting in the sticky queues.
+
+    `celery purge` erases the app's known queues, which are not the direct queues
+    (`<sticky_queue_prefix>.<nodename>`) nor the affinity queues: this erases those,
+    for every worker in the lease store's registry (alive or not) and every tag set
+    ever registered. Same flags as `celery purge`; -Q names queues of that set (an
+    unknown name is an error). Messages a worker already prefetched are not waiting
+    and stay. There is no undo.
+    """
+    app = _app(ctx)
+    store = _store(ctx)
+    known = sticky_queues(app, store)
+    if queues:
+        unknown = sorted(set(queues) - set(known))
+        if unknown:
+            raise NotFound(
+                f"not a sticky queue: {', '.join(unknown)} (`celery purge -Q` erases others)"
+            )
+    names = sorted(set(queues or known) - set(exclude_queues or ()))
+    if not names:
+        if as_json:
+            _emit_json({"queues": {}, "purged": 0})
+        else:
+            click.echo("no sticky queues to purge")
+        return
+    headline = text.pluralize(len(names), "queue")
+    if not force:
+        click.confirm(
+            f"WARNING: This will remove all tasks from {headline}: {', '.join(names)}.\n"
+            "         There is no undo for this operation!\n\n"
+            "(to skip this prompt use the -f option)\n"
+            "Are you sure you want to delete all tasks?",
+            abort=True,
+        )
+    purged: dict[str, int] = {}
+    with _broker(app) as connection:
+        channel = connection.channel()
+        try:
+            for name in names:
+                try:
+                    purged[name] = int(channel.queue_purge(name) or 0)
+                except connection.channel_errors:
+                    purged[name] = 0  # never declared: RabbitMQ answers 404, closing the channel
+                    with contextlib.suppress(Exception):
+                        channel.close()
+                    channel = connection.channel()
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+    total = sum(purged.values())
+    if as_json:
+        _emit_json({"queues": purged, "purged": total})
+    elif total:
+        click.echo(
+            f"Purged {total} {text.pluralize(total, 'message')} from "
+            f"{len(names)} sticky {headline}."
+        )
+    else:
+        click.echo(f"No messages purged from {len(names)} sticky {headline}.")
 
 
 # -- celery worker options --------------------------------------------------------
