@@ -1015,12 +1015,13 @@ def purge(
 
 
 def add_worker_options() -> None:
-    """``celery worker --sticky-tag NAME=VALUE --sticky-capacity N``.
+    """``celery worker --sticky-tag NAME=VALUE --sticky-capacity N --sticky-metrics-port P``.
 
     Celery imports this module (the ``celery.commands`` entry point) before it
     parses a command line, while the app's own ``user_options`` are read before
     the app has bound its sticky tasks; so the options are added to Celery's
-    worker command here. The worker passes them to the ``StickyWorker`` step.
+    worker command here. The worker passes them to every step: ``StickyWorker``
+    takes the tag and capacity, ``MetricsStep`` the port.
     """
     from celery.bin.worker import worker
 
@@ -1034,6 +1035,13 @@ def add_worker_options() -> None:
                 metavar="NAME=VALUE",
                 help="A tag this worker advertises to sticky placement (repeatable); "
                 "adds to sticky_worker_tags.",
+            ),
+            click.Option(
+                ["--sticky-metrics-port"],
+                type=click.IntRange(min=1, max=65535),
+                default=None,
+                help="Serve this worker's Prometheus metrics on this port "
+                "(sticky_metrics_port; needs the prometheus extra).",
             ),
             click.Option(
                 ["--sticky-capacity"],
