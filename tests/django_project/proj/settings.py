@@ -19,6 +19,7 @@ CELERY_BROKER_URL = os.environ.get("STICKY_TEST_BROKER_URL") or _redis
 CELERY_RESULT_BACKEND = _redis
 CELERY_TASK_DEFAULT_QUEUE = f"{_prefix}.default"
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_STICKY_REDIS_URL = _redis  # the lease store (the broker may be RabbitMQ)
 CELERY_STICKY_KEY_PREFIX = _prefix
 CELERY_STICKY_QUEUE_PREFIX = _prefix
 CELERY_STICKY_SECRET = f"{_prefix}-hand-over-secret"
