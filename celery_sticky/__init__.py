@@ -18,11 +18,12 @@ from .errors import (
 from .local.handle import StateHandle
 from .producer.admin import move_key, release
 from .producer.install import install
-from .producer.task import StickyTask, sticky_task
+from .producer.task import INJECTED, StickyTask, StickyTaskProxy, sticky_task
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "INJECTED",
     "ConfigurationError",
     "ForwardingError",
     "InvalidKeyError",
@@ -33,6 +34,7 @@ __all__ = [
     "StateSizeLimitError",
     "StickyError",
     "StickyTask",
+    "StickyTaskProxy",
     "__version__",
     "install",
     "move_key",

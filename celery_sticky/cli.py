@@ -2,7 +2,7 @@
 
 Registered with Celery through the ``celery.commands`` entry point, so it runs as
 ``celery -A proj sticky <command>`` with the app Celery loaded (``ctx.obj.app``).
-Every command prints a table (rich when installed, plain columns otherwise), or
+Every command prints plain columns (the same whether or not rich is installed), or
 JSON with ``--json``. Exit codes: 0 ok, 1 not found (an unknown worker or key),
 2 usage or configuration error, 3 the lease store or the broker does not answer,
 4 timed out waiting for a worker.
@@ -23,11 +23,16 @@ from typing import Any
 import click
 import redis
 from celery import Celery
+from celery.bin.base import COMMA_SEPARATED_LIST
+from celery.utils import text
+from celery.utils.debug import humanbytes
+from celery.utils.time import humanize_seconds
 from kombu.exceptions import OperationalError
 
 from .context import get_config, lease_store
 from .errors import ConfigurationError, LeaseStoreUnavailable, MoveError
 from .lease import LeaseStore, WorkerInfo, redact_url
+from .placement import affinity_queues
 from .producer import admin
 from .producer.install import install
 from .producer.queues import queued_keys
@@ -104,10 +109,6 @@ def _store(ctx: click.Context) -> LeaseStore:
         raise BadSetup(f"sticky_redis_url {url!r}: {exc}") from None
 
 
-def _no_color(ctx: click.Context) -> bool:
-    return bool(getattr(ctx.find_root().obj, "no_color", False))
-
-
 def _lease_url(ctx: click.Context) -> str:
     try:
         return redact_url(get_config(_app(ctx)).redis_url)
@@ -168,75 +169,33 @@ def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-def _console(ctx: click.Context) -> Any:
-    """A rich console, or None when rich is not installed (plain text then)."""
-    try:
-        from rich.console import Console
-    except ImportError:
-        return None
-    console = Console(no_color=_no_color(ctx), highlight=False)
-    if not console.is_terminal:
-        console.width = 200  # piped: no wrapping at 80 columns
-    return console
-
-
 def _table(
     ctx: click.Context, columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str = ""
 ) -> None:
+    """Plain columns, the same whatever is installed (stable for people and for grep)."""
     cells = [["" if cell is None else str(cell) for cell in row] for row in rows]
-    console = _console(ctx)
-    if console is not None:
-        from rich import box
-        from rich.table import Table
-
-        table = Table(
-            title=title or None,
-            box=box.SIMPLE_HEAD,
-            show_edge=False,
-            pad_edge=False,
-            title_justify="left",
-        )
-        for column in columns:
-            table.add_column(column, overflow="fold")
-        for row in cells:
-            table.add_row(*row)
-        console.print(table)
-        return
     if title:
         click.echo(title)
     widths = [len(column) for column in columns]
     for row in cells:
         widths = [max(width, len(cell)) for width, cell in zip(widths, row, strict=True)]
     for row in [list(columns), ["-" * width for width in widths], *cells]:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        click.echo(line.rstrip())
 
 
 def _fields(ctx: click.Context, pairs: Sequence[tuple[str, Any]]) -> None:
     """A record, one ``name  value`` line each."""
-    console = _console(ctx)
-    if console is not None:
-        from rich.table import Table
-
-        grid = Table.grid(padding=(0, 2))
-        grid.add_column(style="bold")
-        grid.add_column(overflow="fold")
-        for name, value in pairs:
-            grid.add_row(name, "" if value is None else str(value))
-        console.print(grid)
-        return
     width = max(len(name) for name, _ in pairs)
     for name, value in pairs:
-        click.echo(f"{name.ljust(width)}  {'' if value is None else value}")
+        click.echo(f"{name.ljust(width)}  {'' if value is None else value}".rstrip())
 
 
 def _ago(seconds: float | None) -> str:
+    """``3.20 seconds``, ``1.25 minutes`` (Celery's ``humanize_seconds``); ``-`` for None."""
     if seconds is None:
         return "-"
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.0f}h"
+    return str(humanize_seconds(max(seconds, 0.0), microseconds=True))
 
 
 def _when(timestamp: float | None) -> str:
@@ -583,12 +542,8 @@ def show(ctx: click.Context, workflow: str, key: str, timeout: float, as_json: b
 
 
 def _size(count: int) -> str:
-    size = float(count)
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{count} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{count} bytes"
+    """``2KB``, ``4.77MB`` (Celery's ``humanbytes``)."""
+    return str(humanbytes(count))
 
 
 # -- release ---------------------------------------------------------------------
@@ -960,16 +915,115 @@ def _reap_note(row: dict[str, Any]) -> str:
     return "reaped"
 
 
+# -- purge -----------------------------------------------------------------------
+
+
+def sticky_queues(app: Celery, store: LeaseStore) -> list[str]:
+    """The direct queue of every registered worker and every affinity queue a tag set
+    ever registered serves: the queues ``celery purge`` does not know."""
+    prefix = get_config(app).queue_prefix
+    workers = store.workers()
+    names = {w.queue for w in workers if w.queue}
+    for tags in [*(w.tags for w in workers), *store.tagsets()]:
+        names.update(affinity_queues(prefix, tags))
+    return sorted(names)
+
+
+@sticky.command()
+@click.option("-f", "--force", is_flag=True, help="Don't prompt for verification.")
+@click.option(
+    "-Q",
+    "--queues",
+    type=COMMA_SEPARATED_LIST,
+    help="Comma separated list of queue names to purge (of the sticky queues).",
+)
+@click.option(
+    "-X",
+    "--exclude-queues",
+    type=COMMA_SEPARATED_LIST,
+    help="Comma separated list of queue names not to purge.",
+)
+@json_option
+@click.pass_context
+def purge(
+    ctx: click.Context,
+    force: bool,
+    queues: list[str] | None,
+    exclude_queues: list[str] | None,
+    as_json: bool,
+) -> None:
+    """Erase the messages waiting in the sticky queues.
+
+    `celery purge` erases the app's known queues, which are not the direct queues
+    (`<sticky_queue_prefix>.<nodename>`) nor the affinity queues: this erases those,
+    for every worker in the lease store's registry (alive or not) and every tag set
+    ever registered. Same flags as `celery purge`; -Q names queues of that set (an
+    unknown name is an error). Messages a worker already prefetched are not waiting
+    and stay. There is no undo.
+    """
+    app = _app(ctx)
+    store = _store(ctx)
+    known = sticky_queues(app, store)
+    if queues:
+        unknown = sorted(set(queues) - set(known))
+        if unknown:
+            raise NotFound(
+                f"not a sticky queue: {', '.join(unknown)} (`celery purge -Q` erases others)"
+            )
+    names = sorted(set(queues or known) - set(exclude_queues or ()))
+    if not names:
+        if as_json:
+            _emit_json({"queues": {}, "purged": 0})
+        else:
+            click.echo("no sticky queues to purge")
+        return
+    headline = text.pluralize(len(names), "queue")
+    if not force:
+        click.confirm(
+            f"WARNING: This will remove all tasks from {headline}: {', '.join(names)}.\n"
+            "         There is no undo for this operation!\n\n"
+            "(to skip this prompt use the -f option)\n"
+            "Are you sure you want to delete all tasks?",
+            abort=True,
+        )
+    purged: dict[str, int] = {}
+    with _broker(app) as connection:
+        channel = connection.channel()
+        try:
+            for name in names:
+                try:
+                    purged[name] = int(channel.queue_purge(name) or 0)
+                except connection.channel_errors:
+                    purged[name] = 0  # never declared: RabbitMQ answers 404, closing the channel
+                    with contextlib.suppress(Exception):
+                        channel.close()
+                    channel = connection.channel()
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+    total = sum(purged.values())
+    if as_json:
+        _emit_json({"queues": purged, "purged": total})
+    elif total:
+        click.echo(
+            f"Purged {total} {text.pluralize(total, 'message')} from "
+            f"{len(names)} sticky {headline}."
+        )
+    else:
+        click.echo(f"No messages purged from {len(names)} sticky {headline}.")
+
+
 # -- celery worker options --------------------------------------------------------
 
 
 def add_worker_options() -> None:
-    """``celery worker --sticky-tag NAME=VALUE --sticky-capacity N``.
+    """``celery worker --sticky-tag NAME=VALUE --sticky-capacity N --sticky-metrics-port P``.
 
     Celery imports this module (the ``celery.commands`` entry point) before it
     parses a command line, while the app's own ``user_options`` are read before
     the app has bound its sticky tasks; so the options are added to Celery's
-    worker command here. The worker passes them to the ``StickyWorker`` step.
+    worker command here. The worker passes them to every step: ``StickyWorker``
+    takes the tag and capacity, ``MetricsStep`` the port.
     """
     from celery.bin.worker import worker
 
@@ -983,6 +1037,13 @@ def add_worker_options() -> None:
                 metavar="NAME=VALUE",
                 help="A tag this worker advertises to sticky placement (repeatable); "
                 "adds to sticky_worker_tags.",
+            ),
+            click.Option(
+                ["--sticky-metrics-port"],
+                type=click.IntRange(min=1, max=65535),
+                default=None,
+                help="Serve this worker's Prometheus metrics on this port "
+                "(sticky_metrics_port; needs the prometheus extra).",
             ),
             click.Option(
                 ["--sticky-capacity"],

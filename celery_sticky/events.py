@@ -6,13 +6,24 @@ owner), ``handed_over`` (a draining worker exported the key's state),
 ran; nothing was committed), ``moved`` (on purpose, with its state). The log
 line's ``extra={"sticky": {...}}`` carries the fields for structured handlers;
 the Celery event is ``sticky-<kind>`` with the same fields, sent when the
-worker sends events (``-E``), so Flower-style monitors can follow keys.
+process sends events (a worker started with ``-E``, or any app with
+``worker_send_task_events`` or ``task_send_sent_event`` on), so Flower and
+``celery events`` can follow keys. Where each kind is recorded:
+
+- ``claimed``, ``taken_over`` at publish: the publisher (``producer/router.py``),
+  with :func:`app_sender`; on arrival: the worker's main process (``worker/gate.py``),
+  with :func:`dispatcher_send`;
+- ``moved``: the pool process running the move (``worker/moves.py``), :func:`app_sender`;
+- ``handed_over``: the main process draining at shutdown (``worker/drain.py``),
+  :func:`app_sender`;
+- ``released``, ``fenced``: the pool process (``worker/execution.py``), ``task.send_event``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import metrics
@@ -70,3 +81,28 @@ def dispatcher_send(consumer: Any) -> Callable[..., Any] | None:
         return None
     send: Callable[..., Any] = dispatcher.send
     return send
+
+
+def events_on(app: Any) -> bool:
+    """Whether ``app`` sends events: ``worker_send_task_events`` (set in a worker started
+    with ``-E`` by the ``Sticky`` step, before its pool forks) or ``task_send_sent_event``."""
+    conf = app.conf
+    return bool(conf.worker_send_task_events or conf.task_send_sent_event)
+
+
+@contextlib.contextmanager
+def app_sender(app: Any, hostname: str | None = None) -> Iterator[Callable[..., Any] | None]:
+    """An event sender for ``with`` blocks outside the consumer: a dispatcher borrowed from
+    ``app``'s producer pool when :func:`events_on`, else None (and None when the broker
+    cannot give one: monitoring never stops the caller)."""
+    if not events_on(app):
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        send: Callable[..., Any] | None
+        try:
+            send = stack.enter_context(app.events.default_dispatcher(hostname=hostname)).send
+        except Exception:
+            logger.debug("sticky: no event dispatcher", exc_info=True)
+            send = None
+        yield send

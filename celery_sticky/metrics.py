@@ -1,70 +1,184 @@
-"""Prometheus metrics (extra ``prometheus``); no-ops when prometheus_client is missing.
+"""Prometheus metrics (extra ``prometheus``): counted and exported by workers only.
 
-Counted in the process where things happen: a worker's main process counts
-claims, take-overs, forwards, held duplicates, the gate's waits and the tasks its
-reaper or drain moved, and serves them on ``sticky_metrics_port``; a producer
-counts its own routing decisions in its own registry. Gauges (keys owned, gate
-queue, local state bytes) are read when scraped.
+Every metric here is a no-op until :func:`enable` runs, which the worker's
+``Sticky metrics`` step does (``sticky_metrics_port`` or ``celery worker
+--sticky-metrics-port``) before the pool forks. So a process that only publishes,
+or imports the app (Flower, a web server), neither counts nor exports anything
+sticky, and ``import celery_sticky`` does not import prometheus_client.
+
+Prefork: pool processes count what happens in them (releases, moves, fenced
+tasks), and prometheus_client's multiprocess mode adds their counts up: each
+process writes its values to a file in ``PROMETHEUS_MULTIPROC_DIR`` and the
+exporter reads them all (:class:`prometheus_client.multiprocess.MultiProcessCollector`).
+prometheus_client picks its mode once, when it is first imported, and any
+``celery`` command imports it early when Flower is installed (Celery loads every
+``celery.commands`` plugin). So :func:`enable` does not rely on the mode: it
+makes these metrics' values multiprocess ones itself, in a private directory of
+the worker (removed at its exit) unless ``PROMETHEUS_MULTIPROC_DIR`` is set, and
+leaves every other metric of the process as it was.
+
+Gauges (keys owned, gate queue, local state bytes) are read when scraped.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
-
-prometheus_client: Any
-try:
-    import prometheus_client
-    from prometheus_client.core import GaugeMetricFamily
-except ImportError:  # pragma: no cover - exercised where the extra is missing
-    prometheus_client = None
 
 PREFIX = "celery_sticky"
 
 
-class _Nothing:
-    """Stands in for a metric when prometheus_client is not installed."""
-
-    def labels(self, *args: Any, **kwargs: Any) -> _Nothing:
-        return self
-
-    def inc(self, amount: float = 1) -> None:
-        pass
-
-    def observe(self, value: float) -> None:
-        pass
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
-def _counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
-    if prometheus_client is None:
-        return _Nothing()
-    return prometheus_client.Counter(f"{PREFIX}_{name}", doc, labels)
+class _Child:
+    """One labelled series; its ``inc``/``observe`` are the real ones once enabled."""
+
+    inc: Callable[..., None] = staticmethod(_noop)
+    observe: Callable[..., None] = staticmethod(_noop)
+
+    def bind(self, real: Any) -> None:
+        self.inc = getattr(real, "inc", _noop)
+        self.observe = getattr(real, "observe", _noop)
 
 
-routed = _counter(
+class _Metric(_Child):
+    """A metric declared at import and made real by :func:`enable`.
+
+    ``labels(...)`` returns the same child every time, so callers may bind children
+    once (the router does): after :func:`enable` a child's ``inc`` is prometheus
+    client's own bound method, no indirection on the hot path.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        doc: str,
+        labels: tuple[str, ...] = (),
+        known: tuple[str, ...] = (),
+        **kw: Any,
+    ):
+        self.kind, self.name, self.doc, self.labelnames, self.kw = kind, name, doc, labels, kw
+        self.known = known  # label values made at enable(), before the pool forks
+        self.real: Any = None
+        self._children: dict[tuple[str, ...], _Child] = {}
+        _DECLARED.append(self)
+
+    def labels(self, *values: str) -> _Child:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _Child()
+            if self.real is not None:
+                with _value_class():
+                    child.bind(self.real.labels(*values))
+        return child
+
+    def make_real(self, client: Any, registry: Any) -> None:
+        cls = getattr(client, self.kind)
+        self.real = cls(
+            f"{PREFIX}_{self.name}", self.doc, self.labelnames, registry=registry, **self.kw
+        )
+        if not self.labelnames:
+            self.bind(self.real)
+        for value in self.known:
+            self.labels(value)
+        for values, child in self._children.items():
+            child.bind(self.real.labels(*values))
+
+
+_DECLARED: list[_Metric] = []
+
+routed = _Metric(
+    "Counter",
     "routed",
-    "Sticky publishes by routing outcome (owned, claimed, pending, unrouted, fixed)",
+    "Sticky publishes by routing outcome (owned, claimed, pending, unrouted, fixed, affinity)",
     ("outcome",),
+    ("owned", "claimed", "pending", "unrouted", "fixed", "affinity"),
 )
-ownership_changes = _counter(
+ownership_changes = _Metric(
+    "Counter",
     "ownership_changes",
-    "Ownership changes seen by this process (claimed, taken_over, handed_over, released, fenced)",
+    "Ownership changes (claimed, taken_over, handed_over, released, fenced, moved)",
     ("kind",),
+    ("claimed", "taken_over", "handed_over", "released", "fenced", "moved"),
 )
-forwarded = _counter("forwarded", "Tasks forwarded to their key's owner")
-duplicates = _counter("duplicates_dropped", "Copies of a task id dropped by the gate")
-moved = _counter("tasks_moved", "Tasks moved from a dead or drained worker's queue")
-gate_wait = (
-    _Nothing()
-    if prometheus_client is None
-    else prometheus_client.Histogram(
-        f"{PREFIX}_gate_wait_seconds",
-        "Seconds a task waited behind its key in the gate before it started",
-        buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, float("inf")),
-    )
+forwarded = _Metric("Counter", "forwarded", "Tasks forwarded to their key's owner")
+duplicates = _Metric("Counter", "duplicates_dropped", "Copies of a task id dropped by the gate")
+moved = _Metric("Counter", "tasks_moved", "Tasks moved from a dead or drained worker's queue")
+gate_wait = _Metric(
+    "Histogram",
+    "gate_wait_seconds",
+    "Seconds a task waited behind its key in the gate before it started",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, float("inf")),
 )
+
+#: What :func:`enable` set up: the multiprocess directory, whether this module made
+#: it (and in which process), and the value class of these metrics.
+_state: dict[str, Any] = {"directory": None, "owned_by": None, "value_class": None}
+
+
+@contextlib.contextmanager
+def _value_class() -> Iterator[None]:
+    """Make prometheus_client build multiprocess values for the metrics made inside."""
+    from prometheus_client import values
+
+    saved = values.ValueClass
+    values.ValueClass = _state["value_class"]
+    try:
+        yield
+    finally:
+        values.ValueClass = saved
+
+
+def available() -> bool:
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def enable() -> str:
+    """Make these metrics count, in this process and the processes it forks from now on.
+
+    Returns the multiprocess directory: ``PROMETHEUS_MULTIPROC_DIR`` when set, else a
+    new private one (set in the environment, for the pool processes, and removed when
+    this process exits). Raises ImportError without prometheus_client. Idempotent.
+    """
+    if _state["directory"] is not None:
+        return str(_state["directory"])
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="celery-sticky-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        _state["owned_by"] = os.getpid()
+        atexit.register(disable)
+    import prometheus_client
+    from prometheus_client import values
+
+    current = values.ValueClass
+    multiprocess = getattr(current, "_multiprocess", False)
+    _state["value_class"] = current if multiprocess else values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    _state["directory"] = directory
+    registry = prometheus_client.CollectorRegistry(auto_describe=True)
+    with _value_class():
+        for metric in _DECLARED:
+            metric.make_real(prometheus_client, registry)
+    return directory
+
+
+def disable() -> None:
+    """Remove the multiprocess directory :func:`enable` made (at the worker's exit)."""
+    directory = _state["directory"]
+    if directory and _state["owned_by"] == os.getpid():
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class _WorkerGauges:
@@ -74,6 +188,8 @@ class _WorkerGauges:
         self.read = read
 
     def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
         values = self.read()
         docs = {
             "keys_owned": "Keys this worker owns (its set in the lease store)",
@@ -86,13 +202,18 @@ class _WorkerGauges:
                 yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=values[name])
 
 
-def serve(port: int, address: str, read_gauges: Callable[[], dict[str, float]]) -> bool:
-    """Start the exporter of this worker; False when prometheus_client is missing."""
-    if prometheus_client is None:
-        return False
-    prometheus_client.REGISTRY.register(_WorkerGauges(read_gauges))
-    prometheus_client.start_http_server(port, addr=address)
-    return True
+def serve(port: int, address: str, read_gauges: Callable[[], dict[str, float]]) -> Any:
+    """Start this worker's exporter (after :func:`enable`): the counters of all its
+    processes (the multiprocess files) and the scrape-time gauges. Returns the
+    registry it serves."""
+    import prometheus_client
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = prometheus_client.CollectorRegistry()
+    MultiProcessCollector(registry, path=_state["directory"])  # type: ignore[no-untyped-call]
+    registry.register(_WorkerGauges(read_gauges))
+    prometheus_client.start_http_server(port, addr=address, registry=registry)
+    return registry
 
 
 def directory_bytes(path: str) -> int:

@@ -277,8 +277,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "metrics_port",
         None,
-        "Port of the worker's Prometheus exporter (needs the `prometheus` extra). Default: "
-        "no exporter. With several workers on one host, give each its own port.",
+        "Port of the worker's Prometheus exporter (needs the `prometheus` extra); "
+        "`celery worker --sticky-metrics-port` overrides it. Default: no exporter. With "
+        "several workers on one host, give each its own port. Pool processes' counts are "
+        "added up through prometheus_client's multiprocess mode (see Monitoring).",
         _optional(_positive_int),
     ),
     Setting(

@@ -22,7 +22,17 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "celery_sticky"
 
-PURE = {"errors", "settings", "keys", "placement", "wire", "faults", "metrics", "events"}
+PURE = {
+    "errors",
+    "settings",
+    "keys",
+    "placement",
+    "wire",
+    "faults",
+    "metrics",
+    "events",
+    "urls",
+}
 
 
 def _layer(module: str) -> tuple[int, str]:

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.commands.core import Script
@@ -25,6 +24,7 @@ from redis.commands.core import Script
 from ..errors import LeaseStoreUnavailable
 from ..placement import decode_tags
 from ..settings import StickyConfig
+from ..urls import redact_url as redact_url  # re-exported by lease/ for its callers
 
 T = TypeVar("T")
 
@@ -99,16 +99,6 @@ class WorkerInfo:
 
 def _load_script(name: str) -> str:
     return resources.files(__package__).joinpath(f"{name}.lua").read_text()
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, for error messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
 
 
 class LeaseStore:

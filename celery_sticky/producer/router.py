@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import metrics
 from ..context import RouteCache, context, get_config
+from ..events import app_sender, ownership_changed
 from ..keys import KeySpec
 from ..lease import ClaimStatus, Lease, LeaseStore
 from ..placement import (
@@ -159,7 +160,30 @@ class StickyRouter:
             return queue, lease.epoch, _OUTCOMES[lease.status]
         outcome, epoch = _OUTCOMES[lease.status], lease.epoch
         self.cache.put(workflow, key, queue, epoch, now)
+        if lease.status in (ClaimStatus.CLAIMED, ClaimStatus.TAKEN_OVER):
+            self._announce(workflow, key, lease)
         return queue, epoch, outcome
+
+    def _announce(self, workflow: str, key: str, lease: Lease) -> None:
+        """One log line, and one Celery event when this app sends events, per claim made here.
+
+        Only on a claim (once per key and owner), never on the owned-key path. The
+        event goes out when the publishing app has task events on
+        (``worker_send_task_events``, as ``celery worker -E`` sets in a worker, or
+        ``task_send_sent_event``), through a dispatcher borrowed from the app's
+        producer pool; a monitor that is down costs the log line nothing.
+        """
+        kind = "claimed" if lease.status is ClaimStatus.CLAIMED else "taken_over"
+        with app_sender(self.app) as send:
+            ownership_changed(
+                kind,
+                workflow,
+                key,
+                lease.epoch,
+                lease.owner,
+                previous=lease.previous or None,
+                send=send,
+            )
 
     def _claim(self, workflow: str, key: str, affinity: str) -> Lease:
         """The key's lease, claimed at publish as the placement policy says."""

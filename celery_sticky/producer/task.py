@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from celery import Task, shared_task
 from celery.utils.imports import symbol_by_name
@@ -23,7 +23,46 @@ from ..placement import AffinityFunc, AffinitySpec
 if TYPE_CHECKING:
     from celery import Celery
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class _Injected:
+    def __repr__(self) -> str:
+        return "INJECTED"
+
+
+#: The default to give ``state`` for type checkers: ``*, state: StateHandle = INJECTED``.
+#: The worker always passes the key's state handle; callers never do, and with this
+#: default a type checker does not ask them to (``state`` stays a parameter of ``P``).
+INJECTED: Any = _Injected()
+
+
+class StickyTaskProxy(Protocol[P, R_co]):
+    """What ``@sticky_task`` returns, for type checkers: a Celery task whose calls and
+    ``delay``/``s``/``si`` take the decorated function's parameters (without ``self``
+    when ``bind=True``) and whose direct call returns its return type. Every other
+    attribute of a Celery ``Task`` is there too, untyped (Celery ships no types)."""
+
+    name: str
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
+
+    def s(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
+
+    def si(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
+
+    def apply_async(
+        self,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Any: ...
+
+    def __getattr__(self, name: str) -> Any: ...
 
 
 class StickyTask(Task):  # type: ignore[misc]
@@ -68,15 +107,42 @@ class StickyTask(Task):  # type: ignore[misc]
         return execute(self, super().__call__, args, kwargs)
 
 
+@overload
 def sticky_task(
     key: str | KeyFunc,
     workflow: str | None = None,
     *,
+    bind: Literal[True],
     affinity: Mapping[str, str] | AffinityFunc | None = None,
     base: type[StickyTask] | None = None,
     app: Celery | None = None,
     **options: Any,
-) -> Callable[[F], Any]:
+) -> Callable[[Callable[Concatenate[Any, P], R]], StickyTaskProxy[P, R]]: ...
+
+
+@overload
+def sticky_task(
+    key: str | KeyFunc,
+    workflow: str | None = None,
+    *,
+    bind: Literal[False] = False,
+    affinity: Mapping[str, str] | AffinityFunc | None = None,
+    base: type[StickyTask] | None = None,
+    app: Celery | None = None,
+    **options: Any,
+) -> Callable[[Callable[P, R]], StickyTaskProxy[P, R]]: ...
+
+
+def sticky_task(
+    key: str | KeyFunc,
+    workflow: str | None = None,
+    *,
+    bind: bool = False,
+    affinity: Mapping[str, str] | AffinityFunc | None = None,
+    base: type[StickyTask] | None = None,
+    app: Celery | None = None,
+    **options: Any,
+) -> Callable[[Callable[..., Any]], Any]:
     """Register a sticky task, like ``shared_task``, keyed by ``key``.
 
     ``key`` names an argument of the task (positional or keyword) or is a callable
@@ -90,13 +156,20 @@ def sticky_task(
     Like ``shared_task``, the returned proxy publishes through the current app,
     which is per thread; pass ``app=`` to register the task on that app only
     (``app.task``), so that any thread publishes through it.
+
+    For type checkers the result is a :class:`StickyTaskProxy` carrying the
+    function's parameters and return type; give ``state`` the default
+    :data:`INJECTED` so that callers, who never pass it, are not asked to.
     """
     base = base or StickyTask
     if not (isinstance(base, type) and issubclass(base, StickyTask)):
         raise TypeError(f"sticky_task(base={base!r}): base must subclass StickyTask")
 
-    def decorate(fun: F) -> Any:
-        spec = KeySpec.for_function(fun, key, workflow, bind=bool(options.get("bind")))
+    if bind:
+        options["bind"] = True
+
+    def decorate(fun: Callable[..., Any]) -> Any:
+        spec = KeySpec.for_function(fun, key, workflow, bind=bind)
         task_name = str(options.get("name") or getattr(fun, "__qualname__", repr(fun)))
         options["sticky_affinity"] = AffinitySpec.of(affinity, task_name)
         run: Callable[..., Any] = fun

@@ -5,10 +5,16 @@ Enable with ``pytest_plugins = ["celery_sticky.testing.pytest_plugin"]`` in your
 fixture that shadows Celery's own; these fixtures use neither (they start real
 ``celery worker`` subprocesses), but if you also use Celery's in-process worker,
 run pytest with ``-p no:celery -p celery.contrib.pytest``.
+
+Sticky tasks must exist before a worker starts: a worker started without them
+has none of celery-sticky's bootsteps, and one registered later (then
+``celery_worker.reload()``) makes the reload raise ``ConfigurationError``
+instead of running the task unsticky.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -32,24 +38,42 @@ def sticky_redis_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def sticky_config(sticky_redis_url: str, tmp_path: Path) -> dict[str, Any]:
-    """Settings for a Redis-backed sticky app of one test: its own prefixes and state dir.
+def sticky_config(sticky_redis_url: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """Settings for a Redis-backed sticky app of one test: its own namespace and state dir.
 
-    Merge it into Celery's own fixture to make ``celery_app`` sticky::
+    Every Redis key of the test lives under its own prefix (leases, registry,
+    hand-over copies, its queues and their bindings) and is deleted after the test;
+    results expire after an hour. Merge it into Celery's own fixture to make
+    ``celery_app`` sticky::
 
         @pytest.fixture
         def celery_config(sticky_config):
             return {**sticky_config, "task_always_eager": False}
     """
     prefix = f"t{uuid.uuid4().hex[:10]}"
-    return {
+    yield {
         "broker_url": sticky_redis_url,
         "result_backend": sticky_redis_url,
+        "result_expires": 3600,
         "task_default_queue": f"{prefix}.default",
         "sticky_key_prefix": prefix,
         "sticky_queue_prefix": prefix,
         "sticky_state_dir": str(tmp_path / "sticky-state"),
     }
+    forget_namespace(sticky_redis_url, prefix)
+
+
+def forget_namespace(url: str, prefix: str) -> int:
+    """Delete every Redis key of one test's namespace; returns how many."""
+    import redis
+
+    patterns = (f"{prefix}*", f"_kombu.binding.{prefix}*", f"_kombu.binding_permanent.{prefix}*")
+    deleted = 0
+    with contextlib.suppress(redis.RedisError), redis.Redis.from_url(url) as client:
+        for pattern in patterns:
+            for name in client.scan_iter(pattern, count=1000):
+                deleted += int(client.delete(name))
+    return deleted
 
 
 @pytest.fixture

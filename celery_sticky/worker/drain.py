@@ -16,6 +16,7 @@ its queue, behind the ones already there. Then:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -23,7 +24,7 @@ from celery import Celery
 
 from ..context import context
 from ..errors import LeaseStoreUnavailable
-from ..events import ownership_changed
+from ..events import app_sender, ownership_changed
 from ..local.node_state import NodeState
 from .node import StickyNode
 from .reaper import move_queue
@@ -44,6 +45,10 @@ def drain_node(app: Celery, node: StickyNode, directory: str) -> None:
         copies = None  # no sticky_secret: nothing can be handed over (said at start)
     store = NodeState(directory, config) if copies is not None else None
 
+    # One event sender for the whole drain (the consumer's dispatcher is closed by now).
+    events = contextlib.ExitStack()
+    send = events.enter_context(app_sender(app, hostname=node.name))
+
     def hand_over(keys: list[tuple[str, str]]) -> None:
         if copies is None or store is None:
             return
@@ -59,13 +64,14 @@ def drain_node(app: Celery, node: StickyNode, directory: str) -> None:
                 workflow, key, data, owner=node.name, epoch=info.epoch
             ):
                 exported.add((workflow, key))
-                ownership_changed("handed_over", workflow, key, info.epoch, node.name)
+                ownership_changed("handed_over", workflow, key, info.epoch, node.name, send=send)
 
     try:
         # Keys with queued tasks first: their tasks move as soon as their state is out.
         moved = move_queue(app, leases, node.queue, before_move=hand_over)
         hand_over(sorted(owned))
     finally:
+        events.close()
         if store is not None:
             store.close()
     node.stop(deregister=True)

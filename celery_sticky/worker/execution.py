@@ -29,13 +29,13 @@ can pause or kill a worker exactly there.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from celery.exceptions import Ignore
 from celery.utils.imports import symbol_by_name
+from kombu.utils.functional import retry_over_time
 
 from .. import faults
 from ..context import StickyContext, context
@@ -154,15 +154,16 @@ def current_lease(ctx: StickyContext, workflow: str, key: str) -> LeaseInfo | No
     Waits while the lease store does not answer (up to a minute), since a commit
     that cannot be proven must not happen.
     """
-    delay, deadline = 0.1, time.monotonic() + 60
-    while True:
-        try:
-            return ctx.leases.lookup(workflow, key)
-        except LeaseStoreUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    lease: LeaseInfo | None = retry_over_time(  # type: ignore[no-untyped-call]
+        ctx.leases.lookup,
+        LeaseStoreUnavailable,
+        args=(workflow, key),
+        interval_start=0.1,
+        interval_step=0.5,
+        interval_max=5.0,
+        timeout=60,
+    )
+    return lease
 
 
 def holds(lease: LeaseInfo | None, node: str, epoch: int) -> bool:

@@ -29,7 +29,7 @@ from celery.worker.strategy import default as default_strategy
 from kombu.message import Message
 
 from .. import faults, metrics
-from ..errors import ForwardingError, InvalidKeyError
+from ..errors import ConfigurationError, ForwardingError, InvalidKeyError
 from ..events import dispatcher_send, ownership_changed
 from ..lease import ClaimStatus
 from ..placement import affinity_queue_name
@@ -391,12 +391,20 @@ class _GatedConsumer:
         return getattr(self._consumer, name)
 
 
+_NOT_INSTALLED = (
+    "sticky task {task}: worker {node} started without celery-sticky's bootsteps, so it "
+    "cannot run it stickily. A sticky task registered after the worker started (then "
+    "`worker.reload()`) is too late: define sticky tasks, or call "
+    "celery_sticky.install(app), before the worker starts"
+)
+
+
 def sticky_strategy(task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
     """``Task.Strategy`` of sticky tasks: Celery's default behind the per-key gate."""
     node_step = getattr(consumer.controller, "sticky", None)
-    if node_step is None:  # a worker without the sticky bootstep: plain Celery
-        handler: Callable[..., Any] = default_strategy(task, app, consumer, **kwargs)
-        return handler
+    if node_step is None:
+        # Running it as a plain task would drop every guarantee without a word.
+        raise ConfigurationError(_NOT_INSTALLED.format(task=task.name, node=consumer.hostname))
     gate: KeyGate = node_step.gate
     gate.consumer = consumer
     handler = default_strategy(task, app, _GatedConsumer(consumer, gate), **kwargs)

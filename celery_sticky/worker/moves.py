@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from ..context import context
-from ..events import ownership_changed
+from ..events import app_sender, ownership_changed
 from ..lease import ClaimStatus
 from ..local.node_state import open_node_state
 
@@ -46,5 +46,6 @@ def run_move(app: Any, workflow: str, key: str, target: str, epoch: int, node: s
         return "called_off"
     state.delete_key(workflow, key)
     ctx.routes.forget(workflow, key)
-    ownership_changed("moved", workflow, key, lease.epoch, target, previous=node)
+    with app_sender(app, hostname=node) as send:
+        ownership_changed("moved", workflow, key, lease.epoch, target, previous=node, send=send)
     return "moved"

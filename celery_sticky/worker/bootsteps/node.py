@@ -8,6 +8,7 @@ drains the node once the pool has stopped (``worker_shutdown``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -75,6 +76,10 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
                 "to hand state over",
                 config.state_replication,
             )
+        if getattr(worker, "task_events", False):
+            # `celery worker -E` sets no setting: say it in the app's conf before the pool
+            # forks, so pool processes (moves, releases) and the router send events too.
+            app.conf.worker_send_task_events = True
         self.drained = False
         worker.sticky = self
         worker_shutdown.connect(on_worker_shutdown, weak=False, dispatch_uid="celery_sticky.drain")
@@ -117,6 +122,26 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
             drain_safely(worker.app, self.node, self.state_directory)
         finally:
             self.node.stop(deregister=True)
+
+    def info(self, worker: Any) -> dict[str, Any]:
+        """This node's part of ``celery inspect stats`` (and of Flower's worker "Other" tab).
+
+        Counts, not key lists: a worker may own many keys (``celery sticky keys -w``
+        pages through them).
+        """
+        node = self.node
+        sticky: dict[str, Any] = {
+            "node": node.name,
+            "queue": node.queue,
+            "capacity": node.capacity,
+            "tags": dict(node.tags),
+            "gate_busy_keys": self.gate.busy_keys(),
+            "gate_waiting": self.gate.waiting(),
+            "keys_owned": None,
+        }
+        with contextlib.suppress(LeaseStoreUnavailable):
+            sticky["keys_owned"] = node.store.owned_count(node.name)
+        return {"sticky": sticky}
 
     def _restore_own_unacked(self, worker: Any) -> None:
         """Give back what a crashed earlier run of this node had taken (Redis only).
