@@ -56,6 +56,16 @@ ownership_changes = _counter(
 forwarded = _counter("forwarded", "Tasks forwarded to their key's owner")
 duplicates = _counter("duplicates_dropped", "Copies of a task id dropped by the gate")
 moved = _counter("tasks_moved", "Tasks moved from a dead or drained worker's queue")
+dead_lettered = _counter(
+    "dead_lettered",
+    "Messages moved to the dead-letter queue, by where they were found (gate, reaper, drain)",
+    ("where",),
+)
+store_errors = _counter(
+    "lease_store_errors",
+    "Lease store calls that failed (connection, timeout, OOM, READONLY, BUSY, LOADING), by kind",
+    ("kind",),
+)
 gate_wait = (
     _Nothing()
     if prometheus_client is None

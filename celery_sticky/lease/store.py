@@ -22,9 +22,11 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from redis.commands.core import Script
 
+from .. import metrics
 from ..errors import LeaseStoreUnavailable
 from ..placement import decode_tags
 from ..settings import StickyConfig
+from .connection import connect
 
 T = TypeVar("T")
 
@@ -102,10 +104,19 @@ def _load_script(name: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, for error messages and logs."""
+    """The URL without its passwords, for error messages and logs (each part of a
+    ``;``-joined Sentinel URL, and query arguments naming a password)."""
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
     parts = urlsplit(url)
+    if parts.query and "password" in parts.query:
+        query = "&".join(
+            f"{name}=***" if "password" in name else f"{name}{sep}{value}"
+            for name, sep, value in (item.partition("=") for item in parts.query.split("&"))
+        )
+        parts = parts._replace(query=query)
     if parts.password is None:
-        return url
+        return urlunsplit(parts)
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = f"{parts.username}:***@" if parts.username else ":***@"
     return urlunsplit(parts._replace(netloc=user + netloc))
@@ -121,7 +132,7 @@ class LeaseStore:
         #: The token heartbeats carry unless the caller passes its own.
         self.instance = instance_token()
         # Typed Any: redis-py types replies as bytes | str, decode_responses makes them str.
-        self.redis: Any = client or redis.Redis.from_url(
+        self.redis: Any = client or connect(
             config.redis_url,
             decode_responses=True,
             socket_connect_timeout=2,
@@ -473,11 +484,47 @@ class LeaseStore:
         return self.guard(lambda: script(keys=keys, args=args))
 
     def guard(self, call: Callable[[], T]) -> T:
-        """Run ``call`` (Redis commands), turning connection trouble into
-        :class:`LeaseStoreUnavailable` naming the store's URL."""
+        """Run ``call`` (Redis commands), turning every Redis error into
+        :class:`LeaseStoreUnavailable` naming the store's URL.
+
+        Every Redis answer that is not a reply means "the store cannot serve this
+        now", whatever its kind: a dropped connection or a timeout, ``OOM`` (maxmemory
+        reached), ``READONLY`` (a replica, during a Sentinel failover), ``BUSY`` (a
+        script or ``DEBUG SLEEP`` running), ``LOADING`` (a restart reading its data),
+        ``MASTERDOWN``, ``NOREPLICAS``. Callers pause sticky work and try again
+        later; none of these may stop a worker. ``NOSCRIPT`` (after ``SCRIPT FLUSH``
+        or a restart) never gets here: redis-py loads the script again and retries.
+        """
         try:
             return call()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:
+            kind = _error_kind(exc)
+            metrics.store_errors.labels(kind).inc()
             raise LeaseStoreUnavailable(
-                f"lease store at {redact_url(self.url)} does not answer: {exc}"
+                f"lease store at {redact_url(self.url)} cannot serve now ({kind}): {exc}"
             ) from exc
+
+
+_ERROR_KINDS: tuple[tuple[type[BaseException], str], ...] = (
+    (redis.TimeoutError, "timeout"),
+    (redis.exceptions.BusyLoadingError, "LOADING"),
+    (redis.AuthenticationError, "auth"),
+    (redis.ConnectionError, "connection"),
+    (redis.exceptions.OutOfMemoryError, "OOM"),
+    (redis.exceptions.ReadOnlyError, "READONLY"),
+    (redis.exceptions.NoPermissionError, "NOPERM"),
+    (redis.exceptions.MasterDownError, "MASTERDOWN"),
+)
+
+
+def _error_kind(exc: BaseException) -> str:
+    """A short label of a Redis error: ``connection``, ``timeout`` or the reply's code."""
+    for cls, kind in _ERROR_KINDS:
+        if isinstance(exc, cls):
+            return kind
+    if isinstance(exc, redis.ResponseError) and exc.args:
+        code = str(exc.args[0]).split(" ", 1)[0]
+        if code.isupper() and code.isalpha():
+            return code
+        return "error"
+    return type(exc).__name__
