@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import os
 import random
+import re
 import socket
 import uuid
 from collections.abc import Callable, Sequence
@@ -517,14 +518,18 @@ _ERROR_KINDS: tuple[tuple[type[BaseException], str], ...] = (
 )
 
 
+_ERROR_CODE = re.compile(
+    r"(?:^|[\s-])(OOM|READONLY|BUSY|LOADING|MASTERDOWN|NOREPLICAS|NOPERM|MISCONF|CLUSTERDOWN)\b"
+)
+
+
 def _error_kind(exc: BaseException) -> str:
     """A short label of a Redis error: ``connection``, ``timeout`` or the reply's code."""
     for cls, kind in _ERROR_KINDS:
         if isinstance(exc, cls):
             return kind
     if isinstance(exc, redis.ResponseError) and exc.args:
-        code = str(exc.args[0]).split(" ", 1)[0]
-        if code.isupper() and code.isalpha():
-            return code
-        return "error"
+        # A script's error carries the code inside: "...: @user_script:172: -OOM ...".
+        found = _ERROR_CODE.search(str(exc.args[0]))
+        return found.group(1) if found else "error"
     return type(exc).__name__
