@@ -66,11 +66,12 @@ def _healthy(run: HostileRun, marker: str) -> None:
 
 def test_out_of_memory_window(faulty: tuple[Any, ...]) -> None:
     run, client, _port = faulty
-    key = unique("oom")
+    key, new = unique("oom"), unique("oom-new")
     assert run.step.delay(key, 0).get(timeout=30) == [0]
     client.config_set("maxmemory", "1")
     try:
         result = _during(run, key, 1)
+        claiming = _during(run, new, 0)  # its claim must write: refused while OOM
         wait_for(
             lambda: "OOM" in run.cluster.workers[NODE].log(),  # type: ignore[union-attr]
             20,
@@ -79,6 +80,7 @@ def test_out_of_memory_window(faulty: tuple[Any, ...]) -> None:
     finally:
         client.config_set("maxmemory", "0")
     assert result.get(timeout=30) == [0, 1]
+    assert claiming.get(timeout=30) == [0]
     _healthy(run, "OOM")
 
 
