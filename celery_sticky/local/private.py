@@ -95,7 +95,7 @@ class PrivateDisk(diskcache.Disk):  # type: ignore[misc]
         full_dir = os.path.dirname(full_path)
         if not os.path.isdir(full_dir):
             with contextlib.suppress(OSError):
-                os.makedirs(full_dir, DIR_MODE)
+                make_private_dir(full_dir)
         size = super()._write(full_path, iterator, mode, encoding)
         with contextlib.suppress(OSError):
             os.chmod(full_path, private(FILE_MODE))
