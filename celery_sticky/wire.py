@@ -37,6 +37,32 @@ _MAX_HOPS = 1_000_000
 _FIELDS = ("workflow", "key", "epoch", "hops", "sent", "affinity")
 
 
+def check_task_body(body: Any) -> tuple[Any, Any, Any]:
+    """``(args, kwargs, embed)`` of a decoded task message body (Celery protocol 2), or
+    :class:`InvalidHeaderError` when it has another shape (which would fail inside
+    Celery's request, where the failure is neither acknowledged nor recorded)."""
+    if not isinstance(body, list | tuple) or len(body) != 3:
+        raise InvalidHeaderError(
+            f"the task's body must be [args, kwargs, embed], not {type(body).__name__} "
+            f"({_shown(body)})"
+        )
+    args, kwargs, embed = body
+    if not isinstance(args, list | tuple):
+        raise InvalidHeaderError(f"the task's args must be a list, not {_shown(args)}")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise InvalidHeaderError(f"the task's kwargs must be a mapping, not {_shown(kwargs)}")
+    if embed is not None and not isinstance(embed, dict):
+        raise InvalidHeaderError(f"the task's embed must be a mapping, not {_shown(embed)}")
+    for name in ("callbacks", "errbacks", "chain"):
+        value = (embed or {}).get(name)
+        if value is not None and not isinstance(value, list | tuple):
+            raise InvalidHeaderError(f"the task's {name} must be a list, not {_shown(value)}")
+    chord = (embed or {}).get("chord")
+    if chord is not None and not isinstance(chord, dict):
+        raise InvalidHeaderError(f"the task's chord must be a mapping, not {_shown(chord)}")
+    return args, kwargs, embed
+
+
 def dead_letter_queue_name(queue_prefix: str) -> str:
     """The queue where messages that cannot be handled wait for an operator."""
     return f"{queue_prefix}.dead"

@@ -35,7 +35,7 @@ from ..events import dispatcher_send, ownership_changed
 from ..lease import ClaimStatus
 from ..placement import affinity_queue_name
 from ..producer.own_tasks import END_WORKFLOW, MOVE_KEY
-from ..wire import HEADER, StickyHeader
+from ..wire import HEADER, StickyHeader, check_task_body
 from .deadletter import dead_letter
 from .forwarding import forward
 from .node import StickyNode
@@ -458,11 +458,21 @@ def _is_own_task(message: Message) -> bool:
 
 
 def _header_of(task: Any, message: Message) -> StickyHeader:
-    """The message's sticky header; messages published without the router are parsed."""
+    """The message's sticky header; messages published without the router are parsed.
+
+    The body is checked too (Celery decodes it in this process anyway, and kombu
+    caches the decoded body): one of another shape fails inside Celery's request
+    callbacks, where it would be neither acknowledged nor recorded.
+    """
     header = StickyHeader.from_headers(message.headers)
+    if (message.headers or {}).get("task") is None:  # protocol 1: Celery decodes it
+        if header is not None:
+            return header
+        args, kwargs = message.payload["args"], message.payload["kwargs"]
+    else:
+        args, kwargs, _embed = check_task_body(message.decode())  # type: ignore[no-untyped-call]
     if header is not None:
         return header
-    args, kwargs, _embed = message.decode()  # type: ignore[no-untyped-call]
     workflow, key = task.sticky.locate(args, kwargs, task_name=task.name)
     affinity = getattr(task, "sticky_affinity", None)
     tags = affinity.resolve(args, kwargs, task_name=task.name) if affinity else ""
