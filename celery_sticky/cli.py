@@ -746,6 +746,54 @@ def reap(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"moved {sum(r['moved'] for r in results)} task(s)")
 
 
+# -- dead letters ----------------------------------------------------------------
+
+
+@sticky.command()
+@click.option("--requeue", is_flag=True, help="Send them back through their task's normal routing.")
+@click.option("--limit", default=1000, show_default=True, help="Most messages to look at.")
+@json_option
+@click.pass_context
+def dead(ctx: click.Context, requeue: bool, limit: int, as_json: bool) -> None:
+    """List the dead-letter queue (<sticky_queue_prefix>.dead), or requeue it.
+
+    Messages land there when a worker, reaper or drain cannot handle them: a
+    malformed sticky header, or arguments that cannot be decoded to find the key.
+    --requeue drops the sticky header and routes each one again from its task's
+    arguments; messages that still cannot be routed stay.
+    """
+    from .worker.deadletter import list_dead, requeue_dead
+
+    app = _app(ctx)
+    with _broker(app):  # fail fast when the broker is down
+        pass
+    if requeue:
+        sent, kept = requeue_dead(app, limit)
+        if as_json:
+            _emit_json(
+                {
+                    "requeued": [d.as_dict() for d in sent],
+                    "kept": [d.as_dict() for d in kept],
+                }
+            )
+            return
+        click.echo(f"requeued {len(sent)} message(s); {len(kept)} cannot be routed and stay")
+        return
+    letters = list_dead(app, limit)
+    if as_json:
+        _emit_json({"dead": [d.as_dict() for d in letters]})
+        return
+    if not letters:
+        click.echo("no dead letters")
+        return
+    _table(
+        ctx,
+        ["task", "id", "from", "reason"],
+        [[d.task, d.task_id, d.source, d.reason] for d in letters],
+    )
+    click.echo(f"{len(letters)} dead letter(s)")
+
+
 # -- move and rebalance ----------------------------------------------------------
 
 

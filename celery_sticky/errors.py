@@ -17,6 +17,10 @@ class InvalidKeyError(StickyError, ValueError):
     """A task's workflow key is missing, ``None``, of the wrong type or too long."""
 
 
+class InvalidHeaderError(StickyError, ValueError):
+    """A message's ``sticky`` header is malformed (the field and value are named)."""
+
+
 class LeaseStoreUnavailable(StickyError, ConnectionError):
     """The lease store (Redis, URL in the message) does not answer."""
 

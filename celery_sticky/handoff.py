@@ -34,6 +34,7 @@ import hmac
 import logging
 import os
 import pickle
+import re
 import tempfile
 import uuid
 from typing import Any, Protocol
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 #: What every signed copy starts with (a format version, for later changes).
 MAGIC = b"sticky-copy:1\n"
 _MAC_BYTES = 32
+#: What follows ``copyv:<workflow>:<key>@`` in a version name: ``<epoch>.<uuid hex>``.
+_VERSION_TAIL = re.compile(r"[0-9]+\.[0-9a-f]{32}")
 
 
 class HandoffStore(Protocol):
@@ -125,7 +128,7 @@ class Copies:
         """
         if not self.enabled:
             return False
-        version = f"{self.leases.prefix}copyv:{workflow}:{key}@{epoch}.{uuid.uuid4().hex}"
+        version = f"{self._version_prefix(workflow, key)}{epoch}.{uuid.uuid4().hex}"
         payload = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
         self.blobs.write(version, self._seal(version, payload))
         try:
@@ -158,6 +161,16 @@ class Copies:
         version = self.leases.copy_pointer(workflow, key)
         if version is None:
             return None
+        own = self._version_prefix(workflow, key)
+        if not version.startswith(own) or not _VERSION_TAIL.fullmatch(version[len(own) :]):
+            # The MAC binds the bytes to their version name, and the name to its key:
+            # a pointer to another key's (validly signed) copy is a replay.
+            logger.error(
+                "sticky: refused the copy of %s:%s: its pointer names another key's copy",
+                workflow,
+                key,
+            )
+            return None
         blob = self.blobs.read(version)
         if blob is None:
             logger.error("sticky: the copy of %s:%s (%s) is missing", workflow, key, version)
@@ -181,6 +194,9 @@ class Copies:
         if switched and previous:
             self.blobs.delete(previous)
         return switched
+
+    def _version_prefix(self, workflow: str, key: str) -> str:
+        return f"{self.leases.prefix}copyv:{workflow}:{key}@"
 
     def _seal(self, name: str, payload: bytes) -> bytes:
         return MAGIC + self._mac(self._keys[0], name, payload) + payload

@@ -17,7 +17,7 @@ from typing import Any
 from .errors import InvalidKeyError
 
 MAX_KEY_LENGTH = 256
-_WORKFLOW_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+WORKFLOW_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 
 KeyFunc = Callable[..., Any]
 
@@ -37,8 +37,17 @@ def normalize_key(value: Any, *, task_name: str, source: str) -> str:
     if len(text) > MAX_KEY_LENGTH:
         raise InvalidKeyError(
             f"{task_name}: the key {source} is {len(text)} characters long "
-            f"(at most {MAX_KEY_LENGTH}): {text[:40]!r}..."
+            f"(at most {MAX_KEY_LENGTH}): {text[:40]!a}..."
         )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # Lone surrogates (from a bad decode, or os.fsdecode): no broker, no Redis and
+        # no log line can carry them. Shown with escapes, never raw.
+        raise InvalidKeyError(
+            f"{task_name}: the key {source} is not valid Unicode text "
+            f"({exc.reason} at position {exc.start}): {text[:60]!a}"
+        ) from None
     return text
 
 
@@ -99,7 +108,7 @@ class KeySpec:
         if self.workflow_arg is None:
             return self.workflow, key
         workflow = (kwargs or {}).get(self.workflow_arg)
-        if not isinstance(workflow, str) or not _WORKFLOW_RE.match(workflow):
+        if not isinstance(workflow, str) or not WORKFLOW_RE.match(workflow):
             raise InvalidKeyError(f"{task_name}: workflow={workflow!r} is not a workflow name")
         return workflow, key
 
@@ -126,7 +135,7 @@ class KeySpec:
 
 
 def _check_workflow(workflow: str, name: str) -> str:
-    if not isinstance(workflow, str) or not _WORKFLOW_RE.match(workflow):
+    if not isinstance(workflow, str) or not WORKFLOW_RE.match(workflow):
         raise TypeError(
             f"{name}: workflow={workflow!r} must be 1-128 characters of letters, digits, _ . -"
         )

@@ -112,6 +112,18 @@ ownership_changes = _Metric(
 forwarded = _Metric("Counter", "forwarded", "Tasks forwarded to their key's owner")
 duplicates = _Metric("Counter", "duplicates_dropped", "Copies of a task id dropped by the gate")
 moved = _Metric("Counter", "tasks_moved", "Tasks moved from a dead or drained worker's queue")
+dead_lettered = _Metric(
+    "Counter",
+    "dead_lettered",
+    "Messages moved to the dead-letter queue, by where they were found (gate, reaper, drain)",
+    ("where",),
+)
+store_errors = _Metric(
+    "Counter",
+    "lease_store_errors",
+    "Lease store calls that failed (connection, timeout, OOM, READONLY, BUSY, LOADING), by kind",
+    ("kind",),
+)
 gate_wait = _Metric(
     "Histogram",
     "gate_wait_seconds",

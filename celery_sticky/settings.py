@@ -9,7 +9,9 @@ of settings into a validated :class:`StickyConfig`; caching it per app is
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -18,6 +20,7 @@ from .errors import ConfigurationError
 from .placement import BUILTIN_POLICIES, MAX_TAGS, parse_tags, resolve_policy
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+socket://")
+SENTINEL_SCHEME = "sentinel://"
 
 
 def _default_state_dir() -> str:
@@ -42,24 +45,107 @@ class Setting:
 
 
 def _positive_float(value: Any) -> float:
-    number = float(value)
-    if number <= 0:
-        raise ValueError("must be a number greater than 0")
+    if isinstance(value, bool):
+        raise ValueError("must be a finite number greater than 0, not a bool")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("must be a finite number greater than 0") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError("must be a finite number greater than 0")
+    return number
+
+
+def _whole(value: Any, what: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"must be {what}, not a bool")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"must be {what}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"must be {what}") from None
+    if isinstance(value, float) and value != number:
+        raise ValueError(f"must be {what}")
     return number
 
 
 def _positive_int(value: Any) -> int:
-    number = int(value)
-    if number <= 0 or (isinstance(value, float) and value != number):
+    number = _whole(value, "a whole number greater than 0")
+    if number <= 0:
         raise ValueError("must be a whole number greater than 0")
     return number
 
 
 def _non_negative_int(value: Any) -> int:
-    number = int(value)
-    if number < 0 or (isinstance(value, float) and value != number):
+    number = _whole(value, "a whole number, 0 or more")
+    if number < 0:
         raise ValueError("must be a whole number, 0 or more")
     return number
+
+
+def _port(value: Any) -> int:
+    number = _whole(value, "a port number, 1-65535")
+    if not 1 <= number <= 65535:
+        raise ValueError("must be a port number, 1-65535")
+    return number
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _redis_url(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith((*REDIS_SCHEMES, SENTINEL_SCHEME)):
+        schemes = ", ".join((*REDIS_SCHEMES, SENTINEL_SCHEME))
+        raise ValueError(f"must be a Redis URL starting with one of {schemes}")
+    return value
+
+
+def _absolute_dir(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be an absolute directory path")
+    path = os.path.expanduser(value)
+    if not os.path.isabs(path):
+        raise ValueError(
+            "must be an absolute directory path (a relative one would depend on the "
+            "directory each worker happens to start in)"
+        )
+    return os.path.normpath(path)
+
+
+def _importable(value: Any, what: str) -> Any:
+    """The object a dotted path names (``module.name`` or ``module:name``)."""
+    from kombu.utils.imports import symbol_by_name
+
+    if not isinstance(value, str) or ("." not in value and ":" not in value):
+        raise ValueError(f"must be a dotted path to {what}")
+    try:
+        found = symbol_by_name(value)  # type: ignore[no-untyped-call]
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"cannot be imported ({exc.__class__.__name__}: {exc})") from None
+    if not callable(found):
+        raise ValueError(f"names {found!r}, which is not {what}")
+    return found
+
+
+def _handoff_store(value: Any) -> str:
+    if value == "redis":
+        return "redis"
+    if isinstance(value, str) and value.startswith("dir:"):
+        path = os.path.expanduser(value[4:])
+        if not path or not os.path.isabs(path):
+            raise ValueError("dir: must be followed by an absolute directory path (dir:/path)")
+        return "dir:" + os.path.normpath(path)
+    _importable(value, "a class taking (config, lease_store)")
+    return str(value)
+
+
+def _hook(value: Any) -> str:
+    _importable(value, "a function (workflow, key)")
+    return str(value)
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
@@ -103,16 +189,23 @@ SETTINGS: tuple[Setting, ...] = (
         "redis_url",
         None,
         "URL of the Redis that holds leases, epochs and the worker registry. "
-        "Defaults to `broker_url` when the broker is Redis; with any other broker it must be set.",
-        _optional(str),
+        "Defaults to `broker_url` when the broker is Redis; with any other broker it must be set. "
+        "`rediss://user:password@host:port/db` for TLS and an ACL user (TLS options as query "
+        "arguments, such as `?ssl_ca_certs=/path/ca.pem`); "
+        "`sentinel://host:26379;sentinel://host2:26379/db?master_name=mymaster` through Redis "
+        "Sentinel (without `master_name` in the URL, `broker_transport_options['master_name']` "
+        "is used).",
+        _optional(_redis_url),
     ),
     Setting(
         "state_dir",
         None,
         "Directory for local state; each worker uses `<state_dir>/<nodename>/`. Must be on a local "
         "disk (diskcache uses SQLite: never NFS). Default: `$XDG_STATE_HOME/celery-sticky` "
-        "(`~/.local/state/celery-sticky`).",
-        _optional(str),
+        "(`~/.local/state/celery-sticky`). Must be an absolute path. Directories are created "
+        "0700 and files 0600; a worker refuses a directory owned by another user or writable "
+        "by others.",
+        _optional(_absolute_dir),
     ),
     Setting(
         "lease_ttl",
@@ -155,7 +248,8 @@ SETTINGS: tuple[Setting, ...] = (
         "lease_cache_ttl",
         1.0,
         "Seconds a producer reuses a lease it looked up before asking Redis again. A stale "
-        "entry is harmless: the receiving worker checks ownership and forwards.",
+        "entry is harmless: the receiving worker checks ownership and forwards. At most "
+        "`sticky_lease_ttl`.",
         _positive_float,
     ),
     Setting(
@@ -250,8 +344,9 @@ SETTINGS: tuple[Setting, ...] = (
         "`dir:/path` (a directory every worker mounts), or a dotted path to a class taking "
         "`(config, lease_store)` with `write(name, blob)`, `read(name)` and `delete(name)`. "
         "Whichever it is, a copy becomes the key's copy only through a switch in the lease "
-        "store that checks the writer still holds the key (see docs/failure-modes.md).",
-        str,
+        "store that checks the writer still holds the key (see docs/failure-modes.md). "
+        "Checked at start: the path must be absolute, the class importable.",
+        _handoff_store,
     ),
     Setting(
         "secret",
@@ -271,8 +366,9 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         "Dotted path to a function `(workflow, key)` called when a key is taken over with "
         "no usable copy of its state. It may return a mapping to start the state from "
-        "(rebuilt from your source of truth); the task also sees `state.recovered is False`.",
-        _optional(str),
+        "(rebuilt from your source of truth); the task also sees `state.recovered is False`. "
+        "Checked at start: it must import and be callable.",
+        _optional(_hook),
     ),
     Setting(
         "metrics_port",
@@ -281,13 +377,13 @@ SETTINGS: tuple[Setting, ...] = (
         "`celery worker --sticky-metrics-port` overrides it. Default: no exporter. With "
         "several workers on one host, give each its own port. Pool processes' counts are "
         "added up through prometheus_client's multiprocess mode (see Monitoring).",
-        _optional(_positive_int),
+        _optional(_port),
     ),
     Setting(
         "metrics_address",
         "0.0.0.0",
         "Address the Prometheus exporter listens on.",
-        str,
+        _text,
     ),
     Setting(
         "proof_retry_max",
@@ -355,9 +451,11 @@ class StickyConfig:
             try:
                 values[setting.name] = setting.convert(raw)
             except (TypeError, ValueError) as exc:
-                shown = "<hidden>" if setting.name == "secret" else repr(raw)
+                shown = "<hidden>" if setting.name == "secret" else _redacted(repr(raw))
                 raise ConfigurationError(f"{setting.key}={shown}: {exc}") from None
-        values["redis_url"] = values["redis_url"] or _redis_url_from_broker(conf)
+        values["redis_url"] = resolve_redis_url(
+            values["redis_url"] or _redis_url_from_broker(conf), conf
+        )
         values["state_dir"] = values["state_dir"] or _default_state_dir()
         values["secret"] = values["secret"] or _secrets_from_environment()
         ttl = values["lease_ttl"]
@@ -368,6 +466,12 @@ class StickyConfig:
                 f"sticky_lease_ttl={ttl!r}, or one lost heartbeat would kill the worker"
             )
         values["heartbeat_interval"] = interval
+        if values["lease_cache_ttl"] > ttl:
+            raise ConfigurationError(
+                f"sticky_lease_cache_ttl={values['lease_cache_ttl']!r} must be at most "
+                f"sticky_lease_ttl={ttl!r}: a producer would route to a lease longer than it "
+                "can live"
+            )
         tags = values["worker_tags"] or {}
         if len(tags) > MAX_TAGS:
             raise ConfigurationError(
@@ -378,6 +482,11 @@ class StickyConfig:
 
     def direct_queue_name(self, nodename: str) -> str:
         return f"{self.queue_prefix}.{nodename}"
+
+
+def _redacted(text: str) -> str:
+    """``text`` with URL passwords replaced by ``***``."""
+    return re.sub(r"(://[^:/@;\s]*):[^@;\s]*@", r"\1:***@", text)
 
 
 def _secrets_from_environment() -> tuple[str, ...]:
@@ -392,12 +501,29 @@ def _secrets_from_environment() -> tuple[str, ...]:
     return tuple(found)
 
 
+def resolve_redis_url(url: str, conf: AppSettings) -> str:
+    """``url``, with a Sentinel master name from ``broker_transport_options`` added when
+    a ``sentinel://`` URL carries none (how Celery users configure Sentinel)."""
+    if not url.startswith(SENTINEL_SCHEME) or "master_name=" in url:
+        return url
+    options = conf.get("broker_transport_options") or {}
+    master = options.get("master_name") if isinstance(options, dict) else None
+    if not master:
+        raise ConfigurationError(
+            "sticky_redis_url is a sentinel:// URL without a master name: add "
+            "?master_name=<name> to it, or set broker_transport_options['master_name']"
+        )
+    return f"{url}{'&' if '?' in url else '?'}master_name={master}"
+
+
 def _redis_url_from_broker(conf: AppSettings) -> str:
     broker = conf.broker_url
     urls = broker if isinstance(broker, list | tuple) else str(broker or "").split(";")
     first = str(urls[0]).strip() if urls else ""
     if first.startswith(REDIS_SCHEMES):
         return first
+    if first.startswith(SENTINEL_SCHEME):
+        return ";".join(str(u).strip() for u in urls)
     shown = first or "(not set)"
     raise ConfigurationError(
         f"sticky_redis_url is not set and broker_url {shown!r} is not a Redis URL: "

@@ -6,6 +6,13 @@ it without decoding the task's arguments. The publish time (nanoseconds) puts a
 moved queue back in publish order, whatever order a broker restored it in. The
 affinity (the tags the key's holder must carry) lets a worker that must not hold
 the key pass the task on without decoding it.
+
+A header is data from the broker, which anyone who can write there controls:
+:meth:`StickyHeader.from_headers` checks every field (type, range, length) and
+raises :class:`~celery_sticky.errors.InvalidHeaderError` naming the field, so the
+worker dead-letters the message (``<sticky_queue_prefix>.dead``, see
+:func:`dead_letter_queue_name`) instead of failing on it. Fields a newer version
+appends after the known ones are ignored.
 """
 
 from __future__ import annotations
@@ -15,7 +22,128 @@ from typing import Any, NamedTuple
 
 from kombu.entity import Exchange, Queue
 
+from .errors import InvalidHeaderError
+from .keys import MAX_KEY_LENGTH, WORKFLOW_RE
+from .placement import encode_tags, parse_tags
+
 HEADER = "sticky"
+#: Header of a dead-lettered message: why it was dead-lettered.
+DEAD_REASON = "sticky_dead_reason"
+#: Header of a dead-lettered message: the queue it was taken from.
+DEAD_FROM = "sticky_dead_from"
+#: Largest epoch, hop count or publish stamp a header may carry (a signed 64-bit int).
+_MAX_INT = 2**63 - 1
+_MAX_HOPS = 1_000_000
+_FIELDS = ("workflow", "key", "epoch", "hops", "sent", "affinity")
+
+
+def check_task_body(body: Any) -> tuple[Any, Any, Any]:
+    """``(args, kwargs, embed)`` of a decoded task message body (Celery protocol 2), or
+    :class:`InvalidHeaderError` when it has another shape (which would fail inside
+    Celery's request, where the failure is neither acknowledged nor recorded)."""
+    if not isinstance(body, list | tuple) or len(body) != 3:
+        raise InvalidHeaderError(
+            f"the task's body must be [args, kwargs, embed], not {type(body).__name__} "
+            f"({_shown(body)})"
+        )
+    args, kwargs, embed = body
+    if not isinstance(args, list | tuple):
+        raise InvalidHeaderError(f"the task's args must be a list, not {_shown(args)}")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise InvalidHeaderError(f"the task's kwargs must be a mapping, not {_shown(kwargs)}")
+    if embed is not None and not isinstance(embed, dict):
+        raise InvalidHeaderError(f"the task's embed must be a mapping, not {_shown(embed)}")
+    for name in ("callbacks", "errbacks", "chain"):
+        value = (embed or {}).get(name)
+        if value is not None and not isinstance(value, list | tuple):
+            raise InvalidHeaderError(f"the task's {name} must be a list, not {_shown(value)}")
+    chord = (embed or {}).get("chord")
+    if chord is not None and not isinstance(chord, dict):
+        raise InvalidHeaderError(f"the task's chord must be a mapping, not {_shown(chord)}")
+    return args, kwargs, embed
+
+
+def dead_letter_queue_name(queue_prefix: str) -> str:
+    """The queue where messages that cannot be handled wait for an operator."""
+    return f"{queue_prefix}.dead"
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message: ASCII only, short."""
+    text = ascii(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _int_field(name: str, value: Any, limit: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidHeaderError(
+            f"sticky header field {name} must be an int, not {type(value).__name__} "
+            f"({_shown(value)})"
+        )
+    if not 0 <= value <= limit:
+        raise InvalidHeaderError(f"sticky header field {name}={value} is not in 0..{limit}")
+    return value
+
+
+def _text_field(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidHeaderError(
+            f"sticky header field {name} must be a str, not {type(value).__name__} "
+            f"({_shown(value)})"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidHeaderError(
+            f"sticky header field {name} is not valid UTF-8 text: {_shown(value)}"
+        ) from None
+    return value
+
+
+def parse_header(value: Any) -> StickyHeader:
+    """A validated header from the raw value of a message's ``sticky`` header.
+
+    Raises :class:`InvalidHeaderError` naming the first field at fault.
+    """
+    if not isinstance(value, list | tuple):
+        raise InvalidHeaderError(
+            f"sticky header must be a list, not {type(value).__name__} ({_shown(value)})"
+        )
+    if len(value) < 4:
+        raise InvalidHeaderError(
+            f"sticky header has {len(value)} field(s), at least 4 are needed "
+            f"({', '.join(_FIELDS[:4])}): {_shown(value)}"
+        )
+    workflow = _text_field("workflow", value[0])
+    if not WORKFLOW_RE.match(workflow):
+        raise InvalidHeaderError(
+            f"sticky header field workflow={_shown(workflow)} is not a workflow name "
+            "(1-128 letters, digits, _ . -)"
+        )
+    key = _text_field("key", value[1])
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise InvalidHeaderError(
+            f"sticky header field key is {len(key)} characters long (1..{MAX_KEY_LENGTH}): "
+            f"{_shown(key)}"
+        )
+    epoch = _int_field("epoch", value[2], _MAX_INT)
+    hops = _int_field("hops", value[3], _MAX_HOPS)
+    sent = _int_field("sent", value[4], _MAX_INT) if len(value) > 4 else 0
+    affinity = _text_field("affinity", value[5]) if len(value) > 5 else ""
+    if affinity:
+        try:
+            canonical = encode_tags(parse_tags(affinity, "affinity"))
+        except ValueError as exc:
+            raise InvalidHeaderError(f"sticky header field {exc}") from None
+        if canonical != affinity:
+            raise InvalidHeaderError(
+                f"sticky header field affinity={_shown(affinity)} is not in canonical form "
+                f"({_shown(canonical)})"
+            )
+    # Fields after these (a newer version's) are ignored. Where per-key sequence
+    # numbers are added, a message dead-lettered for a bad header still consumes its
+    # key's sequence number: see worker/deadletter.py (dead_letter's hook).
+    return StickyHeader(workflow, key, epoch, hops, sent, affinity)
 
 
 class StickyHeader(NamedTuple):
@@ -32,13 +160,29 @@ class StickyHeader(NamedTuple):
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, Any] | None) -> StickyHeader | None:
-        value = (headers or {}).get(HEADER)
-        if not value:
+        """The message's header, or None when it has none (absent or ``None``).
+
+        Raises :class:`~celery_sticky.errors.InvalidHeaderError` when it is malformed.
+        """
+        if headers is None:
             return None
-        workflow, key, epoch, hops, *rest = value
-        sent = int(rest[0]) if rest else 0
-        affinity = str(rest[1]) if len(rest) > 1 else ""
-        return cls(str(workflow), str(key), int(epoch), int(hops), sent, affinity)
+        if not isinstance(headers, Mapping):
+            raise InvalidHeaderError(
+                f"message headers must be a mapping, not {type(headers).__name__}"
+            )
+        value = headers.get(HEADER)
+        if value is None:
+            return None
+        return parse_header(value)
+
+    @classmethod
+    def safe_from_headers(cls, headers: Any) -> StickyHeader | None:
+        """Like :meth:`from_headers`, but None for a malformed header too (for code
+        that only looks, such as sorting or counting)."""
+        try:
+            return cls.from_headers(headers)
+        except InvalidHeaderError:
+            return None
 
     def with_headers(self, headers: Mapping[str, Any] | None) -> dict[str, Any]:
         """A new headers dict with this header set (the input is not changed)."""

@@ -53,3 +53,24 @@ def test_var_args_cannot_be_keys() -> None:
 
     with pytest.raises(TypeError, match=r"\*args/\*\*kwargs"):
         KeySpec.for_function(step, "keys", None, bind=False)
+
+
+def test_a_key_that_cannot_be_encoded_is_refused_at_publish() -> None:
+    """A lone surrogate (from a bad decode) fails as InvalidKeyError, shown with escapes."""
+    from celery import Celery
+
+    from celery_sticky import sticky_task
+    from celery_sticky.errors import InvalidKeyError
+
+    with pytest.raises(InvalidKeyError, match=r"not valid Unicode text .*'k\\ud800'") as raised:
+        normalize_key("k\ud800", task_name="t", source="s")
+    str(raised.value).encode("utf-8")  # the message itself can be printed and logged
+
+    app = Celery("keys", broker="memory://", set_as_current=False)
+    app.conf.update(sticky_redis_url="redis://127.0.0.1:1/0")
+
+    @sticky_task(app=app, key="order_id")
+    def step(order_id: str) -> None: ...
+
+    with pytest.raises(InvalidKeyError, match="not valid Unicode"):
+        step.delay("order-\udcff")

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis
-
 from ..settings import StickyConfig
+from .connection import connect
 from .store import LeaseStore
 
 CHUNK_BYTES = 4 * 2**20
@@ -28,9 +27,7 @@ class RedisHandoffStore:
 
     def __init__(self, config: StickyConfig, lease_store: LeaseStore) -> None:
         # Binary replies: the lease store's client decodes to str.
-        self.redis = redis.Redis.from_url(
-            config.redis_url, socket_connect_timeout=2, socket_timeout=60
-        )
+        self.redis = connect(config.redis_url, socket_connect_timeout=2, socket_timeout=60)
         self.guard = lease_store.guard
 
     def write(self, name: str, blob: bytes) -> None:

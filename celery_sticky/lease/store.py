@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import os
 import random
+import re
 import socket
 import uuid
 from collections.abc import Callable, Sequence
@@ -21,10 +22,12 @@ from typing import Any, NamedTuple, TypeVar
 import redis
 from redis.commands.core import Script
 
+from .. import metrics
 from ..errors import LeaseStoreUnavailable
 from ..placement import decode_tags
 from ..settings import StickyConfig
 from ..urls import redact_url as redact_url  # re-exported by lease/ for its callers
+from .connection import connect
 
 T = TypeVar("T")
 
@@ -111,7 +114,7 @@ class LeaseStore:
         #: The token heartbeats carry unless the caller passes its own.
         self.instance = instance_token()
         # Typed Any: redis-py types replies as bytes | str, decode_responses makes them str.
-        self.redis: Any = client or redis.Redis.from_url(
+        self.redis: Any = client or connect(
             config.redis_url,
             decode_responses=True,
             socket_connect_timeout=2,
@@ -472,11 +475,51 @@ class LeaseStore:
         return self.guard(lambda: script(keys=keys, args=args))
 
     def guard(self, call: Callable[[], T]) -> T:
-        """Run ``call`` (Redis commands), turning connection trouble into
-        :class:`LeaseStoreUnavailable` naming the store's URL."""
+        """Run ``call`` (Redis commands), turning every Redis error into
+        :class:`LeaseStoreUnavailable` naming the store's URL.
+
+        Every Redis answer that is not a reply means "the store cannot serve this
+        now", whatever its kind: a dropped connection or a timeout, ``OOM`` (maxmemory
+        reached), ``READONLY`` (a replica, during a Sentinel failover), ``BUSY`` (a
+        script or ``DEBUG SLEEP`` running), ``LOADING`` (a restart reading its data),
+        ``MASTERDOWN``, ``NOREPLICAS``. Callers pause sticky work and try again
+        later; none of these may stop a worker. ``NOSCRIPT`` (after ``SCRIPT FLUSH``
+        or a restart) never gets here: redis-py loads the script again and retries.
+        """
         try:
             return call()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:
+            kind = _error_kind(exc)
+            metrics.store_errors.labels(kind).inc()
             raise LeaseStoreUnavailable(
-                f"lease store at {redact_url(self.url)} does not answer: {exc}"
+                f"lease store at {redact_url(self.url)} cannot serve now ({kind}): {exc}"
             ) from exc
+
+
+_ERROR_KINDS: tuple[tuple[type[BaseException], str], ...] = (
+    (redis.TimeoutError, "timeout"),
+    (redis.exceptions.BusyLoadingError, "LOADING"),
+    (redis.AuthenticationError, "auth"),
+    (redis.ConnectionError, "connection"),
+    (redis.exceptions.OutOfMemoryError, "OOM"),
+    (redis.exceptions.ReadOnlyError, "READONLY"),
+    (redis.exceptions.NoPermissionError, "NOPERM"),
+    (redis.exceptions.MasterDownError, "MASTERDOWN"),
+)
+
+
+_ERROR_CODE = re.compile(
+    r"(?:^|[\s-])(OOM|READONLY|BUSY|LOADING|MASTERDOWN|NOREPLICAS|NOPERM|MISCONF|CLUSTERDOWN)\b"
+)
+
+
+def _error_kind(exc: BaseException) -> str:
+    """A short label of a Redis error: ``connection``, ``timeout`` or the reply's code."""
+    for cls, kind in _ERROR_KINDS:
+        if isinstance(exc, cls):
+            return kind
+    if isinstance(exc, redis.ResponseError) and exc.args:
+        # A script's error carries the code inside: "...: @user_script:172: -OOM ...".
+        found = _ERROR_CODE.search(str(exc.args[0]))
+        return found.group(1) if found else "error"
+    return type(exc).__name__

@@ -42,6 +42,7 @@ import diskcache
 from ..errors import StateDirError, StateSizeLimitError
 from ..settings import StickyConfig
 from .memory import MISS, MemoryTier
+from .private import PrivateDisk, check_private_dir, make_private_dir, make_private_files
 
 DELETED = object()
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -128,8 +129,13 @@ class NodeState:
         self.directory = directory
         self.config = config
         self.cache = diskcache.Cache(
-            directory, eviction_policy="none", size_limit=2**62, statistics=False
+            directory,
+            eviction_policy="none",
+            size_limit=2**62,
+            statistics=False,
+            disk=PrivateDisk,
         )
+        make_private_files(directory)
         self.memory = MemoryTier(config.memory_cache_bytes, config.memory_cache_min_bytes)
 
     def close(self) -> None:
@@ -465,13 +471,20 @@ def open_node_state(config: StickyConfig, nodename: str) -> NodeState:
 def check_node_directory(config: StickyConfig, nodename: str) -> str:
     """Fail at worker start, naming the directory, when local state is unusable.
 
-    Creates the directory, writes a probe file, and opens and reads the cache (a
-    corrupt database fails here rather than at the first task). The cache is
-    closed again: the pool processes open their own after the fork.
+    Creates the directory (``0700``; see :mod:`celery_sticky.local.private`),
+    refuses one another user owns or others may write to, writes a probe file, and
+    opens and reads the cache (a corrupt database fails here rather than at the
+    first task). The cache is closed again: the pool processes open their own
+    after the fork.
     """
     directory = node_directory(config.state_dir, nodename)
     try:
-        os.makedirs(directory, exist_ok=True)
+        make_private_dir(directory)
+    except OSError as exc:
+        raise StateDirError(f"sticky_state_dir: cannot create {directory!r}: {exc}") from exc
+    check_private_dir(config.state_dir, owned=False)
+    check_private_dir(directory, owned=True)
+    try:
         probe = os.path.join(directory, f".write-probe-{os.getpid()}")
         with open(probe, "wb") as fh:
             fh.write(b"ok")

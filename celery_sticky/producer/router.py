@@ -103,7 +103,7 @@ class StickyRouter:
         workflow, key = spec.locate(args, kwargs, task_name=name)
         affinity_spec: AffinitySpec | None = getattr(task, "sticky_affinity", None)
         affinity = affinity_spec.resolve(args, kwargs, task_name=name) if affinity_spec else ""
-        old = StickyHeader.from_headers(options.get("headers"))
+        old = StickyHeader.safe_from_headers(options.get("headers"))
         same = old is not None and (old.workflow, old.key) == (workflow, key)
         hops = old.hops if same and old is not None else 0
         if options.get("queue"):

@@ -68,7 +68,7 @@ def drain_node(app: Celery, node: StickyNode, directory: str) -> None:
 
     try:
         # Keys with queued tasks first: their tasks move as soon as their state is out.
-        moved = move_queue(app, leases, node.queue, before_move=hand_over)
+        moved = move_queue(app, leases, node.queue, before_move=hand_over, where="drain")
         hand_over(sorted(owned))
     finally:
         events.close()
@@ -77,7 +77,7 @@ def drain_node(app: Celery, node: StickyNode, directory: str) -> None:
     node.stop(deregister=True)
     leases.mark_reaped(node.name)
     time.sleep(0.1)  # publishes that looked a lease up just before
-    moved += move_queue(app, leases, node.queue, restore=False)
+    moved += move_queue(app, leases, node.queue, restore=False, where="drain")
     for workflow, key in owned:
         leases.release(workflow, key, owner=node.name)
     logger.info(

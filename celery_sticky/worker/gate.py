@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -29,11 +30,13 @@ from celery.worker.strategy import default as default_strategy
 from kombu.message import Message
 
 from .. import faults, metrics
-from ..errors import ConfigurationError, ForwardingError, InvalidKeyError
+from ..errors import ConfigurationError, ForwardingError, InvalidHeaderError, InvalidKeyError
 from ..events import dispatcher_send, ownership_changed
 from ..lease import ClaimStatus
 from ..placement import affinity_queue_name
-from ..wire import HEADER, StickyHeader
+from ..producer.own_tasks import END_WORKFLOW, MOVE_KEY
+from ..wire import HEADER, StickyHeader, check_task_body
+from .deadletter import dead_letter
 from .forwarding import forward
 from .node import StickyNode
 
@@ -131,7 +134,7 @@ class KeyGate:
         timer = getattr(self.consumer, "timer", None)
         for waiting in list(getattr(timer, "queue", ())):
             request = next(iter(getattr(waiting.entry, "args", ())), None)
-            header = StickyHeader.from_headers(
+            header = StickyHeader.safe_from_headers(
                 getattr(getattr(request, "message", None), "headers", None)
             )
             if header is not None:
@@ -188,7 +191,7 @@ class KeyGate:
         """An ETA/countdown task is due: it queues behind its key like a new arrival."""
         task_reserved(request)
         self._qos("decrement_eventually")
-        header = StickyHeader.from_headers(request.message.headers)
+        header = StickyHeader.safe_from_headers(request.message.headers)
         if header is None:  # cannot happen for a message the gate admitted
             self.consumer.on_task_request(request)
             return
@@ -249,7 +252,13 @@ class KeyGate:
             if not queue:
                 del self._queues[key]
                 if self._track_idle:
-                    self.idle[key] = time.monotonic()
+                    if _is_own_task(entry.message):
+                        # end_workflow ended the key, move_key moved it away: neither
+                        # leaves a key here to passivate (it would claim a new epoch
+                        # only to release it again, every sticky_idle_timeout).
+                        self.idle.pop(key, None)
+                    else:
+                        self.idle[key] = time.monotonic()
         for copy in entry.copies:
             if not copy.acknowledged:
                 copy.ack()  # type: ignore[no-untyped-call]
@@ -299,10 +308,10 @@ class KeyGate:
                 self.consumer.on_task_request(entry.request)
             elif entry.dispatch is not None:
                 entry.dispatch()
-        except Exception:
+        except Exception as exc:
             logger.exception("sticky: could not start a task of %s:%s", *entry.gate_key)
             if not entry.message.acknowledged:
-                entry.message.reject(requeue=False)  # type: ignore[no-untyped-call]
+                self._dead_letter(entry.message, f"could not start: {exc!r}")
             return _Outcome.DONE
         finally:
             self._local.entry = None
@@ -325,7 +334,21 @@ class KeyGate:
 
     def _retry_later(self, key: GateKey, entry: _Entry) -> None:
         entry.retry_delay = min(max(entry.retry_delay * 2, 0.1), self.node.config.proof_retry_max)
-        self.consumer.timer.call_after(entry.retry_delay, self._run_head, (key,))
+        # Jitter: workers that lost the store together do not come back in lockstep.
+        delay = entry.retry_delay * random.uniform(0.75, 1.25)
+        self.consumer.timer.call_after(delay, self._run_head, (key,))
+
+    def _dead_letter(self, message: Message, reason: str) -> None:
+        """Poison: to the dead-letter queue (logged, counted); the worker goes on."""
+        source = (message.delivery_info or {}).get("routing_key") or ""
+        try:
+            dead_letter(self.app, message, reason, source=str(source), where="gate")
+        except Exception:
+            # The broker does not take it now: give it back (it comes again, or the
+            # reconnect restores it) rather than lose it or stop the consumer.
+            logger.exception("sticky: could not dead-letter a message (%s)", reason)
+            if not message.acknowledged:
+                message.reject(requeue=True)  # type: ignore[no-untyped-call]
 
     # -- completion --------------------------------------------------------------
 
@@ -421,6 +444,12 @@ def sticky_strategy(task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Cal
                 task.backend.mark_as_failure(task_id, exc)
             message.ack()  # type: ignore[no-untyped-call]
             return
+        except InvalidHeaderError as exc:
+            gate._dead_letter(message, str(exc))
+            return
+        except Exception as exc:  # arguments that cannot be decoded to find the key
+            gate._dead_letter(message, f"cannot read the task's key: {exc!r}")
+            return
         gate.submit(
             _Entry(
                 header,
@@ -432,12 +461,26 @@ def sticky_strategy(task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Cal
     return sticky_task_message_handler
 
 
+def _is_own_task(message: Message) -> bool:
+    return (message.headers or {}).get("task") in (END_WORKFLOW, MOVE_KEY)
+
+
 def _header_of(task: Any, message: Message) -> StickyHeader:
-    """The message's sticky header; messages published without the router are parsed."""
+    """The message's sticky header; messages published without the router are parsed.
+
+    The body is checked too (Celery decodes it in this process anyway, and kombu
+    caches the decoded body): one of another shape fails inside Celery's request
+    callbacks, where it would be neither acknowledged nor recorded.
+    """
     header = StickyHeader.from_headers(message.headers)
+    if (message.headers or {}).get("task") is None:  # protocol 1: Celery decodes it
+        if header is not None:
+            return header
+        args, kwargs = message.payload["args"], message.payload["kwargs"]
+    else:
+        args, kwargs, _embed = check_task_body(message.decode())  # type: ignore[no-untyped-call]
     if header is not None:
         return header
-    args, kwargs, _embed = message.decode()  # type: ignore[no-untyped-call]
     workflow, key = task.sticky.locate(args, kwargs, task_name=task.name)
     affinity = getattr(task, "sticky_affinity", None)
     tags = affinity.resolve(args, kwargs, task_name=task.name) if affinity else ""

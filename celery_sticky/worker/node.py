@@ -19,6 +19,7 @@ from ..errors import ConfigurationError, LeaseStoreUnavailable
 from ..lease import ClaimStatus, Heartbeat, Lease, LeaseStore, instance_token
 from ..placement import decode_tags, encode_tags, fallback_policy, matches
 from ..settings import StickyConfig
+from .supervise import backoff
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class StickyNode:
                     logger.warning(
                         "sticky: heartbeat of %s failed (%d): %s", self.name, failures, exc
                     )
-                delay = min(self.config.heartbeat_interval, 0.2 * 2**failures)
+                delay = backoff(failures, 0.2, self.config.heartbeat_interval)
 
     # -- ownership -------------------------------------------------------------
 

@@ -25,12 +25,14 @@ from celery import Celery
 from kombu.message import Message
 
 from .. import metrics
-from ..errors import LeaseStoreUnavailable
+from ..errors import InvalidHeaderError
 from ..lease import ClaimStatus, LeaseStore
 from ..placement import affinity_queue_name, fallback_policy
 from ..producer.queues import queue_size
 from ..wire import StickyHeader, direct_queue
+from .deadletter import dead_letter
 from .forwarding import republish
+from .supervise import supervise
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ def in_publish_order(messages: list[Message]) -> list[Message]:
     """
 
     def sent(message: Message) -> int:
-        header = StickyHeader.from_headers(message.headers)
+        header = StickyHeader.safe_from_headers(message.headers)
         return header.sent if header is not None else 0
 
     return sorted(messages, key=sent)
@@ -98,6 +100,7 @@ def move_queue(
     *,
     restore: bool = True,
     before_move: Callable[[list[tuple[str, str]]], None] | None = None,
+    where: str = "reaper",
 ) -> int:
     """Move every message of ``queue`` to its key's owner; returns how many moved.
 
@@ -106,6 +109,8 @@ def move_queue(
     ``before_move(keys)``: called with the keys that have tasks in the queue, in
     order, once the messages are taken and before any is republished (a drain
     hands those keys over first, so their tasks wait for nothing else).
+    A message with a malformed sticky header goes to the dead-letter queue
+    (``where`` labels the metric); the others still move.
     """
     moved = 0
     policy = fallback_policy(store.config.placement)
@@ -117,12 +122,16 @@ def move_queue(
         if before_move is not None:
             keys: dict[tuple[str, str], None] = {}
             for message in messages:
-                header = StickyHeader.from_headers(message.headers)
+                header = StickyHeader.safe_from_headers(message.headers)
                 if header is not None:
                     keys[(header.workflow, header.key)] = None
             before_move(list(keys))
         for message in messages:
-            header = StickyHeader.from_headers(message.headers)
+            try:
+                header = StickyHeader.from_headers(message.headers)
+            except InvalidHeaderError as exc:
+                dead_letter(app, message, str(exc), source=queue, where=where)
+                continue
             if header is None:
                 # Not a sticky task: back to the default queue it would have taken.
                 republish(app, message, None, app.conf.task_default_queue)
@@ -136,8 +145,8 @@ def move_queue(
                 )
                 if lease.status is ClaimStatus.NO_LIVE_WORKER and header.affinity:
                     # No live worker may hold it: it waits for one in its affinity's queue.
-                    queue = affinity_queue_name(store.config.queue_prefix, header.affinity)
-                    republish(app, message, header._replace(epoch=0), queue)
+                    waiting = affinity_queue_name(store.config.queue_prefix, header.affinity)
+                    republish(app, message, header._replace(epoch=0), waiting)
                     moved += 1
                     continue
                 if lease.status is ClaimStatus.NO_LIVE_WORKER:
@@ -194,8 +203,10 @@ class Reaper:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="sticky-reaper", daemon=True)
-        self._thread.start()
+        # Supervised: a failed pass (the store or the broker away, a Redis error)
+        # backs off and tries again; nothing but stop() ends the thread.
+        self._stop.clear()
+        self._thread = supervise("sticky-reaper", self._pass, self._stop, interval=self.interval)
 
     def stop(self) -> None:
         self._stop.set()
@@ -215,11 +226,5 @@ class Reaper:
                 self.store.unlock_reaping(info.name)
         return moved
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.run_once()
-            except LeaseStoreUnavailable as exc:
-                logger.debug("sticky: reaper paused: %s", exc)
-            except Exception:
-                logger.exception("sticky: reaper failed; retrying")
+    def _pass(self) -> None:
+        self.run_once()

@@ -30,6 +30,7 @@ from ..gate import KeyGate
 from ..node import StickyNode
 from ..outbox import send_pending
 from ..reaper import restore_unacked
+from ..supervise import supervise
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,15 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
             time.sleep(0.2)
         self._restore_own_unacked(worker)
         self.node.start()
-        threading.Thread(target=self._drop_stale_state, name="sticky-cleanup", daemon=True).start()
+        # Supervised: retried with backoff until the lease store answered for every key.
+        self._cleanup_stop = threading.Event()
+        supervise(
+            "sticky-cleanup",
+            self._drop_stale_state_or_raise,
+            self._cleanup_stop,
+            interval=1.0,
+            first_delay=0.0,
+        )
         # The pool has forked by now (this step requires it), so the main process
         # may open the state briefly: send what a crash left in the outbox.
         store = NodeState(self.state_directory, self.node.config)
@@ -104,6 +113,9 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
     def stop(self, worker: Any) -> None:
         # Draining from now on: this node's keys are routed to its queue, which the
         # drain (after the pool finished its tasks) moves on.
+        cleanup = getattr(self, "_cleanup_stop", None)
+        if cleanup is not None:
+            cleanup.set()
         if self.node.superseded:
             return  # the name, its queue and its keys belong to another process now
         try:
@@ -172,7 +184,11 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         except LeaseStoreUnavailable:
             return False  # the heartbeat loop keeps trying; proofs wait for the store
 
-    def _drop_stale_state(self) -> None:
+    def _drop_stale_state_or_raise(self) -> bool:
+        self._drop_stale_state(raise_errors=True)
+        return True
+
+    def _drop_stale_state(self, raise_errors: bool = False) -> None:
         """Free the disk of keys whose lease moved on while this node was away."""
         try:
             store = open_node_state(self.node.config, self.node.name)
@@ -185,6 +201,8 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
             if dropped:
                 logger.info("sticky: dropped the local state of %d key(s) that moved on", dropped)
         except Exception:
+            if raise_errors:
+                raise
             logger.exception("sticky: could not check local state against the leases")
 
 

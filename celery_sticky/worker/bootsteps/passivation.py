@@ -27,5 +27,5 @@ class PassivationStep(bootsteps.StartStopStep):  # type: ignore[misc]
         worker.timer.call_repeatedly(
             min(idle_timeout / 2, 60.0),
             passivate,
-            (worker.app, step.node.queue, step.gate.idle, idle_timeout),
+            (worker.app, step.node.queue, step.gate.idle, idle_timeout, step.gate.keys_with_tasks),
         )
