@@ -325,7 +325,20 @@ class LeaseStore:
         self.guard(lambda: self.redis.delete(f"{self.prefix}reaping:{node}"))
 
     def reaping(self, node: str) -> bool:
-        return bool(self.guard(lambda: self.redis.exists(f"{self.prefix}reaping:{node}")))
+        """Whether a live worker is moving ``node``'s queue on right now.
+
+        A reaper that died while it held the lock leaves it for up to its expiry; a
+        lock held by a worker that no longer heartbeats does not count.
+        """
+
+        def read() -> bool:
+            reaper = self.redis.get(f"{self.prefix}reaping:{node}")
+            if reaper is None:
+                return False
+            beat = self.redis.zscore(self.workers_key, reaper)
+            return beat is not None and beat >= self._server_time() - self.config.lease_ttl
+
+        return bool(self.guard(read))
 
     def mark_reaped(self, node: str) -> float | None:
         """Record that ``node``'s queue was moved on (its keys may now be taken over).

@@ -113,3 +113,16 @@ def test_heartbeat_cost_does_not_grow_with_owned_keys() -> None:
         loaded = _commands(client) - before
         client.close()
     assert empty == loaded <= 4
+
+
+def test_a_reaping_lock_counts_only_while_its_reaper_lives(store: LeaseStore) -> None:
+    """A restarted worker waits for the reaper moving its queue, but not for a reaper
+    that died holding the lock (the lock outlives it by up to two minutes)."""
+    store.heartbeat("victim", 1, "q.victim")
+    store.heartbeat("reaper", 1, "q.reaper")
+    assert store.try_lock_reaping("victim", "reaper", 120)
+    assert store.reaping("victim")
+    store.deregister("reaper")  # the reaper is dead now, its lock still there
+    assert not store.reaping("victim")
+    store.unlock_reaping("victim")
+    assert not store.reaping("victim")
