@@ -87,9 +87,18 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         logger.debug("sticky: node %s, state in %s", worker.hostname, self.state_directory)
 
     def start(self, worker: Any) -> None:
-        # If another worker is moving this node's queue on (it was dead), let it finish.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and self._being_reaped():
+        # If another worker is moving this node's queue on (it was dead), let it
+        # finish, for a while: under a steady stream of publishes a reap can take long,
+        # and a node that waits is a node that is down. What it moves after this
+        # reaches the keys' owners anyway (this node forwards what is not its own).
+        deadline = time.monotonic() + max(2 * self.node.config.lease_ttl, 10.0)
+        while self._being_reaped():
+            if time.monotonic() > deadline:
+                logger.warning(
+                    "sticky: %s starts while another worker still moves its queue on",
+                    self.node.name,
+                )
+                break
             time.sleep(0.2)
         self._restore_own_unacked(worker)
         self.node.start()
