@@ -45,20 +45,16 @@ state lives in a temporary directory, deleted at the end.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import cProfile
 import gc
 import io
 import itertools
-import multiprocessing
 import os
 import pickle
 import platform
 import pstats
 import random
 import resource
-import selectors
 import shutil
 import statistics
 import sys
@@ -67,9 +63,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import diskcache
 import redis
@@ -80,6 +75,7 @@ from celery_sticky.lease.store import LeaseStore
 from celery_sticky.local.handle import StateHandle
 from celery_sticky.local.node_state import NodeState
 from celery_sticky.settings import StickyConfig
+from celery_sticky.testing.proxy import LatencyProxy
 
 DEFAULT_URL = "redis://127.0.0.1:6379/15"
 MB = 1_000_000
@@ -90,173 +86,12 @@ PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 C_TARGET = 100e-6  # seconds
 D_TARGET = 300.0  # times faster than (a)
 D_TARGET_SIZE = 100  # MB
-PROXY_CHUNK = 1 << 18
 clock = time.perf_counter
 
 Step = Callable[[], float]  # runs one step, returns the seconds it took
 
 
-# -- the latency proxy -------------------------------------------------------------
-
-
-def _proxy_main(conn: Connection, host: str, port: int, delay: float) -> None:
-    """Child process entry point: serve until the parent says stop (or goes away)."""
-    # select() takes microsecond timeouts; epoll and poll round 0.5 ms up to 1 ms.
-    loop = asyncio.SelectorEventLoop(selectors.SelectSelector())
-    try:
-        loop.run_until_complete(_serve(conn, host, port, delay))
-    finally:
-        loop.close()
-        conn.close()
-
-
-async def _pump(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: dict[str, float]
-) -> None:
-    """Forward one direction, each chunk ``delay["each_way"]`` after it arrived, in order.
-
-    Chunks are queued rather than slept on in line, so the delay is latency only:
-    a large transfer is not also slowed by one delay per chunk.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
-
-    async def forward() -> None:
-        while (item := await queue.get()) is not None:
-            due, data = item
-            wait = due - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            writer.write(data)
-            await writer.drain()
-
-    sender = asyncio.create_task(forward())
-    try:
-        while data := await reader.read(PROXY_CHUNK):
-            queue.put_nowait((loop.time() + delay["each_way"], data))
-    finally:
-        queue.put_nowait(None)
-        try:
-            await sender
-        finally:
-            writer.close()
-
-
-async def _serve(conn: Connection, host: str, port: int, delay: float) -> None:
-    """Accept connections until the parent sends "stop" (or dies); a float sets the delay."""
-    loop = asyncio.get_running_loop()
-    setting = {"each_way": delay}
-    handlers: set[asyncio.Task[Any]] = set()
-
-    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        handlers.add(task)
-        upstream_w: asyncio.StreamWriter | None = None
-        try:
-            upstream_r, upstream_w = await asyncio.open_connection(host, port, limit=PROXY_CHUNK)
-            # Each pump closes its writer when it ends, which ends the other one.
-            await asyncio.gather(
-                _pump(client_r, upstream_w, setting),
-                _pump(upstream_r, client_w, setting),
-                return_exceptions=True,
-            )
-        except (OSError, asyncio.CancelledError):
-            pass  # upstream refused, or the proxy is stopping: just close
-        finally:
-            client_w.close()
-            if upstream_w is not None:
-                upstream_w.close()
-            handlers.discard(task)
-
-    try:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, limit=PROXY_CHUNK)
-    except OSError as exc:
-        conn.send(f"cannot listen: {exc}")
-        return
-    conn.send(server.sockets[0].getsockname()[1])
-    stop = asyncio.Event()
-
-    def command() -> None:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            message = "stop"  # the parent went away
-        if isinstance(message, float):
-            setting["each_way"] = message
-            conn.send("ok")
-        else:
-            stop.set()
-
-    loop.add_reader(conn.fileno(), command)
-    await stop.wait()
-    loop.remove_reader(conn.fileno())
-    server.close()
-    for task in list(handlers):
-        task.cancel()
-    await asyncio.gather(*handlers, return_exceptions=True)
-    await server.wait_closed()
-
-
-class LatencyProxy:
-    """A loopback TCP proxy to ``host:port`` that delays every chunk, each way.
-
-    It runs in a child process so that its event loop never waits for this
-    process's GIL (a step that unpickles 100 MB would otherwise delay it).
-    """
-
-    def __init__(self, host: str, port: int, delay: float) -> None:
-        self.upstream = (host, port)
-        self.delay = delay
-        self.port = 0
-        self._conn: Connection | None = None
-        self._process: multiprocessing.process.BaseProcess | None = None
-
-    def __enter__(self) -> LatencyProxy:
-        context = multiprocessing.get_context("spawn")
-        parent, child = context.Pipe()
-        process = context.Process(
-            target=_proxy_main,
-            args=(child, *self.upstream, self.delay),
-            name="bench-latency-proxy",
-            daemon=True,
-        )
-        process.start()
-        child.close()
-        self._conn, self._process = parent, process
-        message = self._receive("start", timeout=60)
-        if isinstance(message, str):
-            self.__exit__()
-            raise RuntimeError(f"the latency proxy failed: {message}")
-        self.port = int(message)
-        return self
-
-    def set_delay(self, delay: float) -> None:
-        """Change the delay each way; returns once the proxy applies it."""
-        assert self._conn is not None
-        self._conn.send(float(delay))
-        self._receive("set the delay", timeout=10)
-        self.delay = delay
-
-    def _receive(self, what: str, timeout: float) -> Any:
-        assert self._conn is not None
-        if not self._conn.poll(timeout):
-            self.__exit__()
-            raise RuntimeError(f"the latency proxy did not {what} within {timeout:g} s")
-        return self._conn.recv()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(OSError):
-                self._conn.send("stop")
-            self._conn.close()
-            self._conn = None
-        if self._process is not None:
-            self._process.join(10)
-            if self._process.is_alive():
-                self._process.terminate()
-                self._process.join(10)
-            self._process = None
+# -- the latency proxy (celery_sticky.testing.proxy) ---------------------------------
 
 
 def calibrate_proxy(
@@ -893,14 +728,6 @@ def report(results: list[SizeResult], args: argparse.Namespace) -> None:
 # -- main --------------------------------------------------------------------------------
 
 
-def proxied_url(url: str, port: int) -> str:
-    """``url`` with its host and port replaced by the proxy's."""
-    parts = urlsplit(url)
-    auth = parts.netloc.rpartition("@")[0]
-    netloc = f"{auth}@127.0.0.1:{port}" if auth else f"127.0.0.1:{port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def cleanup_redis(client: redis.Redis, prefix: str) -> None:
     names = list(client.scan_iter(match=f"{prefix}:*"))
     if names:
@@ -914,7 +741,7 @@ def bench(url: str, args: argparse.Namespace) -> None:
     results: list[SizeResult] = []
     try:
         with LatencyProxy(parts.hostname or "127.0.0.1", parts.port or 6379, args.delay) as proxy:
-            remote_url = proxied_url(url, proxy.port)
+            remote_url = proxy.url(url)
             local, remote = redis.Redis.from_url(url), redis.Redis.from_url(remote_url)
             config = make_config(url, tmp, sticky_key_prefix=prefix)
             ctx = Context(

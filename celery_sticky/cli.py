@@ -25,8 +25,6 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-# Imported with this plugin (Celery loads it at start): `celery inspect` and
-# `celery control` then know sticky_key_info and sticky_drain too.
 from .context import get_config, lease_store
 from .errors import ConfigurationError, LeaseStoreUnavailable, MoveError
 from .lease import LeaseStore, WorkerInfo, redact_url
@@ -34,6 +32,10 @@ from .producer import admin
 from .producer.install import install
 from .producer.queues import queued_keys
 from .producer.rebalance import affinity_lookup, plan_rebalance
+
+# Imported with this plugin (Celery loads it at start): `celery inspect` and
+# `celery control` then know sticky_key_info and sticky_drain too.
+from .worker import control  # noqa: F401
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1

@@ -13,6 +13,10 @@ Actions act on the whole process group, which the test cluster gives each worker
   sends SIGCONT when it has made another worker take over;
 - ``kill``: SIGKILL the group (a power cut).
 
+``STICKY_TEST_UNFENCED=1`` builds the deliberately broken worker the nemesis
+checker must catch: no fence before the commit, and hand-over copies switched in
+without checking the writer's lease. Never set it outside a test of the checker.
+
 A point fires once per test: the first process to reach it creates the marker file
 ``STICKY_TEST_FAULT_MARKER`` (default ``<tmp>/sticky-fault-<point>``) exclusively
 and writes its pid there, so the test can wait for the file instead of sleeping.
@@ -49,6 +53,9 @@ def _parse(spec: str) -> tuple[str, int] | None:
 
 
 _ARMED = _parse(os.environ.get("STICKY_TEST_FAULT", ""))
+
+#: Test-only: fencing switched off (see the module doc).
+UNFENCED = os.environ.get("STICKY_TEST_UNFENCED") == "1"
 
 
 def marker_path(point: str) -> str:

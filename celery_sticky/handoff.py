@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 from celery.utils.imports import symbol_by_name
 
+from . import faults
 from .lease import LeaseStore, RedisHandoffStore
 from .settings import StickyConfig
 
@@ -132,7 +133,7 @@ class Copies:
         self.blobs.write(version, self._seal(version, payload))
         try:
             switched, previous = self.leases.switch_copy(
-                workflow, key, owner, epoch, version, version
+                workflow, key, owner, epoch, version, version, fenced=not faults.UNFENCED
             )
         except BaseException:
             with contextlib.suppress(Exception):

@@ -15,6 +15,8 @@ import redis
 from celery import Celery, shared_task
 
 from celery_sticky import sticky_task
+from celery_sticky.lease import RedisHandoffStore
+from celery_sticky.testing.nemesis import LEASE_URL_ENV, register_probe
 
 
 def _float_env(name: str) -> float | None:
@@ -29,7 +31,9 @@ def make_app(prefix: str | None = None, **settings: Any) -> Celery:
     app = Celery(f"tests-{prefix}", broker=broker, backend=url, set_as_current=False)
     app.conf.update(
         task_default_queue=f"{prefix}.default",
-        sticky_redis_url=os.environ.get("STICKY_TEST_LEASE_URL") or url,
+        sticky_redis_url=os.environ.get("STICKY_TEST_LEASE_URL")
+        or os.environ.get(LEASE_URL_ENV)
+        or url,
         sticky_key_prefix=prefix,
         sticky_secret=f"tests-{prefix}-hand-over-secret",
         sticky_queue_prefix=prefix,
@@ -41,6 +45,7 @@ def make_app(prefix: str | None = None, **settings: Any) -> Celery:
         result_expires=3600,
         sticky_idle_timeout=_float_env("STICKY_TEST_IDLE_TIMEOUT"),
         sticky_state_replication=os.environ.get("STICKY_TEST_REPLICATION", "on_handoff"),
+        sticky_handoff_store=os.environ.get("STICKY_TEST_HANDOFF_STORE", "redis"),
         sticky_on_state_lost="tests.cluster_app.rebuild_lost_state",
         sticky_metrics_port=int(os.environ.get("STICKY_TEST_METRICS_PORT") or 0) or None,
         sticky_metrics_address="127.0.0.1",
@@ -59,6 +64,7 @@ def make_app(prefix: str | None = None, **settings: Any) -> Celery:
         # connection: after two missed heartbeats.
         app.conf.broker_heartbeat = 2
     app.conf.update(settings)
+    register_probe(app)  # the nemesis's probe tasks (tests/testing/test_nemesis.py)
     return app
 
 
@@ -76,8 +82,15 @@ def record(event: dict[str, Any]) -> None:
 
 
 def rebuild_lost_state(workflow: str, key: str) -> dict[str, Any] | None:
-    """``sticky_on_state_lost`` hook: logs the loss; rebuilds keys marked ``rebuild-``."""
+    """``sticky_on_state_lost`` hook: logs the loss; rebuilds keys marked ``rebuild-``;
+    raises the first time for keys marked ``raise-once-`` (a source of truth that is
+    down for a moment)."""
     record({"key": key, "lost": True, "workflow": workflow, "time": time.time()})
+    if key.startswith("raise-once-"):
+        assert _recorder is not None
+        marker = f"{os.environ['STICKY_TEST_PREFIX']}:raised:{key}"
+        if _recorder.set(marker, 1, nx=True, ex=600):
+            raise ConnectionError(f"the source of truth of {key} does not answer")
     if key.startswith("rebuild-"):
         return {"steps": ["rebuilt"]}
     return None
@@ -209,6 +222,15 @@ if os.environ.get("STICKY_TEST_CRASH_BEFORE_OUTBOX"):
         return int(_send_outbox(app, store, workflow, key, task_id))
 
     _task_module.send_outbox = _crash_then_send  # type: ignore[assignment]
+
+
+class FailingCopies(RedisHandoffStore):
+    """A hand-over store that fails every write of a key marked ``failcopy-``."""
+
+    def write(self, name: str, blob: bytes) -> None:
+        if ":failcopy-" in name:
+            raise OSError(f"the hand-over store refuses {name}")
+        super().write(name, blob)
 
 
 @shared_task(bind=True)

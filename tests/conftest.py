@@ -151,3 +151,30 @@ def events(redis_client: redis.Redis, prefix: str) -> Any:
 def unique(label: str) -> str:
     """A key nobody used before in this session."""
     return f"{label}-{uuid.uuid4().hex[:10]}"
+
+
+def wait_settled(app: Any, node: str, workflow: str, key: str, timeout: float = 30.0) -> None:
+    """Wait until ``node``'s gate holds nothing of the key: its last task was acknowledged.
+
+    A result can be read before the worker acknowledged the message (``acks_late``
+    acknowledges after the result is stored), so a test that kills a worker right
+    after ``.get()`` would race the acknowledgement. The gate lets the key go only
+    after the acknowledgement.
+    """
+    from celery_sticky.testing import wait_for
+
+    def idle() -> bool:
+        replies = app.control.broadcast(
+            "sticky_key_info",
+            arguments={"workflow": workflow, "key": key},
+            destination=[node],
+            reply=True,
+            timeout=1.0,
+        )
+        for reply in replies:
+            gate = (reply.get(node) or {}).get("gate") or {}
+            if gate.get("queued") == 0 and not gate.get("running"):
+                return True
+        return False
+
+    wait_for(idle, timeout=timeout, message=f"{node} still holds {workflow}:{key}")

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from celery_sticky.context import lease_store
 from celery_sticky.testing import WorkerCluster
-from tests.conftest import REPO, start_cluster, unique
+from tests.conftest import REPO, start_cluster, unique, wait_settled
 
 CLI = [sys.executable, "-m", "celery", "-A", "tests.cluster_app:app", "sticky"]
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -295,6 +295,7 @@ def test_reap_moves_a_killed_workers_queue_now(prefix: str, tmp_path: Path) -> N
         for key in keys:
             store.claim("key", key, victim)
             assert step.delay(key, 0, 0.0).get(timeout=30) == [0]
+            wait_settled(app, victim, "key", key)  # acknowledged before the kill
         workers.kill(victim)
         # The taker's reaper would move the queue too: pause it while the CLI does.
         workers.signal(taker, signal.SIGSTOP)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 
 from celery_sticky.context import lease_store
-from celery_sticky.testing import WorkerCluster
+from celery_sticky.testing import WorkerCluster, wait_for
 from tests.conftest import start_cluster
 
 
@@ -77,16 +76,19 @@ def test_claims_are_celery_events(observed: dict[str, Any]) -> None:
     thread = threading.Thread(target=listen, daemon=True)
     thread.start()
     ready.wait(10)
-    time.sleep(1.0)  # the receiver's queue is bound
-    key = f"event-{uuid.uuid4().hex[:8]}"
-    app.tasks["tests.cluster_app.record_step"].apply_async(
-        (key, 0), queue=f"{observed['prefix']}.default"
-    ).get(timeout=30)
-    deadline = time.monotonic() + 10
-    while not any(e.get("key") == key for e in seen):
-        assert time.monotonic() < deadline, f"no sticky-claimed event for {key}: {seen}"
-        time.sleep(0.1)
-    event = next(e for e in seen if e.get("key") == key)
+    keys: list[str] = []
+
+    def claimed() -> dict[str, Any] | None:
+        # Events sent before the receiver's queue is bound are lost: claim new keys
+        # until one claim is seen, rather than sleeping for the binding.
+        key = f"event-{uuid.uuid4().hex[:8]}"
+        keys.append(key)
+        app.tasks["tests.cluster_app.record_step"].apply_async(
+            (key, 0), queue=f"{observed['prefix']}.default"
+        ).get(timeout=30)
+        return next((e for e in seen if e.get("key") in keys), None)
+
+    event = wait_for(claimed, timeout=30, interval=0.2, message=lambda: f"no claim seen: {seen}")
     assert event["workflow"] == "key" and event["owner"] == "ev1@sticky-tests"
     assert event["hostname"] == "ev1@sticky-tests" and event["epoch"] > 0
 

@@ -27,7 +27,7 @@ from celery_sticky.placement import (
 )
 from celery_sticky.producer.install import router_of
 from celery_sticky.settings import StickyConfig
-from celery_sticky.testing import WorkerCluster
+from celery_sticky.testing import WorkerCluster, wait_for
 from tests.conftest import read_events, start_cluster, unique
 from tests.lease.test_claim_placement import rendezvous
 
@@ -181,7 +181,15 @@ def test_a_task_no_live_worker_may_run_waits_for_one(
     assert f"queue {sub}.affinity.region=apac" in caplog.text
     # On the shared queue, an eu or us worker takes it and must pass it on.
     second = task.apply_async((landed, 0, "apac"), queue=f"{sub}.default")
-    time.sleep(3)
+    from celery_sticky.placement import affinity_queue_name
+    from celery_sticky.producer.queues import queue_size
+
+    apac = affinity_queue_name(str(app.conf.sticky_queue_prefix), "region=apac")
+    wait_for(  # the worker that took the second one passed it on, next to the first
+        lambda: queue_size(app, apac) >= 2,
+        timeout=30,
+        message="the apac task on the shared queue was not passed on",
+    )
     assert read_events(redis_client, sub) == [], "nobody may run an apac task yet"
     assert lease_store(app).lookup("key", routed) is None
     cluster.start(
@@ -272,14 +280,19 @@ def test_a_dead_workers_tasks_wait_for_a_worker_that_may_run_them(
     cluster.start("ap-1@sticky-tests", queues=ap, args=["--sticky-tag", "region=ap"])
     keys = [unique("ap") for _ in range(4)]
     results = [task.delay(key, step, "ap", False, 0.5) for step in range(5) for key in keys]
-    time.sleep(1.5)
+    # ap-1 is busy with the keys' steps (a step records its run when its body ends).
+    wait_for(lambda: wait_for_steps(redis_client, sub, 1, timeout=0), timeout=30)
     cluster.kill("ap-1@sticky-tests")
-    waiting = affinity_queue_name(str(app.conf.sticky_queue_prefix), "region=ap")
-    deadline = time.monotonic() + 60
-    while queue_size(app, waiting) == 0:
-        assert time.monotonic() < deadline, "the dead worker's queue was not moved on"
-        time.sleep(0.5)
-    time.sleep(2)  # the reaper moves the rest; nobody may run them meanwhile
+    prefix = str(app.conf.sticky_queue_prefix)
+    waiting = affinity_queue_name(prefix, "region=ap")
+    direct = f"{prefix}.ap-1@sticky-tests"
+    # The reaper moves the dead worker's queue (and its unacked tasks) on: wait until
+    # they are all on the affinity's queue; nobody may run them meanwhile.
+    wait_for(
+        lambda: queue_size(app, waiting) > 0 and queue_size(app, direct) == 0,
+        timeout=60,
+        message="the dead worker's queue was not moved on",
+    )
     early = [e for e in read_events(redis_client, sub) if "step" in e]
     assert {e["node"] for e in early} <= {"ap-1@sticky-tests"}
     cluster.start("ap-2@sticky-tests", queues=ap, args=["--sticky-tag", "region=ap"])

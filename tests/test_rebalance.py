@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +17,7 @@ from celery_sticky.errors import MoveError
 from celery_sticky.lease import WorkerInfo
 from celery_sticky.producer.admin import move_key
 from celery_sticky.producer.rebalance import plan_rebalance
-from celery_sticky.testing import WorkerCluster
+from celery_sticky.testing import WorkerCluster, wait_for
 from tests.conftest import REPO, read_events, start_cluster, unique
 from tests.invariants import violations
 
@@ -96,7 +95,8 @@ def test_moving_a_busy_key_keeps_its_order_and_state(
     key = unique("move")
     task.apply_async((key, 0), queue=on(app, R1)).get(timeout=30)
     before = [task.delay(key, step, 0.3) for step in range(1, 6)]
-    time.sleep(0.5)  # step 1 runs, steps 2-5 wait behind it on r1
+    # Step 1 ran (it records when its body ends), steps 2-5 wait behind it on r1.
+    wait_for(lambda: any(e["step"] == 1 for e in steps_of(redis_client, sub, key)), timeout=30)
     move_key("key", key, R2, app=app)
     after = [task.delay(key, step, 0.05) for step in range(6, 12)]
     for result in before + after:
@@ -145,10 +145,16 @@ def test_rebalance_moves_only_idle_keys_and_keeps_their_state(
     busy, scheduled = keys[0], keys[1]
     running = task.delay(busy, 3, 20.0)  # runs on r1 until well after the rebalance
     later = task.apply_async((scheduled, 3), countdown=25)  # waits on r1
-    time.sleep(1.0)
-    replies = app.control.broadcast("sticky_busy_keys", destination=[R1], reply=True, timeout=5)
-    reported = {tuple(k) for k in replies[0][R1]["keys"]}
-    assert {("key", busy), ("key", scheduled)} <= reported, "running and scheduled are busy"
+
+    def reported() -> set[tuple[str, ...]]:
+        replies = app.control.broadcast("sticky_busy_keys", destination=[R1], reply=True, timeout=5)
+        return {tuple(k) for reply in replies for k in reply.get(R1, {}).get("keys", [])}
+
+    wait_for(  # both reached r1: one running, one scheduled
+        lambda: {("key", busy), ("key", scheduled)} <= reported(),
+        timeout=30,
+        message="running and scheduled keys are busy",
+    )
 
     dry = cli(sub, "rebalance", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr

@@ -227,10 +227,19 @@ class LeaseStore:
         return str(name) if name else None
 
     def switch_copy(
-        self, workflow: str, key: str, writer: str, epoch: int, version: str, version_key: str
+        self,
+        workflow: str,
+        key: str,
+        writer: str,
+        epoch: int,
+        version: str,
+        version_key: str,
+        *,
+        fenced: bool = True,
     ) -> tuple[bool, str]:
         """Make ``version`` the key's copy (``""``: retire it) if ``writer`` still holds the
-        key live under ``epoch`` (copy_switch.lua). Returns ``(switched, previous version)``."""
+        key live under ``epoch`` (copy_switch.lua). Returns ``(switched, previous version)``.
+        ``fenced=False`` skips the check: only the nemesis checker's broken build does."""
         switched, previous = self._call(
             self._copy_switch,
             keys=[
@@ -239,7 +248,7 @@ class LeaseStore:
                 self.copy_pointer_key(workflow, key),
                 version_key,
             ],
-            args=[self.config.lease_ttl, writer, epoch, version],
+            args=[self.config.lease_ttl, writer, epoch, version, "1" if fenced else "0"],
         )
         return bool(int(switched)), str(previous)
 

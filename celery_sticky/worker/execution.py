@@ -93,7 +93,7 @@ def execute(
     faults.reach("after_run")
 
     # 4. fence
-    if epoch:
+    if epoch and not faults.UNFENCED:
         lease = current_lease(ctx, workflow, key)
         if not holds(lease, nodename, epoch):
             state.discard()
