@@ -67,6 +67,9 @@ class StickyNode:
             # A crashed earlier process of this node on this host: its name is free.
             reply = self._heartbeat(register, force=True)
         if reply.status == "taken":
+            # Not this process's name: nothing it does on the way out (marking the
+            # node draining, draining it, deregistering) may touch the other's.
+            self.superseded = True
             raise NodeNameInUse(
                 f"node name {self.name} is in use by another live worker process "
                 f"({_describe(reply.instance)}): give this worker another name (-n), or "

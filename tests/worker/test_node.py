@@ -59,6 +59,9 @@ def test_a_second_process_with_a_live_node_name_refuses_to_start(run: Run) -> No
     assert second.returncode != 0, output[-3000:]
     assert f"node name {name} is in use by another live worker process" in output
     assert f"pid {first.pid}" in output
+    # On its way out it touched nothing of the first's: not marked draining, not drained.
+    info = _info(run, name)
+    assert getattr(info, "alive", False) and not getattr(info, "draining", True), info
     key = f"still-{uuid.uuid4().hex[:6]}"
     assert run.step(key, 0).get(timeout=30) == [0]  # the first one still works
 

@@ -100,8 +100,10 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
                 )
                 break
             time.sleep(0.2)
-        self._restore_own_unacked(worker)
+        # Register first: a second process under a live node's name is refused here,
+        # before it could take back that node's unacknowledged messages.
         self.node.start()
+        self._restore_own_unacked(worker)
         # Supervised: retried with backoff until the lease store answered for every key.
         self._cleanup_stop = threading.Event()
         supervise(
