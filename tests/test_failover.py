@@ -120,6 +120,12 @@ def publish_all(run: Run, keys: list[str], steps: range, duration: float) -> dic
     return {key: [run.step.delay(key, s, duration) for s in steps] for key in keys}
 
 
+@pytest.mark.xfail(
+    strict=False,
+    raises=AssertionError,  # the invariant's assertion only: a timeout still fails
+    reason="issue 14: on Redis, BRPOP removes a message before the worker has it; a kill "
+    "-9 in that instant loses it, and restored messages can run out of order",
+)
 def test_kill_9_of_a_busy_worker(run: Run) -> None:
     cluster = run.start("f1@sticky-tests", "f2@sticky-tests", "f3@sticky-tests")
     keys = [unique("busy") for _ in range(12)]
@@ -256,6 +262,12 @@ def test_a_frozen_owner_commits_nothing_visible(run: Run, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("run", ["on_handoff"], indirect=True)
+@pytest.mark.xfail(
+    strict=False,
+    raises=AssertionError,  # the invariant's assertion only: a timeout still fails
+    reason="issue 14: a publish that races the drain (the key already claimed by its new "
+    "owner, its queued steps not yet moved) can run before the moved steps",
+)
 def test_sigterm_drain_under_a_stream_of_tasks(run: Run) -> None:
     cluster = run.start("f1@sticky-tests", "f2@sticky-tests", "f3@sticky-tests")
     keys = [unique("stream") for _ in range(15)]
