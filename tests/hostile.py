@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from celery_sticky import testing
 from celery_sticky.testing import WorkerCluster
 from tests.conftest import start_cluster
 
@@ -74,14 +74,8 @@ def dead_ids(app: Celery, prefix: str) -> dict[str, str]:
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
+    """:func:`celery_sticky.testing.wait_for`, naming what it waits for."""
+    return testing.wait_for(condition, timeout, interval=0.1, message=f"waiting for {what}")
 
 
 class HostileRun:

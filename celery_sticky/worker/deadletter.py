@@ -27,7 +27,6 @@ from kombu.message import Message
 
 from .. import metrics
 from ..context import get_config
-from ..producer.queues import ensure_queue
 from ..wire import (
     DEAD_FROM,
     DEAD_REASON,
@@ -36,34 +35,12 @@ from ..wire import (
     dead_letter_queue_name,
     direct_queue,
 )
+from .forwarding import publish_copy
 
 logger = logging.getLogger(__name__)
 
-#: Message properties worth carrying over; the rest belong to the transport.
-_PROPERTIES = ("correlation_id", "reply_to", "priority", "delivery_mode", "expiration")
 #: Longest reason kept in the header.
 _MAX_REASON = 500
-
-
-def _properties(message: Message) -> dict[str, Any]:
-    return {name: message.properties[name] for name in _PROPERTIES if message.properties.get(name)}
-
-
-def _publish(app: Celery, message: Message, headers: dict[str, Any], queue_name: str) -> None:
-    ensure_queue(app, queue_name)
-    queue = direct_queue(queue_name)
-    with app.producer_or_acquire() as producer:
-        producer.publish(
-            message.body,
-            exchange=queue.exchange,
-            routing_key=queue.routing_key,
-            declare=[queue],
-            headers=headers,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            retry=True,
-            **_properties(message),
-        )
 
 
 def dead_letter(app: Celery, message: Message, reason: str, *, source: str, where: str) -> None:
@@ -79,7 +56,7 @@ def dead_letter(app: Celery, message: Message, reason: str, *, source: str, wher
     raw = message.headers if isinstance(message.headers, dict) else {}
     headers = {**raw, DEAD_REASON: reason, DEAD_FROM: source}
     queue = dead_letter_queue_name(get_config(app).queue_prefix)
-    _publish(app, message, headers, queue)
+    publish_copy(app, message, headers, queue)
     if not message.acknowledged:
         message.ack()  # type: ignore[no-untyped-call]
     metrics.dead_lettered.labels(where).inc()
@@ -182,7 +159,7 @@ def requeue_dead(app: Celery, limit: int = 1000) -> tuple[list[DeadLetter], list
                 )
                 message.requeue()  # type: ignore[no-untyped-call]
                 continue
-            _publish(app, message, headers, queue)
+            publish_copy(app, message, headers, queue)
             message.ack()  # type: ignore[no-untyped-call]
             requeued.append(letter)
     return requeued, kept

@@ -61,12 +61,18 @@ def forward(
 
 def republish(app: Celery, message: Message, header: StickyHeader | None, queue_name: str) -> None:
     """Publish ``message`` unchanged (but for its sticky header) to a queue, then ack it."""
-    properties: dict[str, Any] = {
-        name: message.properties[name] for name in _PROPERTIES if message.properties.get(name)
-    }
     headers = dict(message.headers or {})
     if header is not None:
         headers = header.with_headers(headers)
+    publish_copy(app, message, headers, queue_name)
+    message.ack()  # type: ignore[no-untyped-call]
+
+
+def publish_copy(app: Celery, message: Message, headers: dict[str, Any], queue_name: str) -> None:
+    """Publish ``message``'s body with ``headers`` to ``queue_name`` (the original stays)."""
+    properties: dict[str, Any] = {
+        name: message.properties[name] for name in _PROPERTIES if message.properties.get(name)
+    }
     ensure_queue(app, queue_name)
     queue = direct_queue(queue_name)
     with app.producer_or_acquire() as producer:
@@ -81,4 +87,3 @@ def republish(app: Celery, message: Message, header: StickyHeader | None, queue_
             retry=True,
             **properties,
         )
-    message.ack()  # type: ignore[no-untyped-call]
