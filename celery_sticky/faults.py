@@ -1,7 +1,8 @@
 """Named fault points on the execution path, for tests that must hit a window every time.
 
 A random fault schedule hits the window between a worker's ownership check and its
-commit only by luck; a fault point hits it on every run. The execution path calls
+commit (or between taking a message from Redis and delivering it) only by luck; a
+fault point hits it on every run. The execution path calls
 :func:`reach` at a few named places (``FAULT_POINTS``). Nothing happens unless the
 process was started with ``STICKY_TEST_FAULT=<point>:<action>`` in its environment
 (read once, at import), so production pays one dictionary lookup per point.
@@ -30,6 +31,7 @@ import tempfile
 
 #: Where the execution path calls :func:`reach`, in the order a task passes them.
 FAULT_POINTS = (
+    "after_receive",  # worker main process: a BLMOVE answer read, before the delivery
     "after_prove",  # worker main process: ownership proven, before the pool gets the task
     "after_run",  # pool: the task's body returned, before the fence
     "after_fence",  # pool: the fence passed, before the local commit

@@ -148,6 +148,23 @@ def _hook(value: Any) -> str:
     return str(value)
 
 
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+        "0",
+        "false",
+        "no",
+        "off",
+    ):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ValueError("must be True or False")
+
+
 def _choice(*choices: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         if value not in choices:
@@ -392,6 +409,19 @@ SETTINGS: tuple[Setting, ...] = (
         "lease store does not answer (the backoff starts at 0.1 s and doubles).",
         _positive_float,
     ),
+    Setting(
+        "reliable_delivery",
+        True,
+        "On a Redis broker, take each task of a worker's direct queue with `BLMOVE` into an "
+        "in-flight list of that worker, removed by the acknowledgement, instead of kombu's "
+        "`BRPOP` (which removes a message before the worker has it: a worker killed in that "
+        "instant loses it). A restarted worker, the reaper of a dead one and the drain put "
+        "the in-flight list back at the head of the queue first. Direct queues then ignore "
+        "message priorities. Off: kombu's `BRPOP` for every queue. Ignored on other brokers "
+        "(RabbitMQ requeues what a dead connection had not acknowledged). See "
+        "docs/failure-modes.md.",
+        _bool,
+    ),
 )
 
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -433,6 +463,7 @@ class StickyConfig:
     metrics_port: int | None
     metrics_address: str
     proof_retry_max: float
+    reliable_delivery: bool
     #: Newest first; empty when none is configured. Not shown in the repr.
     secret: tuple[str, ...] = field(default=(), repr=False)
 

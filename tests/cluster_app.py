@@ -51,14 +51,23 @@ def make_app(prefix: str | None = None, **settings: Any) -> Celery:
         sticky_metrics_address="127.0.0.1",
         sticky_max_keys_per_worker=int(os.environ.get("STICKY_TEST_MAX_KEYS") or 0) or None,
     )
+    transport_options: dict[str, Any] = {}
     visibility = _float_env("STICKY_TEST_VISIBILITY_TIMEOUT")
     if visibility is not None:
         # kombu sweeps for expired unacked messages every interval x throttle seconds.
-        app.conf.broker_transport_options = {
-            "visibility_timeout": visibility,
-            "unacked_restore_interval": 1,
-            "unacked_restore_throttle": 1,
-        }
+        transport_options.update(
+            visibility_timeout=visibility, unacked_restore_interval=1, unacked_restore_throttle=1
+        )
+    polling = _float_env("STICKY_TEST_POLLING_INTERVAL")
+    if polling is not None:
+        # On Redis: how long a worker's BRPOP/BLMOVE waits before it is sent again.
+        transport_options["polling_interval"] = polling
+    client_name = os.environ.get("STICKY_TEST_CLIENT_NAME")
+    if client_name:
+        # CLIENT SETNAME of the broker connections: a test finds this worker's clients.
+        transport_options["client_name"] = client_name
+    if transport_options:
+        app.conf.broker_transport_options = transport_options
     if broker.startswith("amqp"):
         # A frozen worker's prefetched tasks return when RabbitMQ drops its
         # connection: after two missed heartbeats.

@@ -76,6 +76,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
                 f"{prefix}*",
                 f"_kombu.binding.{prefix}*",
                 f"_kombu.binding_permanent.{prefix}*",
+                f"_sticky.inflight.{prefix}*",
             )
             for pattern in patterns:
                 for name in client.scan_iter(pattern, count=1000):

@@ -29,7 +29,10 @@ WORKER_STEPS = (
     "celery_sticky.worker.bootsteps.passivation:PassivationStep",
     "celery_sticky.worker.bootsteps.metrics:MetricsStep",
 )
-CONSUMER_STEPS = ("celery_sticky.worker.bootsteps.gate:StickyConsumer",)
+CONSUMER_STEPS = (
+    "celery_sticky.worker.bootsteps.gate:StickyConsumer",
+    "celery_sticky.worker.bootsteps.delivery:ReliableDelivery",
+)
 
 
 def install(app: Celery) -> None:

@@ -31,6 +31,7 @@ from ..placement import affinity_queue_name, fallback_policy
 from ..producer.queues import queue_size
 from ..wire import StickyHeader, direct_queue
 from .deadletter import dead_letter
+from .delivery import inflight_key, is_redis_channel, restore_inflight
 from .forwarding import republish
 from .supervise import supervise
 
@@ -42,10 +43,17 @@ RETIRE_AFTER = 60.0
 
 
 def restore_unacked(channel: Any, queue: str) -> int:
-    """Put a queue's unacknowledged Redis messages back at its head, oldest first."""
+    """Put a queue's unacknowledged Redis messages back at its head, oldest first.
+
+    First its in-flight list (reliable delivery, :mod:`.delivery`: one atomic step),
+    then what kombu's unacked hash holds for it (delivered with ``BRPOP``: reliable
+    delivery off, or before it was on), which ends at the very head. A message is in
+    one of the two, never both, so none is restored twice.
+    """
     qos = getattr(channel, "qos", None)
     if qos is None or not hasattr(qos, "restore_by_tag"):
         return 0  # not Redis: the broker requeues them itself
+    restored = restore_inflight(channel, queue)
     client = channel.client
     found = []
     for tag, raw in client.hscan_iter(channel.unacked_key):
@@ -60,7 +68,7 @@ def restore_unacked(channel: Any, queue: str) -> int:
     # rightmost, to be taken first.
     for _score, tag in sorted(found, reverse=True):
         qos.restore_by_tag(tag, client, leftmost=False)
-    return len(found)
+    return restored + len(found)
 
 
 def take_all(channel: Any, queue: str) -> list[Message]:
@@ -167,8 +175,9 @@ def reap(app: Celery, store: LeaseStore, node: str, reaped_at: float | None = No
 
     The first time (``reaped_at`` None) this restores its unacknowledged messages,
     moves its queue, marks it reaped and moves what arrived meanwhile. Later passes
-    only move stragglers (tasks published under a lease looked up just before), and
-    forget the worker ``RETIRE_AFTER`` seconds after it was reaped.
+    only move stragglers (tasks published under a lease looked up just before, and
+    what a paused worker's last ``BLMOVE`` took into its in-flight list after the
+    first pass), and forget the worker ``RETIRE_AFTER`` seconds after it was reaped.
     """
     queue = store.config.direct_queue_name(node)
     if reaped_at is None:
@@ -180,12 +189,21 @@ def reap(app: Celery, store: LeaseStore, node: str, reaped_at: float | None = No
         time.sleep(0.1)  # publishes that looked the lease up before it was marked
         moved += move_queue(app, store, queue, restore=False)
     else:
-        moved = move_queue(app, store, queue, restore=False) if queue_size(app, queue) else 0
+        with app.connection_for_write() as connection:
+            restored = restore_inflight(connection.default_channel, queue)
+        moved = (
+            move_queue(app, store, queue, restore=False)
+            if restored or queue_size(app, queue)
+            else 0
+        )
     if moved:
         logger.info("sticky: moved %d task(s) from dead worker %s", moved, node)
     if store.server_time() - reaped_at > RETIRE_AFTER:  # both by the server's clock
         with app.connection_for_write() as connection:
-            direct_queue(queue).bind(connection.default_channel).delete()  # type: ignore[no-untyped-call]
+            channel = connection.default_channel
+            direct_queue(queue).bind(channel).delete()  # type: ignore[no-untyped-call]
+            if is_redis_channel(channel) and not channel.global_keyprefix:
+                channel.client.delete(inflight_key(queue))  # empty: restored just above
         store.forget_worker(node)
         logger.info("sticky: forgot dead worker %s and deleted its queue", node)
     return moved

@@ -170,11 +170,13 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         """Give back what a crashed earlier run of this node had taken (Redis only).
 
         A node restarted under its name after a crash finds the messages its
-        previous process had prefetched still marked unacknowledged; Redis would
-        return them only after ``visibility_timeout`` (an hour by default). This
-        node is their consumer, so it puts them back at the head of its queue, in
-        delivery order, before it starts consuming. RabbitMQ returned them when the
-        old connection closed.
+        previous process had taken still in its in-flight list (reliable delivery,
+        :mod:`celery_sticky.worker.delivery`), or marked unacknowledged in kombu's
+        hash (delivered with ``BRPOP``), where Redis would return them only after
+        ``visibility_timeout`` (an hour by default). This node is their consumer, so
+        it puts them back at the head of its queue, in delivery order, before it
+        starts consuming (this step runs before the consumer starts). RabbitMQ
+        returned them when the old connection closed.
         """
         try:
             with worker.app.connection_for_write() as connection:
