@@ -227,3 +227,39 @@ def test_held_tasks_give_their_prefetch_slot_back(run: Run) -> None:
     other_run = next(e for e in run.runs(other) if e["step"] == 1)
     assert other_run["start"] < first_busy["end"], "the other key waited for the busy one"
     assert takes_with_blmove(cluster, VICTIM)
+
+
+def test_a_broker_reconnect_gives_held_messages_back_in_order(run: Run) -> None:
+    """The broker connection is cut while a key's step runs and its next steps wait in
+    the gate; new connections are refused for a while, so the closing channel cannot
+    give them back then. Once the broker answers again, they come back (at the head of
+    the queue, in delivery order) and each step runs once, in order."""
+    from celery_sticky.testing import TcpProxy
+
+    redis_url = os.environ["STICKY_TEST_REDIS_URL"]
+    with TcpProxy.to(redis_url) as proxy:
+        cluster = run.start(VICTIM, STICKY_TEST_BROKER_URL=proxy.url(redis_url))
+        key = unique("reconnect")
+        run.step.delay(key, 0, 0.0).get(timeout=30)
+        results = [run.step.delay(key, step, 2.0 if step == 1 else 0.0) for step in range(1, 6)]
+        queue = direct_queue(run, VICTIM)
+        wait_for(
+            lambda: (
+                f"[{results[0].id}] received" in cluster.workers[VICTIM].log()
+                and run.app.backend.client.llen(queue) == 0
+            ),
+            timeout=30,
+            message="the worker never took the steps (step 1 running, the others held)",
+        )
+        proxy.cut()
+        wait_for(
+            lambda: "Connection to broker lost" in cluster.workers[VICTIM].log(),
+            timeout=30,
+            message="the worker never saw the broker go",
+        )
+        proxy.restore()
+        try:
+            assert results[-1].get(timeout=60) == [0, 1, 2, 3, 4, 5]
+            assert_once_in_order(run, key, 6)
+        finally:
+            cluster.stop_all()  # while its broker still answers through the proxy
