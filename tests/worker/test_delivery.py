@@ -74,6 +74,24 @@ def direct_queue(run: Run, name: str) -> str:
     return f"{run.prefix}.{name}"
 
 
+def inflight(run: Run, name: str) -> str:
+    """The worker's in-flight list (``celery_sticky.worker.delivery.inflight_key``)."""
+    return f"_sticky.inflight.{direct_queue(run, name)}"
+
+
+def in_kombu_unacked(client: redis.Redis, queue: str) -> int:
+    """Messages of ``queue`` recorded in kombu's unacked hash."""
+    return sum(1 for _tag, raw in client.hscan_iter("unacked") if queue in str(raw))
+
+
+def wait_all_acknowledged(run: Run, client: redis.Redis, name: str) -> None:
+    wait_for(
+        lambda: client.llen(inflight(run, name)) == 0,
+        timeout=10,
+        message=f"{name}'s in-flight list is not emptied by the acknowledgements",
+    )
+
+
 def freeze_while_its_pop_waits(
     run: Run, cluster: WorkerCluster, name: str, client: redis.Redis
 ) -> None:
@@ -110,7 +128,9 @@ def publish_into_the_socket(run: Run, name: str, client: redis.Redis, key: str, 
 
 
 @pytest.mark.parametrize("then", ["restart", "reaper"])
-def test_kill_9_after_receive(run: Run, tmp_path: Path, then: str) -> None:
+def test_kill_9_after_receive(
+    run: Run, tmp_path: Path, redis_client: redis.Redis, then: str
+) -> None:
     """The worker's group dies right after BLMOVE's answer was read (fault point
     ``after_receive:kill``): the message runs once, after a restart under the same
     name or on the worker whose reaper moved the dead worker's queue."""
@@ -123,6 +143,11 @@ def test_kill_9_after_receive(run: Run, tmp_path: Path, then: str) -> None:
     wait_for(marker.exists, timeout=30, message="the worker never received the message")
     cluster.reap(VICTIM)  # its group killed itself: collect it
     assert step_counts(run, key)[0] == 0
+    # Taken: only in the dead worker's in-flight list (not in kombu's unacked hash too,
+    # which would restore it a second time).
+    assert redis_client.llen(direct_queue(run, VICTIM)) == 0
+    assert redis_client.llen(inflight(run, VICTIM)) == 1
+    assert in_kombu_unacked(redis_client, direct_queue(run, VICTIM)) == 0
     if then == "restart":
         cluster.restart(VICTIM)  # the marker exists: the fault point does not fire again
     else:
@@ -133,6 +158,8 @@ def test_kill_9_after_receive(run: Run, tmp_path: Path, then: str) -> None:
     assert_once_in_order(run, key, 3)
     expected = VICTIM if then == "restart" else OTHER
     assert {e["node"] for e in run.runs(key)} == {expected}
+    wait_all_acknowledged(run, redis_client, expected)
+    assert redis_client.llen(inflight(run, VICTIM)) == 0
 
 
 @pytest.mark.parametrize("then", ["restart", "reaper"])
@@ -158,6 +185,7 @@ def test_kill_9_with_a_message_in_the_socket(
     last.get(timeout=60)
     assert_once_in_order(run, key, 3)
     assert in_socket.get(timeout=5) == [0, 1]
+    wait_all_acknowledged(run, redis_client, VICTIM if then == "restart" else OTHER)
 
 
 def test_sigstop_with_a_message_in_the_socket(run: Run, redis_client: redis.Redis) -> None:
