@@ -37,6 +37,7 @@ from .producer import admin
 from .producer.install import install
 from .producer.queues import queued_keys
 from .producer.rebalance import affinity_lookup, plan_rebalance
+from .wire import inflight_key
 
 # Imported with this plugin (Celery loads it at start): `celery inspect` and
 # `celery control` then know sticky_key_info and sticky_drain too.
@@ -228,11 +229,39 @@ def sticky() -> None:
 # -- status ----------------------------------------------------------------------
 
 
-def _queue_depths(app: Celery, queues: Sequence[str]) -> dict[str, int | None]:
-    """Messages waiting in each queue (not those a worker prefetched); None: unknown."""
+def _queue_depths(
+    app: Celery, queues: Sequence[str]
+) -> tuple[dict[str, int | None], dict[str, int | None]]:
+    """Messages waiting in each queue (not those a worker prefetched), and on a Redis
+    broker those in each queue's in-flight list; None: unknown."""
     depths: dict[str, int | None] = dict.fromkeys(queues)
+    in_flight: dict[str, int | None] = dict.fromkeys(queues)
     if not queues:
-        return depths
+        return depths, in_flight
+    try:
+        with _broker(app) as connection:
+            channel = connection.channel()
+            try:
+                for queue in queues:
+                    try:
+                        depths[queue] = int(
+                            channel.queue_declare(queue=queue, passive=True).message_count
+                        )
+                    except connection.channel_errors:
+                        depths[queue] = 0  # never declared, or emptied and gone (Redis)
+                        with contextlib.suppress(Exception):
+                            channel.close()
+                        channel = connection.channel()
+                client = getattr(channel, "client", None)
+                if client is not None and hasattr(channel, "_q_for_pri"):  # Redis
+                    for queue in queues:
+                        in_flight[queue] = int(client.llen(inflight_key(queue)))
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+    except CommandError as exc:
+        click.echo(f"warning: queue depths unknown: {exc.message}", err=True)
+    return depths, in_flight
     try:
         with _broker(app) as connection:
             channel = connection.channel()
@@ -264,12 +293,14 @@ def status(ctx: click.Context, as_json: bool) -> None:
     Every worker in the lease store's registry: alive, draining (alive, handing its
     keys over), dead (waiting for a reaper) or reaped; the keys it owns; the
     messages waiting in its direct queue (not those it prefetched); the age of its
-    last heartbeat (Redis server clock).
+    last heartbeat (Redis server clock). ``--json`` adds ``in_flight``: on a Redis
+    broker, the messages it took from its direct queue and has not acknowledged
+    (its in-flight list; a dead worker's go back to its queue when it is reaped).
     """
     store = _store(ctx)
     workers = store.workers()
     now = _server_time(store)
-    depths = _queue_depths(_app(ctx), [w.queue for w in workers if w.queue])
+    depths, in_flight = _queue_depths(_app(ctx), [w.queue for w in workers if w.queue])
     rows: list[dict[str, Any]] = []
     for w in workers:
         age = now - w.heartbeat if w.heartbeat > 0 else None
@@ -285,6 +316,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
                 "tags": w.tags,
                 "queue": w.queue,
                 "queue_depth": depths.get(w.queue),
+                "in_flight": in_flight.get(w.queue),
                 "heartbeat_age": None if age is None else round(age, 3),
             }
         )

@@ -63,6 +63,17 @@ def check_task_body(body: Any) -> tuple[Any, Any, Any]:
     return args, kwargs, embed
 
 
+#: Name of a direct queue's in-flight list on a Redis broker: this prefix, then the
+#: queue's name (see :mod:`celery_sticky.worker.delivery`).
+INFLIGHT_PREFIX = "_sticky.inflight."
+
+
+def inflight_key(queue: str) -> str:
+    """The in-flight list of direct queue ``queue`` (in the broker's Redis): what its
+    worker took with ``BLMOVE`` and has not acknowledged yet."""
+    return INFLIGHT_PREFIX + queue
+
+
 def dead_letter_queue_name(queue_prefix: str) -> str:
     """The queue where messages that cannot be handled wait for an operator."""
     return f"{queue_prefix}.dead"

@@ -86,6 +86,7 @@ from kombu.utils.json import loads as _loads
 
 from .. import faults
 from ..settings import StickyConfig
+from ..wire import inflight_key
 
 logger = logging.getLogger(__name__)
 
@@ -96,16 +97,8 @@ VirtualQoS: Any = _VirtualQoS
 loads: Any = _loads
 bytes_to_str: Any = _bytes_to_str
 
-#: Name of a direct queue's in-flight list: this prefix, then the queue's name.
-INFLIGHT_PREFIX = "_sticky.inflight."
-
 #: Seconds between two moves of a direct queue's priority sub-lists onto the queue.
 FOLD_INTERVAL = 1.0
-
-
-def inflight_key(queue: str) -> str:
-    """The in-flight list of direct queue ``queue`` (in the broker's Redis)."""
-    return INFLIGHT_PREFIX + queue
 
 
 @cache

@@ -29,9 +29,9 @@ from ..errors import InvalidHeaderError
 from ..lease import ClaimStatus, LeaseStore
 from ..placement import affinity_queue_name, fallback_policy
 from ..producer.queues import queue_size
-from ..wire import StickyHeader, direct_queue
+from ..wire import StickyHeader, direct_queue, inflight_key
 from .deadletter import dead_letter
-from .delivery import inflight_key, is_redis_channel, restore_inflight
+from .delivery import is_redis_channel, restore_inflight
 from .forwarding import republish
 from .supervise import supervise
 

@@ -27,6 +27,7 @@ import redis
 from celery_sticky.context import lease_store
 from celery_sticky.testing import WorkerCluster, wait_for
 from tests.conftest import unique, wait_settled
+from tests.test_cli import cli_json
 from tests.test_failover import Run
 
 pytestmark = pytest.mark.skipif(
@@ -148,6 +149,8 @@ def test_kill_9_after_receive(
     assert redis_client.llen(direct_queue(run, VICTIM)) == 0
     assert redis_client.llen(inflight(run, VICTIM)) == 1
     assert in_kombu_unacked(redis_client, direct_queue(run, VICTIM)) == 0
+    status = {w["worker"]: w for w in cli_json("status", env=run.env)["workers"]}
+    assert status[VICTIM]["in_flight"] == 1, "celery sticky status shows it in flight"
     if then == "restart":
         cluster.restart(VICTIM)  # the marker exists: the fault point does not fire again
     else:
