@@ -60,6 +60,10 @@ queue's tail (``fold_priorities.lua``), so such a message is late, never strande
 (``worker_prefetch_multiplier`` x concurrency) unacknowledged messages, and follows
 every change Celery and the gate make to it (``qos.increment_eventually`` for held
 and ETA tasks, ``decrement_eventually`` when they run): see :func:`share_prefetch`.
+Each of the worker's two channels has that budget: the direct queue's messages are
+nobody else's to take, so this takes nothing from other workers, and the shared
+queue's prefetch is as before. Celery's ``worker_disable_prefetch`` (a patch of the
+task consumer's channel) does not reach the direct queue's channel.
 
 **Fault point.** ``after_receive`` (:mod:`celery_sticky.faults`) is reached right
 after a ``BLMOVE`` answer is read, before the message is delivered.
