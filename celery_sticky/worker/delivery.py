@@ -174,8 +174,14 @@ class ReliableQoS(_RedisQoS):  # type: ignore[misc]
         if raw is None:
             super().ack(delivery_tag)
             return
-        with self.channel.conn_or_acquire() as client:
-            client.lrem(self.channel.inflight, -1, raw)
+        try:
+            with self.channel.conn_or_acquire() as client:
+                client.lrem(self.channel.inflight, -1, raw)
+        except Exception:
+            # Still in flight: given back when the channel closes (a reconnect), to
+            # run again as a copy the gate or the applied records recognise.
+            self.channel.retake(delivery_tag, raw)
+            raise
         VirtualQoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
@@ -255,6 +261,10 @@ class ReliableChannel(_RedisChannel):  # type: ignore[misc]
             if not raws:
                 del self._taken[tag]
             return raw
+
+    def retake(self, tag: str, raw: bytes) -> None:
+        with self._taken_lock:
+            self._taken.setdefault(tag, []).append(raw)
 
     def release_all(self, tag: str) -> list[bytes]:
         with self._taken_lock:
