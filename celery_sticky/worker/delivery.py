@@ -169,14 +169,22 @@ class ReliableQoS(_RedisQoS):  # type: ignore[misc]
         else:
             super().append(message, delivery_tag)
 
+    def _not_taken(self) -> bool:
+        """For a tag this channel holds no taken message of: True when kombu's own
+        bookkeeping applies, False when the channel closed (what it took was given
+        back, and kombu's path would need the connection the close let go)."""
+        return not (self.channel.closed or self.channel.connection is None)
+
     def ack(self, delivery_tag: str) -> None:
         raw = self.channel.release(delivery_tag)
         if raw is None:
-            super().ack(delivery_tag)
+            if self._not_taken():
+                super().ack(delivery_tag)
+            else:
+                VirtualQoS.ack(self, delivery_tag)
             return
         try:
-            with self.channel.conn_or_acquire() as client:
-                client.lrem(self.channel.inflight, -1, raw)
+            self.channel.control.lrem(self.channel.inflight, -1, raw)
         except Exception:
             # Still in flight: given back when the channel closes (a reconnect), to
             # run again as a copy the gate or the applied records recognise.
@@ -187,13 +195,19 @@ class ReliableQoS(_RedisQoS):  # type: ignore[misc]
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         raw = self.channel.release(delivery_tag)
         if raw is None:
-            super().reject(delivery_tag, requeue=requeue)
+            if self._not_taken():
+                super().reject(delivery_tag, requeue=requeue)
+            else:
+                VirtualQoS.ack(self, delivery_tag)
             return
-        if requeue:
-            self.channel.requeue([raw])
-        else:
-            with self.channel.conn_or_acquire() as client:
-                client.lrem(self.channel.inflight, -1, raw)
+        try:
+            if requeue:
+                self.channel.requeue([raw])
+            else:
+                self.channel.control.lrem(self.channel.inflight, -1, raw)
+        except Exception:
+            self.channel.retake(delivery_tag, raw)
+            raise
         VirtualQoS.ack(self, delivery_tag)
 
     def restore_unacked(self, client: Any = None) -> None:
@@ -245,6 +259,9 @@ class ReliableChannel(_RedisChannel):  # type: ignore[misc]
         self._taken_lock = threading.Lock()
         #: Messages this channel could not give back when it closed, newest first.
         self.unreturned: list[bytes] = []
+        #: A client for acknowledgements and give-backs (thread-safe: a pool). It keeps
+        #: the pool after the channel closed, when late acknowledgements still come.
+        self.control: Any = self._create_client()
 
     # -- bookkeeping of taken messages (acks may come from other threads) ---------
 
@@ -273,10 +290,9 @@ class ReliableChannel(_RedisChannel):  # type: ignore[misc]
     def requeue(self, raws: list[bytes]) -> int:
         """Messages still in flight back to the queue's head (``raws`` newest first)."""
         assert self.reliable_queue is not None
-        with self.conn_or_acquire() as client:
-            return _run_script(
-                client, "requeue_inflight", [self.reliable_queue, self.inflight], list(raws)
-            )
+        return _run_script(
+            self.control, "requeue_inflight", [self.reliable_queue, self.inflight], list(raws)
+        )
 
     # -- the blocking take ---------------------------------------------------------
 
@@ -334,8 +350,7 @@ class ReliableChannel(_RedisChannel):  # type: ignore[misc]
             logger.error(
                 "sticky: dropped an unreadable message from %s: %r", queue, bytes(item[:500])
             )
-            with self.conn_or_acquire() as client:
-                client.lrem(self.inflight, -1, item)
+            self.control.lrem(self.inflight, -1, item)
             raise Empty() from None
         if queue not in self.connection._callbacks:
             self.requeue([item])  # cancelled while BLMOVE waited: back to the head
@@ -355,8 +370,7 @@ class ReliableChannel(_RedisChannel):  # type: ignore[misc]
         if not subs:
             return
         try:
-            with self.conn_or_acquire() as client:
-                moved = _run_script(client, "fold_priorities", [queue, *subs])
+            moved = _run_script(self.control, "fold_priorities", [queue, *subs])
         except self.ResponseError:
             logger.warning("sticky: could not fold the priorities of %s", queue, exc_info=True)
             return

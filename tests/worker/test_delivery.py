@@ -264,7 +264,9 @@ def test_a_broker_reconnect_gives_held_messages_back_in_order(run: Run) -> None:
     """The broker connection is cut while a key's step runs and its next steps wait in
     the gate; new connections are refused for a while, so the closing channel cannot
     give them back then. Once the broker answers again, they come back (at the head of
-    the queue, in delivery order) and each step runs once, in order."""
+    the queue, in delivery order) and each step runs once, in order. The running step
+    ends after the reconnect: its late acknowledgement on the closed channel must not
+    stop the worker."""
     from celery_sticky.testing import TcpProxy
 
     redis_url = os.environ["STICKY_TEST_REDIS_URL"]
@@ -272,7 +274,7 @@ def test_a_broker_reconnect_gives_held_messages_back_in_order(run: Run) -> None:
         cluster = run.start(VICTIM, STICKY_TEST_BROKER_URL=proxy.url(redis_url))
         key = unique("reconnect")
         run.step.delay(key, 0, 0.0).get(timeout=30)
-        results = [run.step.delay(key, step, 2.0 if step == 1 else 0.0) for step in range(1, 6)]
+        results = [run.step.delay(key, step, 5.0 if step == 1 else 0.0) for step in range(1, 6)]
         queue = direct_queue(run, VICTIM)
         wait_for(
             lambda: (
