@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any
 
 import pytest
 
+from celery_sticky.context import get_config, lease_store
+from celery_sticky.testing.cluster import wait_for
 from tests.conftest import start_cluster, unique
 from tests.invariants import by_key, violations
 
@@ -120,3 +124,81 @@ def test_two_copies_of_a_task_id_run_once(sticky_app: Any, cluster: Any, events:
     last = task.delay(key, 3, 0.01).get(timeout=30)
     assert last == [0, 1, 2, 3]
     assert [e["step"] for e in events(key)] == [0, 1, 2, 3]
+
+
+# -- order by sequence number ------------------------------------------------------
+
+
+def _numbered(key: str, stream: str, seq: int) -> dict[str, Any]:
+    """Headers of a message numbered ``seq`` in producer ``stream`` (the router keeps them)."""
+    # Written out (workflow, key, epoch, hops, sent, affinity, stream, seq): what
+    # StickyHeader("key", key, 0, 0, 0, "", stream, seq).encode() gives.
+    return {"sticky": ["key", key, 0, 0, 0, "", stream, seq]}
+
+
+def _owner_queue(app: Any, key: str) -> str:
+    lease = lease_store(app).lookup("key", key)
+    assert lease is not None
+    return get_config(app).direct_queue_name(lease.owner)
+
+
+def test_a_late_message_runs_in_its_producers_order(
+    cluster: Any, sticky_app: Any, redis_client: Any
+) -> None:
+    """Numbers 2 and 3 reach the owner before 1 (a forwarded or restored message is
+    late): they wait for it, and the key applies 1, 2, 3."""
+    task = sticky_app.tasks["tests.cluster_app.record_step"]
+    key, stream = unique("late"), f"test.{uuid.uuid4().hex[:8]}"
+    second = task.apply_async((key, 2), headers=_numbered(key, stream, 2))
+    third = task.apply_async((key, 3), headers=_numbered(key, stream, 3))
+    queue = _owner_queue(sticky_app, key)
+    wait_for(lambda: redis_client.llen(queue) == 0, message=f"{queue} was not consumed")
+    first = task.apply_async((key, 1), headers=_numbered(key, stream, 1))
+    assert third.get(timeout=60) == [1, 2, 3]
+    assert second.get(timeout=10) == [1, 2]
+    assert first.get(timeout=10) == [1]
+
+
+def test_a_retry_keeps_its_place_and_a_countdown_task_runs_when_due(
+    cluster: Any, sticky_app: Any, events: Any
+) -> None:
+    """A step that asks for a retry (countdown 1 s) runs before the key's later steps;
+    a countdown task does not hold the later steps back."""
+    record_step = sticky_app.tasks["tests.cluster_app.record_step"]
+    retry_step = sticky_app.tasks["tests.cluster_app.retry_step"]
+    key = unique("retry")
+    record_step.delay(key, 0).get(timeout=30)
+    retried = retry_step.delay(key, 1, 1.0)
+    after = record_step.delay(key, 2)
+    assert after.get(timeout=60) == [0, 1, 2]
+    assert retried.get(timeout=10) == [0, 1]
+
+    other = unique("countdown")
+    record_step.delay(other, 0).get(timeout=30)
+    later = record_step.apply_async((other, 1), countdown=3)
+    assert record_step.delay(other, 2).get(timeout=60) == [0, 2], "it did not wait for the ETA"
+    assert later.get(timeout=30) == [0, 2, 1]
+
+
+def test_a_missing_number_is_waited_for_then_reported(
+    sticky_app: Any, prefix: str, redis_client: Any
+) -> None:
+    """Number 2 never comes: 3 waits ``sticky_gap_timeout`` (2 s here), then runs, and the
+    worker reports the gap (ERROR log naming the key and the number)."""
+    from tests.cluster_app import make_app
+
+    sub = f"{prefix}gap"
+    app = make_app(sub)
+    app.finalize()
+    task = app.tasks["tests.cluster_app.record_step"]
+    env = {"STICKY_TEST_PREFIX": sub, "STICKY_TEST_GAP_TIMEOUT": "2"}
+    name = "gap1@sticky-tests"
+    with start_cluster(app, {name: {"queues": [f"{sub}.default"]}}, env=env) as workers:
+        key, stream = unique("gap"), f"test.{uuid.uuid4().hex[:8]}"
+        assert task.apply_async((key, 1), headers=_numbered(key, stream, 1)).get(timeout=30) == [1]
+        sent = time.monotonic()
+        third = task.apply_async((key, 3), headers=_numbered(key, stream, 3))
+        assert third.get(timeout=60) == [1, 3]
+        assert time.monotonic() - sent >= 2.0, "number 3 did not wait for the missing 2"
+        log = workers.workers[name].log()
+        assert f"gap in key:{key}: message(s) 2 of producer stream {stream}" in log, log[-3000:]

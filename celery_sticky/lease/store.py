@@ -9,6 +9,7 @@ writes are listed in :mod:`celery_sticky.lease`.
 from __future__ import annotations
 
 import enum
+import json
 import os
 import random
 import re
@@ -189,15 +190,46 @@ class LeaseStore:
         )
         return Lease(owner, int(epoch), ClaimStatus(int(status)), previous, over_limit == "1")
 
-    def release(self, workflow: str, key: str, owner: str = "", epoch: int = 0) -> bool:
+    def release(
+        self,
+        workflow: str,
+        key: str,
+        owner: str = "",
+        epoch: int = 0,
+        ended: dict[str, int] | None = None,
+    ) -> bool:
         """Drop a lease (only ``owner``'s, under ``epoch``, when given); the next task
-        claims afresh."""
+        claims afresh. ``ended``: the workflow ended, and this is the key's record of
+        applied producer numbers, kept for ``sticky_finished_dedup_ttl`` seconds
+        (:meth:`ended_streams`)."""
         released = self._call(
             self._release,
-            keys=[self.lease_key(workflow, key)],
-            args=[self.prefix, f"{workflow}:{key}", owner, str(epoch) if epoch else ""],
+            keys=[self.lease_key(workflow, key), self.ended_key(workflow, key)],
+            args=[
+                self.prefix,
+                f"{workflow}:{key}",
+                owner,
+                str(epoch) if epoch else "",
+                json.dumps(ended, separators=(",", ":")) if ended else "",
+                max(1, int(self.config.finished_dedup_ttl)),
+            ],
         )
         return bool(released)
+
+    def ended_key(self, workflow: str, key: str) -> str:
+        return f"{self.prefix}ended:{workflow}:{key}"
+
+    def ended_streams(self, workflow: str, key: str) -> dict[str, Any] | None:
+        """The record of applied producer numbers the key's ended workflow left, or None
+        (validated by the caller: bytes from Redis)."""
+        raw = self.guard(lambda: self.redis.get(self.ended_key(workflow, key)))
+        if not raw:
+            return None
+        try:
+            found = json.loads(raw)
+        except ValueError:
+            return None
+        return found if isinstance(found, dict) else None
 
     def copy_pointer_key(self, workflow: str, key: str) -> str:
         return f"{self.prefix}copy:{workflow}:{key}"
