@@ -202,3 +202,23 @@ def test_a_missing_number_is_waited_for_then_reported(
         assert time.monotonic() - sent >= 2.0, "number 3 did not wait for the missing 2"
         log = workers.workers[name].log()
         assert f"gap in key:{key}: message(s) 2 of producer stream {stream}" in log, log[-3000:]
+
+
+def test_first_come_with_two_workers_keeps_each_keys_order(
+    sticky_app: Any, prefix: str, redis_client: Any
+) -> None:
+    """Under ``first_come`` both workers take a new key's first steps from the shared
+    queue: one claims the key, the other forwards what it took, which arrives behind
+    later steps. The owner still applies every key's steps in publish order."""
+    from tests.cluster_app import make_app
+
+    sub = f"{prefix}fc"
+    app = make_app(sub, sticky_placement="first_come")
+    app.finalize()
+    env = {"STICKY_TEST_PREFIX": sub, "STICKY_TEST_PLACEMENT": "first_come"}
+    specs = {f"fc{i}@sticky-tests": {"queues": [f"{sub}.default"]} for i in (1, 2)}
+    keys = [unique("fc") for _ in range(20)]
+    with start_cluster(app, specs, env=env):
+        final = run_workflows(app, keys, back_to_back=set(keys), steps=STEPS, duration=0.0)
+    disordered = {key: state for key, state in final.items() if state != list(range(STEPS))}
+    assert not disordered, disordered

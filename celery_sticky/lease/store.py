@@ -222,14 +222,7 @@ class LeaseStore:
     def ended_streams(self, workflow: str, key: str) -> dict[str, Any] | None:
         """The record of applied producer numbers the key's ended workflow left, or None
         (validated by the caller: bytes from Redis)."""
-        raw = self.guard(lambda: self.redis.get(self.ended_key(workflow, key)))
-        if not raw:
-            return None
-        try:
-            found = json.loads(raw)
-        except ValueError:
-            return None
-        return found if isinstance(found, dict) else None
+        return self._json_at(self.ended_key(workflow, key))
 
     def copy_pointer_key(self, workflow: str, key: str) -> str:
         return f"{self.prefix}copy:{workflow}:{key}"
@@ -249,10 +242,13 @@ class LeaseStore:
         version_key: str,
         *,
         fenced: bool = True,
+        streams: dict[str, int] | None = None,
     ) -> tuple[bool, str]:
         """Make ``version`` the key's copy (``""``: retire it) if ``writer`` still holds the
-        key live under ``epoch`` (copy_switch.lua). Returns ``(switched, previous version)``.
-        ``fenced=False`` skips the check: only the nemesis checker's broken build does."""
+        key live under ``epoch`` (copy_switch.lua), with the copy's record of applied
+        producer numbers (``streams``, see :meth:`copy_streams`). Returns ``(switched,
+        previous version)``. ``fenced=False`` skips the check: only the nemesis
+        checker's broken build does."""
         switched, previous = self._call(
             self._copy_switch,
             keys=[
@@ -260,10 +256,36 @@ class LeaseStore:
                 self.workers_key,
                 self.copy_pointer_key(workflow, key),
                 version_key,
+                self.copy_streams_key(workflow, key),
             ],
-            args=[self.config.lease_ttl, writer, epoch, version, "1" if fenced else "0"],
+            args=[
+                self.config.lease_ttl,
+                writer,
+                epoch,
+                version,
+                "1" if fenced else "0",
+                json.dumps(streams, separators=(",", ":")) if streams is not None else "",
+            ],
         )
         return bool(int(switched)), str(previous)
+
+    def copy_streams_key(self, workflow: str, key: str) -> str:
+        return f"{self.prefix}copyseq:{workflow}:{key}"
+
+    def copy_streams(self, workflow: str, key: str) -> dict[str, Any] | None:
+        """The record of applied producer numbers of the key's copy, or None (validated by
+        the caller: bytes from Redis)."""
+        return self._json_at(self.copy_streams_key(workflow, key))
+
+    def _json_at(self, name: str) -> dict[str, Any] | None:
+        raw = self.guard(lambda: self.redis.get(name))
+        if not raw:
+            return None
+        try:
+            found = json.loads(raw)
+        except ValueError:
+            return None
+        return found if isinstance(found, dict) else None
 
     def heartbeat(
         self,

@@ -192,7 +192,9 @@ class KeyGate:
             if len(queue) > 1:
                 entry.held = True
                 self._qos("increment_eventually")
-                return
+                if queue[0].started:
+                    return
+                # The line waits for a missing number: this may be it.
         self._run_head(key)
 
     def launch(self, request: Any) -> None:
@@ -374,6 +376,12 @@ class KeyGate:
                 for e in queue
                 if e.seq
             ]
+            for waiting in queue:
+                # All of them wait: none may hold a prefetch slot, or the missing
+                # message could not be fetched (forwarded here, it is behind them).
+                if not waiting.held:
+                    waiting.held = True
+                    self._qos("increment_eventually")
             deadline = min((d for d in deadlines if d > now), default=None)
             if deadline is not None and key not in self._gap_timers:
                 self._gap_timers.add(key)
@@ -383,20 +391,23 @@ class KeyGate:
     def _starting_record(self, key: GateKey) -> StreamRecord:
         """The record of a key whose first task here has not adopted its state yet.
 
-        A key with no history here (no local state, no copy to adopt, not taken
-        over from a dead owner) starts with the record its ended workflow left, or
-        an empty one: every stream it does not know starts at 1. Otherwise the
-        record comes with the state the first task adopts; until then each stream
-        runs from its lowest arrival.
+        A key with a copy to adopt has the record switched in with the copy. A key
+        with no history here (no local state, no copy, not taken over from a dead
+        owner) starts with the record its ended workflow left, or an empty one:
+        every stream it does not know starts at 1. Otherwise (its state was lost)
+        each stream runs from its lowest arrival.
         """
         workflow, key_ = key
+        store = self.node.store
         try:
+            if self.node.config.state_replication != "off" and store.copy_pointer(*key):
+                # The copy the first task adopts: its record was switched in with it.
+                streams = store.copy_streams(*key)
+                return StreamRecord.parse(streams) if streams else StreamRecord(complete=False)
             if not self.node.state.has_state(workflow, key_):
-                copies_on = self.node.config.state_replication != "off"
-                if not (copies_on and self.node.store.copy_pointer(workflow, key_)):
-                    info = self.node.store.lookup(workflow, key_)
-                    if info is None or info.origin != "taken_over":
-                        return StreamRecord.parse(self.node.store.ended_streams(workflow, key_))
+                info = store.lookup(workflow, key_)
+                if info is None or info.origin != "taken_over":
+                    return StreamRecord.parse(store.ended_streams(workflow, key_))
         except Exception:
             logger.debug("sticky: could not tell whether %s:%s is new here", *key, exc_info=True)
         return StreamRecord(complete=False)
