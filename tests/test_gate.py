@@ -222,3 +222,36 @@ def test_first_come_with_two_workers_keeps_each_keys_order(
         final = run_workflows(app, keys, back_to_back=set(keys), steps=STEPS, duration=0.0)
     disordered = {key: state for key, state in final.items() if state != list(range(STEPS))}
     assert not disordered, disordered
+
+
+def test_held_messages_keep_their_order_across_a_broker_reconnect(
+    prefix: str, redis_client: Any
+) -> None:
+    """Steps held behind a busy key when the worker's broker connection drops come back
+    from the broker in whatever order it restores them: they still run in publish order."""
+    import os
+
+    from celery_sticky.testing import TcpProxy
+    from tests.cluster_app import make_app
+
+    url = os.environ["STICKY_TEST_REDIS_URL"]
+    if (os.environ.get("STICKY_TEST_BROKER_URL") or url) != url:
+        pytest.skip("the worker's broker connection goes through a proxy to Redis")
+    sub = f"{prefix}rc"
+    app = make_app(sub)
+    app.finalize()
+    task = app.tasks["tests.cluster_app.record_step"]
+    name = "rc1@sticky-tests"
+    with TcpProxy.to(url) as proxy:
+        env = {"STICKY_TEST_PREFIX": sub, "STICKY_TEST_BROKER_URL": proxy.url(url)}
+        with start_cluster(app, {name: {"queues": [f"{sub}.default"]}}, env=env):
+            key = unique("rc")
+            task.delay(key, 0).get(timeout=30)
+            busy = task.delay(key, 1, 2.0)
+            rest = [task.delay(key, step) for step in range(2, 8)]
+            queue = _owner_queue(app, key)
+            wait_for(lambda: redis_client.llen(queue) == 0, message=f"{queue} not consumed")
+            proxy.cut()
+            busy.get(timeout=30)  # the result backend is reached directly
+            proxy.restore()
+            assert rest[-1].get(timeout=120) == list(range(8))

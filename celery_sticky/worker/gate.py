@@ -133,6 +133,8 @@ class KeyGate:
         self._reserved: dict[GateKey, dict[str, tuple[int, float]]] = {}
         #: Keys with a gap timer pending.
         self._gap_timers: set[GateKey] = set()
+        #: Keys whose every waiting entry waits for a missing number.
+        self._gap_waiting: set[GateKey] = set()
         self._lock = threading.RLock()
         self._local = threading.local()
 
@@ -192,8 +194,8 @@ class KeyGate:
             if len(queue) > 1:
                 entry.held = True
                 self._qos("increment_eventually")
-                if queue[0].started:
-                    return
+                if queue[0].started or key not in self._gap_waiting:
+                    return  # running, or waiting for the lease store: not for this one
                 # The line waits for a missing number: this may be it.
         self._run_head(key)
 
@@ -233,6 +235,7 @@ class KeyGate:
                     self._queues[key] = kept
                 else:
                     del self._queues[key]
+            self._gap_waiting.intersection_update(self._queues)
             self._task_ids = {
                 e.task_id: e
                 for q in self._queues.values()
@@ -346,6 +349,8 @@ class KeyGate:
             head = queue[0]
         lease = self.node.prove(head.header.workflow, head.header.key, head.header.affinity)
         if lease is None or lease.owner != self.node.name:
+            with self._lock:
+                self._gap_waiting.discard(key)
             return head  # not ours (or no answer): _start forwards it or waits
         record: StreamRecord | None = None
         if self.node.state.epoch(*key) != lease.epoch:
@@ -357,6 +362,7 @@ class KeyGate:
             now = time.monotonic()
             entry = self._choose(key, queue, record, now=now)
             if entry is not None:
+                self._gap_waiting.discard(key)
                 known = self._record(key) if record is None else record
                 expected = known.expected(entry.stream) or entry.seq
                 if entry.seq > expected:
@@ -376,6 +382,7 @@ class KeyGate:
                 for e in queue
                 if e.seq
             ]
+            self._gap_waiting.add(key)
             for waiting in queue:
                 # All of them wait: none may hold a prefetch slot, or the missing
                 # message could not be fetched (forwarded here, it is behind them).
@@ -468,6 +475,7 @@ class KeyGate:
                     del self._reserved[key]
             if not queue:
                 del self._queues[key]
+                self._gap_waiting.discard(key)
                 if self._track_idle:
                     if _is_own_task(entry.message):
                         # end_workflow ended the key, move_key moved it away: neither
