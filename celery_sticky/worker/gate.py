@@ -252,15 +252,12 @@ class KeyGate:
                 if not queue or queue[0].started:
                     return
                 head = self._choose(key, queue)
+                if head is not None:
+                    self._begin(head)
             if head is None:
                 head = self._past_gap(key)
                 if head is None:
                     return
-            with self._lock:
-                head.started = True
-                if head.held:
-                    head.held = False
-                    self._qos("decrement_eventually")
             outcome = self._start(head)
             if outcome is _Outcome.RUNNING:
                 return
@@ -270,6 +267,13 @@ class KeyGate:
                 self._retry_later(key, head)
                 return
             self._pop(key, head)
+
+    def _begin(self, entry: _Entry) -> None:
+        """Mark the key's chosen entry started (called holding the lock)."""
+        entry.started = True
+        if entry.held:
+            entry.held = False
+            self._qos("decrement_eventually")
 
     # -- order by sequence number ------------------------------------------------
 
@@ -351,6 +355,10 @@ class KeyGate:
         if lease is None or lease.owner != self.node.name:
             with self._lock:
                 self._gap_waiting.discard(key)
+                queue = self._queues.get(key)
+                if not queue or queue[0] is not head or head.started:
+                    return None
+                self._begin(head)
             return head  # not ours (or no answer): _start forwards it or waits
         record: StreamRecord | None = None
         if self.node.state.epoch(*key) != lease.epoch:
@@ -363,6 +371,7 @@ class KeyGate:
             entry = self._choose(key, queue, record, now=now)
             if entry is not None:
                 self._gap_waiting.discard(key)
+                self._begin(entry)
                 known = self._record(key) if record is None else record
                 expected = known.expected(entry.stream) or entry.seq
                 if entry.seq > expected:
