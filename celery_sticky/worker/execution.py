@@ -128,7 +128,18 @@ def execute(
     # 6. replicate: the shared copy, fenced where it lands (copy_switch.lua)
     if ctx.config.state_replication == "sync" and not finish:
         try:
-            replicate(ctx, store, workflow, key, nodename, epoch)
+            # Through a lease store outage, as the fence waits: a copy left stale
+            # loses this commit (and holds the key's next owner for the gap) if
+            # this worker dies before its next commit.
+            retry_over_time(  # type: ignore[no-untyped-call]
+                replicate,
+                LeaseStoreUnavailable,
+                args=(ctx, store, workflow, key, nodename, epoch),
+                interval_start=0.1,
+                interval_step=0.5,
+                interval_max=5.0,
+                timeout=60,
+            )
         except Exception:
             logger.exception(
                 "sticky: task %s committed to %s:%s but its copy was not refreshed; the "
