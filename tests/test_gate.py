@@ -255,3 +255,18 @@ def test_held_messages_keep_their_order_across_a_broker_reconnect(
             busy.get(timeout=30)  # the result backend is reached directly
             proxy.restore()
             assert rest[-1].get(timeout=120) == list(range(8))
+
+
+def test_a_dead_lettered_message_gives_its_number_up(cluster: Any, sticky_app: Any) -> None:
+    """Number 2 has a body of another shape: it is dead-lettered, and number 3 runs at
+    once instead of waiting ``sticky_gap_timeout`` (30 s here) for it."""
+    from tests.hostile import publish_raw
+
+    task = sticky_app.tasks["tests.cluster_app.record_step"]
+    key, stream = unique("dead"), f"test.{uuid.uuid4().hex[:8]}"
+    assert task.apply_async((key, 1), headers=_numbered(key, stream, 1)).get(timeout=30) == [1]
+    queue = _owner_queue(sticky_app, key)
+    publish_raw(sticky_app, queue, sticky=_numbered(key, stream, 2)["sticky"], body=[1, 2])
+    sent = time.monotonic()
+    assert task.apply_async((key, 3), headers=_numbered(key, stream, 3)).get(timeout=60) == [1, 3]
+    assert time.monotonic() - sent < 15, "number 3 waited for the dead-lettered number 2"
