@@ -124,6 +124,7 @@ def nemesis_env(
         "NEMESIS_STATE_DIR": str(workdir / "state"),
         "NEMESIS_LEASE_TTL": str(args.ttl),
         "NEMESIS_REPLICATION": args.replication,
+        "NEMESIS_GAP_TIMEOUT": str(args.gap_timeout),
     }
 
 
@@ -155,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         type=fault_kinds,
         default=list(FAULT_KINDS),
         help=f"comma-separated fault kinds (default: all of {','.join(FAULT_KINDS)})",
+    )
+    parser.add_argument(
+        "--gap-timeout", type=positive(float), default=30.0, help="sticky_gap_timeout"
     )
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)

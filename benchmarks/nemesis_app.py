@@ -29,6 +29,7 @@ def make_app() -> Celery:
         sticky_state_dir=os.environ["NEMESIS_STATE_DIR"],
         sticky_lease_ttl=float(os.environ.get("NEMESIS_LEASE_TTL", "3")),
         sticky_state_replication=os.environ.get("NEMESIS_REPLICATION", "sync"),
+        sticky_gap_timeout=float(os.environ.get("NEMESIS_GAP_TIMEOUT", "30")),
         worker_hijack_root_logger=False,
         worker_prefetch_multiplier=4,
         broker_connection_retry_on_startup=True,

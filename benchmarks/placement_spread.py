@@ -37,8 +37,9 @@ Then ``--moves`` times, a key whose state holds ``--move-state-mb`` MB is made
 on the capacity-1 worker, moved to the capacity-4 one (``move_key``), and its next
 task (``failover_bench.check``) is published right after: the time from the move
 call to that task's result, polled every 10 ms, is what a moved key waits (the
-move task's countdown of ``sticky_lease_cache_ttl`` + 0.25 s, the export, the
-import). The task must run on the target with the state intact (SHA-256).
+move task's turn on the owner, the export, the commit and the import; before
+sequence numbers it also waited a countdown of ``sticky_lease_cache_ttl`` + 0.25 s).
+The task must run on the target with the state intact (SHA-256).
 
     python benchmarks/placement_spread.py [--keys N] [--reps N] [--moves N]
 

@@ -6,7 +6,7 @@ cost of one publish of each case:
 
 - owned key, lease cached: the key's owner is alive and the producer looked the
   lease up less than ``sticky_lease_cache_ttl`` ago (a key in active use). The
-  target is at most 1.15x a plain publish.
+  target is at most 1.05x a plain publish.
 - owned key, not cached: the same, but the producer asks the lease store first
   (a key published less often than once per ``sticky_lease_cache_ttl``).
 - new key: the first publish of a key, which claims it for a live worker.
@@ -54,7 +54,7 @@ from celery_sticky.settings import StickyConfig
 from celery_sticky.wire import HEADER
 
 DEFAULT_URL = "redis://127.0.0.1:6379/14"
-TARGET = 1.15
+TARGET = 1.05
 PAYLOAD = {"sku": "A-1001", "quantity": 3, "note": "x" * 64}
 
 

@@ -1,10 +1,10 @@
 """Per-app, per-process objects, built once and cached on the app in one place.
 
 A producer, a worker's main process and each pool process need the app's
-resolved settings, a lease store client, a hand-over store client and the
-router's lease cache. Building them on every use costs a Redis connection each
-time (the hand-over store once did, per commit); sharing them across a fork
-shares a socket between processes. So :func:`context` keeps one
+resolved settings, a lease store client, a hand-over store client, the
+router's lease cache and its per-key sequence counters. Building them on every
+use costs a Redis connection each time (the hand-over store once did, per
+commit); sharing them across a fork shares a socket between processes. So :func:`context` keeps one
 :class:`StickyContext` per app and process id: after a fork the child builds its
 own on first use. Settings are read on first use (after configuration), once
 per app: a fork does not change them.
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from .handoff import Copies, open_handoff_store
 from .lease import LeaseStore
+from .sequence import Sequencer
 from .settings import StickyConfig
 
 if TYPE_CHECKING:
@@ -70,6 +71,8 @@ class StickyContext:
         self.pid = os.getpid()
         self.leases = LeaseStore(config)
         self.routes = RouteCache(config.lease_cache_ttl)
+        #: Numbers this process's publishes per key (a new stream after a fork).
+        self.sequencer = Sequencer()
         self._copies: Copies | None = None
 
     @property

@@ -17,6 +17,9 @@ process sends events (a worker started with ``-E``, or any app with
 - ``handed_over``: the main process draining at shutdown (``worker/drain.py``),
   :func:`app_sender`;
 - ``released``, ``fenced``: the pool process (``worker/execution.py``), ``task.send_event``.
+
+A key's owner that goes on without a missing message (``sticky_gap_timeout``)
+records it the same way: :func:`sequence_gap`, event ``sticky-gap``.
 """
 
 from __future__ import annotations
@@ -72,6 +75,47 @@ def ownership_changed(
             send(f"sticky-{kind}", **fields)
         except Exception:  # monitoring must never break the worker
             logger.debug("sticky: could not send the %s event", kind, exc_info=True)
+
+
+def sequence_gap(
+    workflow: str,
+    key: str,
+    stream: str,
+    missing: tuple[int, int],
+    owner: str,
+    *,
+    send: Callable[..., Any] | None = None,
+) -> None:
+    """A key's owner went on without messages ``missing`` (first, last) of ``stream``.
+
+    An ERROR log line, the ``sequence_gaps`` metric and a ``sticky-gap`` event.
+    """
+    first, last = missing
+    fields = {
+        "workflow": workflow,
+        "key": key,
+        "stream": stream,
+        "missing_first": first,
+        "missing_last": last,
+        "owner": owner,
+    }
+    numbers = str(first) if first == last else f"{first}-{last}"
+    logger.error(
+        "sticky: gap in %s:%s: message(s) %s of producer stream %s did not arrive within "
+        "sticky_gap_timeout; %s goes on without them",
+        workflow,
+        key,
+        numbers,
+        stream,
+        owner,
+        extra={"sticky": {"event": "gap", **fields}},
+    )
+    metrics.sequence_gaps.inc()
+    if send is not None:
+        try:
+            send("sticky-gap", **fields)
+        except Exception:  # monitoring must never break the worker
+            logger.debug("sticky: could not send the gap event", exc_info=True)
 
 
 def dispatcher_send(consumer: Any) -> Callable[..., Any] | None:

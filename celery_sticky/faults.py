@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+from collections.abc import Callable
 
 #: Where the execution path calls :func:`reach`, in the order a task passes them.
 FAULT_POINTS = (
@@ -56,6 +57,8 @@ def _parse(spec: str) -> tuple[str, int] | None:
 
 _ARMED = _parse(os.environ.get("STICKY_TEST_FAULT", ""))
 
+_OBSERVERS: dict[str, list[Callable[[], None]]] = {}
+
 #: Test-only: fencing switched off (see the module doc).
 UNFENCED = os.environ.get("STICKY_TEST_UNFENCED") == "1"
 
@@ -66,8 +69,19 @@ def marker_path(point: str) -> str:
     return os.environ.get("STICKY_TEST_FAULT_MARKER") or default
 
 
+def observe(point: str, callback: Callable[[], None]) -> None:
+    """Call ``callback`` (in the process that reaches it) each time ``point`` is reached:
+    the nemesis records there when a task's commit really happened."""
+    if point not in FAULT_POINTS:
+        raise ValueError(f"unknown fault point {point!r}: one of {', '.join(FAULT_POINTS)}")
+    _OBSERVERS.setdefault(point, []).append(callback)
+
+
 def reach(point: str) -> None:
-    """Apply the armed fault if this is its point and it has not fired yet."""
+    """Tell the point's observers, then apply the armed fault if this is its point and
+    it has not fired yet."""
+    for callback in _OBSERVERS.get(point, ()):
+        callback()
     if _ARMED is None or _ARMED[0] != point:
         return
     try:

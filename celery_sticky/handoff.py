@@ -132,8 +132,16 @@ class Copies:
         payload = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
         self.blobs.write(version, self._seal(version, payload))
         try:
+            streams = data.get("streams")
             switched, previous = self.leases.switch_copy(
-                workflow, key, owner, epoch, version, version, fenced=not faults.UNFENCED
+                workflow,
+                key,
+                owner,
+                epoch,
+                version,
+                version,
+                fenced=not faults.UNFENCED,
+                streams=streams if isinstance(streams, dict) else None,
             )
         except BaseException:
             with contextlib.suppress(Exception):

@@ -124,6 +124,11 @@ store_errors = _Metric(
     "Lease store calls that failed (connection, timeout, OOM, READONLY, BUSY, LOADING), by kind",
     ("kind",),
 )
+sequence_gaps = _Metric(
+    "Counter",
+    "sequence_gaps",
+    "Times a key's owner went on without a missing message after sticky_gap_timeout",
+)
 gate_wait = _Metric(
     "Histogram",
     "gate_wait_seconds",

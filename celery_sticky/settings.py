@@ -301,6 +301,17 @@ SETTINGS: tuple[Setting, ...] = (
         _optional(_positive_int),
     ),
     Setting(
+        "gap_timeout",
+        30.0,
+        "Seconds a key's owner holds a producer's later messages of the key while an "
+        "earlier one (by its sequence number) has not arrived. Then it goes on without "
+        "it, with an ERROR log, the `sticky_sequence_gaps_total` metric and a "
+        "`sticky-gap` event naming the key and the missing number. Longer than a "
+        "message can take to reach the owner: a forward, or a reap (`sticky_lease_ttl` "
+        "and the reaper's pass).",
+        _positive_float,
+    ),
+    Setting(
         "dedup_window",
         1000,
         "Applied-task records kept per key: a task id among a key's last N applied tasks is "
@@ -464,6 +475,7 @@ class StickyConfig:
     metrics_address: str
     proof_retry_max: float
     reliable_delivery: bool
+    gap_timeout: float
     #: Newest first; empty when none is configured. Not shown in the repr.
     secret: tuple[str, ...] = field(default=(), repr=False)
 

@@ -1,11 +1,14 @@
 """The wire format: the ``sticky`` message header and the direct queues it travels in.
 
-The header carries workflow, key, epoch, hop count, publish time and affinity.
+The header carries workflow, key, epoch, hop count, publish time, affinity and
+the message's place in its producer's sequence of the key (stream id, number).
 The router writes it at publish; the worker's gate, forwarding and fencing read
 it without decoding the task's arguments. The publish time (nanoseconds) puts a
 moved queue back in publish order, whatever order a broker restored it in. The
 affinity (the tags the key's holder must carry) lets a worker that must not hold
-the key pass the task on without decoding it.
+the key pass the task on without decoding it. The stream and sequence number let
+the owner's gate apply each producer's messages of a key in the order they were
+published, whatever order they arrive in (forwarded, restored, moved).
 
 A header is data from the broker, which anyone who can write there controls:
 :meth:`StickyHeader.from_headers` checks every field (type, range, length) and
@@ -17,6 +20,7 @@ appends after the known ones are ignored.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -34,7 +38,9 @@ DEAD_FROM = "sticky_dead_from"
 #: Largest epoch, hop count or publish stamp a header may carry (a signed 64-bit int).
 _MAX_INT = 2**63 - 1
 _MAX_HOPS = 1_000_000
-_FIELDS = ("workflow", "key", "epoch", "hops", "sent", "affinity")
+_FIELDS = ("workflow", "key", "epoch", "hops", "sent", "affinity", "stream", "seq")
+#: A producer stream's id: the producing process and a generation (``producer/sequence.py``).
+_STREAM_RE = re.compile(r"[0-9A-Za-z._-]{1,64}")
 
 
 def check_task_body(body: Any) -> tuple[Any, Any, Any]:
@@ -151,10 +157,19 @@ def parse_header(value: Any) -> StickyHeader:
                 f"sticky header field affinity={_shown(affinity)} is not in canonical form "
                 f"({_shown(canonical)})"
             )
-    # Fields after these (a newer version's) are ignored. Where per-key sequence
-    # numbers are added, a message dead-lettered for a bad header still consumes its
-    # key's sequence number: see worker/deadletter.py (dead_letter's hook).
-    return StickyHeader(workflow, key, epoch, hops, sent, affinity)
+    stream, seq = "", 0
+    if len(value) > 7:
+        stream = _text_field("stream", value[6])
+        if not _STREAM_RE.fullmatch(stream):
+            raise InvalidHeaderError(
+                f"sticky header field stream={_shown(stream)} is not a stream id "
+                "(1-64 letters, digits, _ . -)"
+            )
+        seq = _int_field("seq", value[7], _MAX_INT)
+        if seq == 0:
+            raise InvalidHeaderError("sticky header field seq=0: sequence numbers start at 1")
+    # Fields after these (a newer version's) are ignored.
+    return StickyHeader(workflow, key, epoch, hops, sent, affinity, stream, seq)
 
 
 class StickyHeader(NamedTuple):
@@ -164,9 +179,13 @@ class StickyHeader(NamedTuple):
     hops: int  # how often a worker forwarded it
     sent: int = 0  # time.time_ns() at publish
     affinity: str = ""  # required tags, 'name=value,...' sorted; '' for none
+    stream: str = ""  # the producer stream that numbered it; '' for an unnumbered message
+    seq: int = 0  # its number in that stream (1, 2, ...); 0 for an unnumbered message
 
     def encode(self) -> list[Any]:
         fields = [self.workflow, self.key, self.epoch, self.hops, self.sent]
+        if self.seq:
+            return [*fields, self.affinity, self.stream, self.seq]
         return [*fields, self.affinity] if self.affinity else fields
 
     @classmethod

@@ -50,6 +50,8 @@ def make_app(prefix: str | None = None, **settings: Any) -> Celery:
         sticky_metrics_port=int(os.environ.get("STICKY_TEST_METRICS_PORT") or 0) or None,
         sticky_metrics_address="127.0.0.1",
         sticky_max_keys_per_worker=int(os.environ.get("STICKY_TEST_MAX_KEYS") or 0) or None,
+        sticky_placement=os.environ.get("STICKY_TEST_PLACEMENT") or "least_loaded",
+        sticky_gap_timeout=_float_env("STICKY_TEST_GAP_TIMEOUT") or 30.0,
     )
     transport_options: dict[str, Any] = {}
     visibility = _float_env("STICKY_TEST_VISIBILITY_TIMEOUT")
@@ -113,6 +115,10 @@ def _sticky_header(task: Any) -> list[Any]:
 @sticky_task(key="key", bind=True, acks_late=True)
 def record_step(self: Any, key: str, step: int, duration: float = 0.01, *, state: Any) -> list[int]:
     """A workflow step: appends its number to the key's state and logs where it ran."""
+    return _record_step(self, key, step, duration, state)
+
+
+def _record_step(self: Any, key: str, step: int, duration: float, state: Any) -> list[int]:
     start = time.time()
     steps = state.get("steps", [])
     state["steps"] = [*steps, step]
@@ -201,6 +207,14 @@ def finish_now(self: Any, key: str, *, state: Any) -> dict[str, Any]:
 @sticky_task(key="key", bind=True, ends_workflow=True)
 def last_step(self: Any, key: str, *, state: Any) -> dict[str, Any]:
     return {"node": self.request.hostname, "state": dict(state.items())}
+
+
+@sticky_task(key="key", bind=True, acks_late=True, max_retries=3)
+def retry_step(self: Any, key: str, step: int, countdown: float, *, state: Any) -> list[int]:
+    """A workflow step that asks for a retry on its first run; the retry appends ``step``."""
+    if self.request.retries == 0:
+        raise self.retry(countdown=countdown)
+    return _record_step(self, key, step, 0.01, state)
 
 
 @sticky_task(key="key", bind=True, acks_late=True, max_retries=3)

@@ -266,8 +266,9 @@ def test_a_frozen_owner_commits_nothing_visible(run: Run, tmp_path: Path) -> Non
 @pytest.mark.xfail(
     strict=False,
     raises=AssertionError,  # the invariant's assertion only: a timeout still fails
-    reason="issue 14: a publish that races the drain (the key already claimed by its new "
-    "owner, its queued steps not yet moved) can run before the moved steps",
+    reason="issue 14: a step that reaches another worker while the drain is under way can "
+    "be forwarded back to the draining worker and wait for the reaper; it may then run a "
+    "second time on the new owner (its effect still applies once)",
 )
 def test_sigterm_drain_under_a_stream_of_tasks(run: Run) -> None:
     cluster = run.start("f1@sticky-tests", "f2@sticky-tests", "f3@sticky-tests")

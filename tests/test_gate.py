@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any
 
 import pytest
 
+from celery_sticky.context import get_config, lease_store
+from celery_sticky.testing.cluster import wait_for
 from tests.conftest import start_cluster, unique
 from tests.invariants import by_key, violations
 
@@ -120,3 +124,149 @@ def test_two_copies_of_a_task_id_run_once(sticky_app: Any, cluster: Any, events:
     last = task.delay(key, 3, 0.01).get(timeout=30)
     assert last == [0, 1, 2, 3]
     assert [e["step"] for e in events(key)] == [0, 1, 2, 3]
+
+
+# -- order by sequence number ------------------------------------------------------
+
+
+def _numbered(key: str, stream: str, seq: int) -> dict[str, Any]:
+    """Headers of a message numbered ``seq`` in producer ``stream`` (the router keeps them)."""
+    # Written out (workflow, key, epoch, hops, sent, affinity, stream, seq): what
+    # StickyHeader("key", key, 0, 0, 0, "", stream, seq).encode() gives.
+    return {"sticky": ["key", key, 0, 0, 0, "", stream, seq]}
+
+
+def _owner_queue(app: Any, key: str) -> str:
+    lease = lease_store(app).lookup("key", key)
+    assert lease is not None
+    return get_config(app).direct_queue_name(lease.owner)
+
+
+def test_a_late_message_runs_in_its_producers_order(
+    cluster: Any, sticky_app: Any, redis_client: Any
+) -> None:
+    """Numbers 2 and 3 reach the owner before 1 (a forwarded or restored message is
+    late): they wait for it, and the key applies 1, 2, 3."""
+    task = sticky_app.tasks["tests.cluster_app.record_step"]
+    key, stream = unique("late"), f"test.{uuid.uuid4().hex[:8]}"
+    second = task.apply_async((key, 2), headers=_numbered(key, stream, 2))
+    third = task.apply_async((key, 3), headers=_numbered(key, stream, 3))
+    queue = _owner_queue(sticky_app, key)
+    wait_for(lambda: redis_client.llen(queue) == 0, message=f"{queue} was not consumed")
+    first = task.apply_async((key, 1), headers=_numbered(key, stream, 1))
+    assert third.get(timeout=60) == [1, 2, 3]
+    assert second.get(timeout=10) == [1, 2]
+    assert first.get(timeout=10) == [1]
+
+
+def test_a_retry_keeps_its_place_and_a_countdown_task_runs_when_due(
+    cluster: Any, sticky_app: Any, events: Any
+) -> None:
+    """A step that asks for a retry (countdown 1 s) runs before the key's later steps;
+    a countdown task does not hold the later steps back."""
+    record_step = sticky_app.tasks["tests.cluster_app.record_step"]
+    retry_step = sticky_app.tasks["tests.cluster_app.retry_step"]
+    key = unique("retry")
+    record_step.delay(key, 0).get(timeout=30)
+    retried = retry_step.delay(key, 1, 1.0)
+    after = record_step.delay(key, 2)
+    assert after.get(timeout=60) == [0, 1, 2]
+    assert retried.get(timeout=10) == [0, 1]
+
+    other = unique("countdown")
+    record_step.delay(other, 0).get(timeout=30)
+    later = record_step.apply_async((other, 1), countdown=3)
+    assert record_step.delay(other, 2).get(timeout=60) == [0, 2], "it did not wait for the ETA"
+    assert later.get(timeout=30) == [0, 2, 1]
+
+
+def test_a_missing_number_is_waited_for_then_reported(
+    sticky_app: Any, prefix: str, redis_client: Any
+) -> None:
+    """Number 2 never comes: 3 waits ``sticky_gap_timeout`` (2 s here), then runs, and the
+    worker reports the gap (ERROR log naming the key and the number)."""
+    from tests.cluster_app import make_app
+
+    sub = f"{prefix}gap"
+    app = make_app(sub)
+    app.finalize()
+    task = app.tasks["tests.cluster_app.record_step"]
+    env = {"STICKY_TEST_PREFIX": sub, "STICKY_TEST_GAP_TIMEOUT": "2"}
+    name = "gap1@sticky-tests"
+    with start_cluster(app, {name: {"queues": [f"{sub}.default"]}}, env=env) as workers:
+        key, stream = unique("gap"), f"test.{uuid.uuid4().hex[:8]}"
+        assert task.apply_async((key, 1), headers=_numbered(key, stream, 1)).get(timeout=30) == [1]
+        sent = time.monotonic()
+        third = task.apply_async((key, 3), headers=_numbered(key, stream, 3))
+        assert third.get(timeout=60) == [1, 3]
+        assert time.monotonic() - sent >= 2.0, "number 3 did not wait for the missing 2"
+        log = workers.workers[name].log()
+        assert f"gap in key:{key}: message(s) 2 of producer stream {stream}" in log, log[-3000:]
+
+
+def test_first_come_with_two_workers_keeps_each_keys_order(
+    sticky_app: Any, prefix: str, redis_client: Any
+) -> None:
+    """Under ``first_come`` both workers take a new key's first steps from the shared
+    queue: one claims the key, the other forwards what it took, which arrives behind
+    later steps. The owner still applies every key's steps in publish order."""
+    from tests.cluster_app import make_app
+
+    sub = f"{prefix}fc"
+    app = make_app(sub, sticky_placement="first_come")
+    app.finalize()
+    env = {"STICKY_TEST_PREFIX": sub, "STICKY_TEST_PLACEMENT": "first_come"}
+    specs = {f"fc{i}@sticky-tests": {"queues": [f"{sub}.default"]} for i in (1, 2)}
+    keys = [unique("fc") for _ in range(20)]
+    with start_cluster(app, specs, env=env):
+        final = run_workflows(app, keys, back_to_back=set(keys), steps=STEPS, duration=0.0)
+    disordered = {key: state for key, state in final.items() if state != list(range(STEPS))}
+    assert not disordered, disordered
+
+
+def test_held_messages_keep_their_order_across_a_broker_reconnect(
+    prefix: str, redis_client: Any
+) -> None:
+    """Steps held behind a busy key when the worker's broker connection drops come back
+    from the broker in whatever order it restores them: they still run in publish order."""
+    import os
+
+    from celery_sticky.testing import TcpProxy
+    from tests.cluster_app import make_app
+
+    url = os.environ["STICKY_TEST_REDIS_URL"]
+    if (os.environ.get("STICKY_TEST_BROKER_URL") or url) != url:
+        pytest.skip("the worker's broker connection goes through a proxy to Redis")
+    sub = f"{prefix}rc"
+    app = make_app(sub)
+    app.finalize()
+    task = app.tasks["tests.cluster_app.record_step"]
+    name = "rc1@sticky-tests"
+    with TcpProxy.to(url) as proxy:
+        env = {"STICKY_TEST_PREFIX": sub, "STICKY_TEST_BROKER_URL": proxy.url(url)}
+        with start_cluster(app, {name: {"queues": [f"{sub}.default"]}}, env=env):
+            key = unique("rc")
+            task.delay(key, 0).get(timeout=30)
+            busy = task.delay(key, 1, 2.0)
+            rest = [task.delay(key, step) for step in range(2, 8)]
+            queue = _owner_queue(app, key)
+            wait_for(lambda: redis_client.llen(queue) == 0, message=f"{queue} not consumed")
+            proxy.cut()
+            busy.get(timeout=30)  # the result backend is reached directly
+            proxy.restore()
+            assert rest[-1].get(timeout=120) == list(range(8))
+
+
+def test_a_dead_lettered_message_gives_its_number_up(cluster: Any, sticky_app: Any) -> None:
+    """Number 2 has a body of another shape: it is dead-lettered, and number 3 runs at
+    once instead of waiting ``sticky_gap_timeout`` (30 s here) for it."""
+    from tests.hostile import publish_raw
+
+    task = sticky_app.tasks["tests.cluster_app.record_step"]
+    key, stream = unique("dead"), f"test.{uuid.uuid4().hex[:8]}"
+    assert task.apply_async((key, 1), headers=_numbered(key, stream, 1)).get(timeout=30) == [1]
+    queue = _owner_queue(sticky_app, key)
+    publish_raw(sticky_app, queue, sticky=_numbered(key, stream, 2)["sticky"], body=[1, 2])
+    sent = time.monotonic()
+    assert task.apply_async((key, 3), headers=_numbered(key, stream, 3)).get(timeout=60) == [1, 3]
+    assert time.monotonic() - sent < 15, "number 3 waited for the dead-lettered number 2"

@@ -28,6 +28,7 @@ PURE = {
     "keys",
     "placement",
     "wire",
+    "sequence",
     "faults",
     "metrics",
     "events",

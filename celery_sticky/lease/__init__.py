@@ -34,6 +34,12 @@ key                            type    written by                               
 ``P copy:<workflow>:<key>``    string  copy_switch.lua: the version name of the     never; deleted
                                        key's hand-over copy (fenced: only the       on import or
                                        live owner under its epoch switches it)      release
+``P copyseq:<wf>:<key>``       string  copy_switch.lua, with the pointer: the       with the
+                                       copy's record of applied producer numbers    pointer
+                                       (JSON ``{stream: last}``)
+``P ended:<workflow>:<key>``   string  release.lua, when a workflow ended: the       EX, sticky_
+                                       key's record of applied producer numbers     finished_
+                                       (JSON ``{stream: last}``), for its next owner dedup_ttl
 ``P copyv:<wf>:<key>@<e>.<r>`` list    RedisHandoffStore: one version of a copy,    1 day until
                                        signed pickle in chunks of 4 MiB             switched, then
                                                                                     with the pointer

@@ -8,11 +8,17 @@
 -- nothing it wrote becomes visible. (A draining owner still heartbeats: it may
 -- hand its keys over.)
 --
+-- The copy's record of applied producer numbers (small JSON) is kept beside the
+-- pointer and switched with it, so a new owner's gate knows where each producer's
+-- numbers stand before its first task adopts the copy.
+--
 -- KEYS[1] lease hash      KEYS[2] workers zset      KEYS[3] pointer (string)
 -- KEYS[4] the new version's Redis key (a list for the Redis store; any name otherwise)
+-- KEYS[5] the copy's record of producer numbers (string)
 -- ARGV[1] lease TTL (s)   ARGV[2] writer (node)     ARGV[3] writer's epoch
 -- ARGV[4] new version name ('' to retire the copy)
 -- ARGV[5] '0' skips the check (only the test build the nemesis checker must catch)
+-- ARGV[6] the record (JSON), '' for none
 --
 -- Returns {1, previous version name or ''} when switched, {0, ''} when refused.
 if ARGV[5] ~= '0' then
@@ -29,9 +35,14 @@ if ARGV[5] ~= '0' then
 end
 local previous = redis.call('GET', KEYS[3]) or ''
 if ARGV[4] == '' then
-  redis.call('DEL', KEYS[3])
+  redis.call('DEL', KEYS[3], KEYS[5])
 else
   redis.call('SET', KEYS[3], ARGV[4])
   redis.call('PERSIST', KEYS[4])
+  if ARGV[6] ~= '' then
+    redis.call('SET', KEYS[5], ARGV[6])
+  else
+    redis.call('DEL', KEYS[5])
+  end
 end
 return {1, previous}

@@ -9,6 +9,7 @@ writes are listed in :mod:`celery_sticky.lease`.
 from __future__ import annotations
 
 import enum
+import json
 import os
 import random
 import re
@@ -189,15 +190,39 @@ class LeaseStore:
         )
         return Lease(owner, int(epoch), ClaimStatus(int(status)), previous, over_limit == "1")
 
-    def release(self, workflow: str, key: str, owner: str = "", epoch: int = 0) -> bool:
+    def release(
+        self,
+        workflow: str,
+        key: str,
+        owner: str = "",
+        epoch: int = 0,
+        ended: dict[str, int] | None = None,
+    ) -> bool:
         """Drop a lease (only ``owner``'s, under ``epoch``, when given); the next task
-        claims afresh."""
+        claims afresh. ``ended``: the workflow ended, and this is the key's record of
+        applied producer numbers, kept for ``sticky_finished_dedup_ttl`` seconds
+        (:meth:`ended_streams`)."""
         released = self._call(
             self._release,
-            keys=[self.lease_key(workflow, key)],
-            args=[self.prefix, f"{workflow}:{key}", owner, str(epoch) if epoch else ""],
+            keys=[self.lease_key(workflow, key), self.ended_key(workflow, key)],
+            args=[
+                self.prefix,
+                f"{workflow}:{key}",
+                owner,
+                str(epoch) if epoch else "",
+                json.dumps(ended, separators=(",", ":")) if ended else "",
+                max(1, int(self.config.finished_dedup_ttl)),
+            ],
         )
         return bool(released)
+
+    def ended_key(self, workflow: str, key: str) -> str:
+        return f"{self.prefix}ended:{workflow}:{key}"
+
+    def ended_streams(self, workflow: str, key: str) -> dict[str, Any] | None:
+        """The record of applied producer numbers the key's ended workflow left, or None
+        (validated by the caller: bytes from Redis)."""
+        return self._json_at(self.ended_key(workflow, key))
 
     def copy_pointer_key(self, workflow: str, key: str) -> str:
         return f"{self.prefix}copy:{workflow}:{key}"
@@ -217,10 +242,13 @@ class LeaseStore:
         version_key: str,
         *,
         fenced: bool = True,
+        streams: dict[str, int] | None = None,
     ) -> tuple[bool, str]:
         """Make ``version`` the key's copy (``""``: retire it) if ``writer`` still holds the
-        key live under ``epoch`` (copy_switch.lua). Returns ``(switched, previous version)``.
-        ``fenced=False`` skips the check: only the nemesis checker's broken build does."""
+        key live under ``epoch`` (copy_switch.lua), with the copy's record of applied
+        producer numbers (``streams``, see :meth:`copy_streams`). Returns ``(switched,
+        previous version)``. ``fenced=False`` skips the check: only the nemesis
+        checker's broken build does."""
         switched, previous = self._call(
             self._copy_switch,
             keys=[
@@ -228,10 +256,36 @@ class LeaseStore:
                 self.workers_key,
                 self.copy_pointer_key(workflow, key),
                 version_key,
+                self.copy_streams_key(workflow, key),
             ],
-            args=[self.config.lease_ttl, writer, epoch, version, "1" if fenced else "0"],
+            args=[
+                self.config.lease_ttl,
+                writer,
+                epoch,
+                version,
+                "1" if fenced else "0",
+                json.dumps(streams, separators=(",", ":")) if streams is not None else "",
+            ],
         )
         return bool(int(switched)), str(previous)
+
+    def copy_streams_key(self, workflow: str, key: str) -> str:
+        return f"{self.prefix}copyseq:{workflow}:{key}"
+
+    def copy_streams(self, workflow: str, key: str) -> dict[str, Any] | None:
+        """The record of applied producer numbers of the key's copy, or None (validated by
+        the caller: bytes from Redis)."""
+        return self._json_at(self.copy_streams_key(workflow, key))
+
+    def _json_at(self, name: str) -> dict[str, Any] | None:
+        raw = self.guard(lambda: self.redis.get(name))
+        if not raw:
+            return None
+        try:
+            found = json.loads(raw)
+        except ValueError:
+            return None
+        return found if isinstance(found, dict) else None
 
     def heartbeat(
         self,

@@ -160,8 +160,17 @@ class StateHandle(MutableMapping[str, Any]):
 
     # -- commit ----------------------------------------------------------------
 
-    def commit(self, result: Any = None, *, finish: bool = False, epoch: int = 0) -> None:
-        """Write the buffered changes and the applied record (all or nothing)."""
+    def commit(
+        self,
+        result: Any = None,
+        *,
+        finish: bool = False,
+        epoch: int = 0,
+        stream: str = "",
+        seq: int = 0,
+    ) -> None:
+        """Write the buffered changes and the applied record (all or nothing), with
+        the task's number ``seq`` in producer ``stream`` when it has one."""
         self._store.commit(
             self.workflow,
             self.key,
@@ -172,6 +181,8 @@ class StateHandle(MutableMapping[str, Any]):
             outbox=self._outbox,
             finish=finish or self._finish,
             epoch=epoch or self.epoch,
+            stream=stream,
+            seq=seq,
         )
         self._fields = None
         self._writes = {}

@@ -19,6 +19,8 @@ so ``W`` below is ``<len(workflow)>:<workflow><len(key)>:<key>``:
 ``"a" W T``            applied record of task id ``T``: (seq, pickled result)
 ``"s" W N``            which task id was applied as seq ``N`` (for trimming), as
                        its encoded part ``T`` (a ``str`` value must be UTF-8)
+``"q" W``              the key's producer streams: ``{stream: last number
+                       applied}`` (:class:`~celery_sticky.sequence.StreamRecord`)
 ``"o" W T``            messages task ``T`` published, not yet sent
 ``"O"``                the set of pending outbox records
 =====================  ===================================================
@@ -40,6 +42,7 @@ from typing import Any
 import diskcache
 
 from ..errors import StateDirError, StateSizeLimitError
+from ..sequence import StreamRecord
 from ..settings import StickyConfig
 from .memory import MISS, MemoryTier
 from .private import PrivateDisk, check_private_dir, make_private_dir, make_private_files
@@ -192,8 +195,11 @@ class NodeState:
         outbox: list[dict[str, Any]],
         finish: bool,
         epoch: int = 0,
+        stream: str = "",
+        seq: int = 0,
     ) -> None:
-        """Apply a task's changes and record it as applied, atomically.
+        """Apply a task's changes and record it as applied, atomically (with its
+        number ``seq`` in producer ``stream``, when it has one).
 
         Raises :class:`AlreadyApplied` (writing nothing) when the id was applied
         meanwhile, :class:`StateSizeLimitError` when the state would grow past
@@ -273,6 +279,8 @@ class NodeState:
                         fields.difference_update(removed)
                         self._write_index(index_key, fields)
                 self._record_applied(wk, task_part, pickled_result, epoch)
+                if seq:
+                    self._advance(wk, stream, seq)
             if outbox:
                 cache.set("o" + wk + task_part, outbox)
                 pending = cache.get(PENDING_OUTBOXES, default=frozenset())
@@ -312,8 +320,35 @@ class NodeState:
             if old is not None:
                 cache.delete("a" + wk + old)
 
+    def _advance(self, wk: str, stream: str, seq: int) -> None:
+        stored = self.cache.get("q" + wk)
+        record = StreamRecord.parse(stored)
+        if record.advance(stream, seq) or stored is None:
+            self.cache.set("q" + wk, record.as_dict())
+
+    def streams(self, workflow: str, key: str) -> StreamRecord:
+        """The key's last applied number per producer stream (:mod:`celery_sticky.sequence`)."""
+        return StreamRecord.parse(self.cache.get("q" + _wk(workflow, key)))
+
+    def forget_streams(self, workflow: str, key: str) -> None:
+        """The key's history is not all here (its state was lost): streams the record
+        does not know may start at any number."""
+        with self.cache.transact():
+            wk = _wk(workflow, key)
+            record = StreamRecord.parse(self.cache.get("q" + wk))
+            record.complete = False
+            self.cache.set("q" + wk, record.as_dict())
+
+    def consume(self, workflow: str, key: str, stream: str, seq: int) -> None:
+        """Record number ``seq`` of ``stream`` as done without a commit: the task failed,
+        was dead-lettered, or waits for its countdown (it runs when due)."""
+        if seq:
+            with self.cache.transact():
+                self._advance(_wk(workflow, key), stream, seq)
+
     def _delete_key(self, wk: str, fields: Iterable[str]) -> None:
         cache = self.cache
+        cache.delete("q" + wk)
         for field in fields:
             suffix = wk + _part(field)
             cache.delete("v" + suffix)
@@ -379,6 +414,7 @@ class NodeState:
                 "fields": {f: cache.get("v" + wk + _part(f)) for f in fields},
                 "applied": applied,
                 "last_commit": last_commit,
+                "streams": StreamRecord.parse(cache.get("q" + wk)).as_dict(),
             }
 
     def import_key(self, workflow: str, key: str, data: dict[str, Any], epoch: int) -> None:
@@ -398,6 +434,9 @@ class NodeState:
                 task_part = _part(task_id)
                 cache.set("a" + wk + task_part, (seq, result))
                 cache.set("s" + wk + _part(str(seq)), task_part)
+            streams = StreamRecord.parse(data.get("streams")).as_dict()
+            if streams:
+                cache.set("q" + wk, streams)
             last_commit = data.get("last_commit")
             cache.set("k" + wk, (int(data.get("seq") or 0), last_commit, epoch))
         self.memory.discard_key(self.directory, workflow, key)

@@ -10,10 +10,12 @@ for the key:
 
   1. it marks the lease *moving* (``move_begin.lua``): from then on publishers
      send the key's new tasks to the target, whose gate holds them;
-  2. it sends ``move_key`` to the owner's queue with a countdown of
-     ``sticky_lease_cache_ttl`` (so tasks routed under a lease a producer cached
-     before step 1 arrive before it). Due, it joins the back of the key's line
-     on the owner: it runs after every task sent there;
+  2. it sends ``move_key`` to the owner's queue, at once: it joins the back of the
+     key's line on the owner and runs after every task waiting there. A task a
+     producer routed to the owner under a lease it cached before step 1 may arrive
+     after it: the owner forwards it to the target, whose gate puts it back in its
+     producer's order by sequence number (the copy carries the record of applied
+     numbers), so no countdown is needed for order;
   3. the owner runs it (:mod:`celery_sticky.worker.moves`): exports the key's
      state to the hand-over store and makes the target the owner under a new
      epoch (``move_commit.lua``). The target's held tasks then run there, the
@@ -93,10 +95,7 @@ def move_key(
             "sticky_state_replication='off': a moved key would start empty on its new worker"
         )
     store = ctx.leases
-    countdown = config.lease_cache_ttl + 0.25
-    status, current, epoch = store.begin_move(
-        workflow, key, target, owner, deadline=countdown + timeout
-    )
+    status, current, epoch = store.begin_move(workflow, key, target, owner, deadline=timeout)
     if status != 1:
         info = store.lookup(workflow, key)
         affinity = info.affinity if info is not None else ""
@@ -109,5 +108,4 @@ def move_key(
     return own_task(app, MOVE_KEY).apply_async(
         kwargs={"workflow": workflow, "key": key, "target": target, "epoch": epoch},
         queue=config.direct_queue_name(current),
-        countdown=countdown,
     )

@@ -3,7 +3,8 @@
 Runs wherever tasks are published: producers, and workers publishing chain steps
 and chord bodies. It claims unowned keys at publish for the worker the placement
 policy picks among those the key's affinity allows, and stamps each sticky
-message with the ``sticky`` header. A key no live worker may hold goes to its
+message with the ``sticky`` header, numbered in this process's sequence of the
+key (:mod:`celery_sticky.sequence`). A key no live worker may hold goes to its
 affinity's queue, where the first matching worker to come claims it.
 """
 
@@ -29,6 +30,7 @@ from ..placement import (
     matches,
     resolve_policy,
 )
+from ..sequence import Sequencer
 from ..settings import StickyConfig
 from ..wire import StickyHeader
 from .queues import ensure_queue
@@ -83,6 +85,11 @@ class StickyRouter:
         return context(self.app).leases
 
     @property
+    def sequencer(self) -> Sequencer:
+        """This process's per-key sequence counters."""
+        return context(self.app).sequencer
+
+    @property
     def cache(self) -> RouteCache:
         """This process's lease cache (shared with release and move, which forget keys)."""
         return context(self.app).routes
@@ -106,11 +113,17 @@ class StickyRouter:
         old = StickyHeader.safe_from_headers(options.get("headers"))
         same = old is not None and (old.workflow, old.key) == (workflow, key)
         hops = old.hops if same and old is not None else 0
+        if same and old is not None and old.seq:
+            # The same message again (a retry, a fenced task sent on): it keeps its
+            # place in its producer's sequence, so later ones wait for it.
+            stream, seq = old.stream, old.seq
+        else:
+            stream, seq = self.sequencer.next(workflow, key)
         if options.get("queue"):
             # A queue fixed by the caller or the task wins: the router stays out,
             # and the receiving worker still forwards to the owner if there is one.
             options["headers"] = StickyHeader(
-                workflow, key, 0, hops, time.time_ns(), affinity
+                workflow, key, 0, hops, time.time_ns(), affinity, stream, seq
             ).with_headers(options.get("headers"))
             _ROUTED["fixed"].inc()
             return None
@@ -119,7 +132,7 @@ class StickyRouter:
         # Celery merges the router's dict under the caller's options, so the header
         # goes into the options of this one publish (a fresh dict, never shared).
         options["headers"] = StickyHeader(
-            workflow, key, epoch, hops, time.time_ns(), affinity
+            workflow, key, epoch, hops, time.time_ns(), affinity, stream, seq
         ).with_headers(options.get("headers"))
         if queue is None:
             return None

@@ -80,6 +80,9 @@ class StickyTask(Task):  # type: ignore[misc]
     Installer = "celery_sticky.producer.install:install_on_bind"
     #: Every successful run of this task ends its workflow (like ``state.finish()``).
     ends_workflow: bool = False
+    #: A retry keeps the task's place in its key's order: the key's later messages
+    #: wait for it (``sticky_retry_in_place=False``: it runs when due, after them).
+    sticky_retry_in_place: bool = True
 
     @classmethod
     def bind(cls, app: Celery) -> Any:

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Retry
 from celery.utils.imports import symbol_by_name
 from kombu.utils.functional import retry_over_time
 
@@ -56,8 +56,10 @@ def execute(
     """Run ``task`` (its body is ``run``) through every phase; returns its result."""
     spec = task.sticky
     header = StickyHeader.from_headers(getattr(task.request, "headers", None))
+    stream, seq = "", 0
     if header is not None:
         workflow, key, epoch = header.workflow, header.key, header.epoch
+        stream, seq = header.stream, header.seq
     else:
         workflow, key = spec.locate(args, kwargs, task_name=task.name)
         epoch = 0
@@ -87,8 +89,13 @@ def execute(
     state = StateHandle(store, workflow, key, task_id=task_id, epoch=epoch, recovered=recovered)
     try:
         result = run(*args, state=state, **kwargs)
-    except BaseException:
+    except BaseException as exc:
         state.discard()
+        in_place = isinstance(exc, Retry) and getattr(task, "sticky_retry_in_place", True)
+        if seq and not in_place and not isinstance(exc, Ignore):
+            # A failed task applies nothing, but its number is done: the key's later
+            # messages do not wait for it. A retry keeps its place (the gate holds it).
+            store.consume(workflow, key, stream, seq)
         raise
     faults.reach("after_run")
 
@@ -102,8 +109,16 @@ def execute(
 
     # 5. commit: local and private to this worker until a later phase shares it
     finish = state.finishing or task.ends_workflow
+    ended: dict[str, int] | None = None
+    if finish:
+        # The commit drops the key's local state; its producer numbers are left
+        # with the release, for the key's next owner.
+        record = store.streams(workflow, key)
+        if seq:
+            record.advance(stream, seq)
+        ended = record.as_dict() if record.complete else None
     try:
-        state.commit(result, finish=finish, epoch=epoch)
+        state.commit(result, finish=finish, epoch=epoch, stream=stream, seq=seq)
     except AlreadyApplied as done:
         return done.result
     faults.reach("after_commit")
@@ -113,7 +128,18 @@ def execute(
     # 6. replicate: the shared copy, fenced where it lands (copy_switch.lua)
     if ctx.config.state_replication == "sync" and not finish:
         try:
-            replicate(ctx, store, workflow, key, nodename, epoch)
+            # Through a lease store outage, as the fence waits: a copy left stale
+            # loses this commit (and holds the key's next owner for the gap) if
+            # this worker dies before its next commit.
+            retry_over_time(  # type: ignore[no-untyped-call]
+                replicate,
+                LeaseStoreUnavailable,
+                args=(ctx, store, workflow, key, nodename, epoch),
+                interval_start=0.1,
+                interval_step=0.5,
+                interval_max=5.0,
+                timeout=60,
+            )
         except Exception:
             logger.exception(
                 "sticky: task %s committed to %s:%s but its copy was not refreshed; the "
@@ -136,7 +162,9 @@ def execute(
     # 8. end
     if finish:
         try:
-            end_lease(task.app, workflow, key, nodename, epoch, send=_event_sender(task))
+            end_lease(
+                task.app, workflow, key, nodename, epoch, send=_event_sender(task), ended=ended
+            )
         except Exception:
             logger.exception(
                 "sticky: could not release %s:%s after its workflow ended", workflow, key
@@ -229,6 +257,9 @@ def adopt(
         store.import_key(workflow, key, {"fields": fields}, epoch)
     else:
         store.reset_key(workflow, key, epoch)
+    # Which producer numbers were applied was lost with it: the gate cannot wait
+    # for a stream's first numbers (they may have run on the lost owner).
+    store.forget_streams(workflow, key)
     return False
 
 
@@ -244,14 +275,21 @@ def replicate(
 
 
 def end_lease(
-    app: Any, workflow: str, key: str, owner: str, epoch: int = 0, send: Any = None
+    app: Any,
+    workflow: str,
+    key: str,
+    owner: str,
+    epoch: int = 0,
+    send: Any = None,
+    ended: dict[str, int] | None = None,
 ) -> None:
-    """Release ``owner``'s lease of the key after its workflow ended."""
+    """Release ``owner``'s lease of the key after its workflow ended, leaving the key's
+    record of applied producer numbers (``ended``) for its next owner."""
     ctx = context(app)
     try:
         # A replicated copy of an ended workflow must not come back to life.
         ctx.copies.retire(workflow, key, owner=owner, epoch=epoch)
-        ctx.leases.release(workflow, key, owner=owner, epoch=epoch)
+        ctx.leases.release(workflow, key, owner=owner, epoch=epoch, ended=ended)
     except LeaseStoreUnavailable as exc:
         # The state is gone already; the lease lapses with the owner or moves on.
         logger.warning("sticky: could not release %s:%s: %s", workflow, key, exc)

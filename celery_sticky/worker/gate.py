@@ -1,4 +1,4 @@
-"""The per-key gate: one task per key at a time, in the order received.
+"""The per-key gate: one task per key at a time, in each producer's order.
 
 It sits in the worker's main process at the ``Task.Strategy`` level, before the
 pool: locks taken inside tasks were measured to break order and block pool slots
@@ -7,6 +7,15 @@ Before the head runs, the gate proves this worker owns the key, or forwards the
 message to the owner. Entries waiting behind a busy key give their prefetch slot
 back (as Celery does for ETA tasks), so they do not starve other keys.
 
+Order is by sequence number, not arrival (:mod:`celery_sticky.sequence`): of
+the entries waiting, the first to arrive whose number is next in its producer's
+stream runs (the key's record of last applied numbers is read from the node's
+local state). A later number waits for the missing one at most
+``sticky_gap_timeout`` seconds, then runs with the gap reported. A retry keeps
+its place: its number stays reserved while its countdown runs, so later
+messages wait for it. A countdown task, a failed or dead-lettered one gives its
+number up at once (it runs when due, or not at all).
+
 Completion is observed on the request's pool callbacks (``on_success`` and
 ``on_failure``, which may fire twice: release is idempotent), never on
 ``Task.Request`` subclasses (Celery's generated request class bypasses them).
@@ -14,6 +23,7 @@ Completion is observed on the request's pool callbacks (``on_success`` and
 
 from __future__ import annotations
 
+import datetime
 import enum
 import logging
 import random
@@ -24,17 +34,19 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
-from celery.exceptions import TaskRevokedError
+from celery.exceptions import Retry, TaskRevokedError
+from celery.utils.time import maybe_iso8601
 from celery.worker.state import task_ready, task_reserved
 from celery.worker.strategy import default as default_strategy
 from kombu.message import Message
 
 from .. import faults, metrics
 from ..errors import ConfigurationError, ForwardingError, InvalidHeaderError, InvalidKeyError
-from ..events import dispatcher_send, ownership_changed
+from ..events import dispatcher_send, ownership_changed, sequence_gap
 from ..lease import ClaimStatus
 from ..placement import affinity_queue_name
 from ..producer.own_tasks import END_WORKFLOW, MOVE_KEY
+from ..sequence import StreamRecord
 from ..wire import HEADER, StickyHeader, check_task_body
 from .deadletter import dead_letter
 from .forwarding import forward
@@ -64,7 +76,9 @@ class _Entry:
         "message",
         "request",
         "retry_delay",
+        "seq",
         "started",
+        "stream",
         "submitted",
         "task_id",
     )
@@ -85,6 +99,7 @@ class _Entry:
         self.submitted = False  # handed to the pool (not only to the semaphore)
         self.finished = False
         self.retry_delay = 0.0
+        self.stream, self.seq = header.stream, header.seq
         headers = message.headers or {}
         # A retry reuses its task's id: a copy is the same id *and* the same retry.
         self.created = time.monotonic()
@@ -111,6 +126,15 @@ class KeyGate:
         #: (monotonic); kept only when idle passivation is on.
         self.idle: dict[GateKey, float] = {}
         self._track_idle = node.config.idle_timeout is not None
+        #: Busy keys' records of last applied numbers per stream, as last read.
+        self._records: dict[GateKey, StreamRecord] = {}
+        #: Numbers held for retries waiting for their countdown:
+        #: key -> stream -> (seq, until when, monotonic).
+        self._reserved: dict[GateKey, dict[str, tuple[int, float]]] = {}
+        #: Keys with a gap timer pending.
+        self._gap_timers: set[GateKey] = set()
+        #: Keys whose every waiting entry waits for a missing number.
+        self._gap_waiting: set[GateKey] = set()
         self._lock = threading.RLock()
         self._local = threading.local()
 
@@ -170,7 +194,9 @@ class KeyGate:
             if len(queue) > 1:
                 entry.held = True
                 self._qos("increment_eventually")
-                return
+                if queue[0].started or key not in self._gap_waiting:
+                    return  # running, or waiting for the lease store: not for this one
+                # The line waits for a missing number: this may be it.
         self._run_head(key)
 
     def launch(self, request: Any) -> None:
@@ -209,6 +235,7 @@ class KeyGate:
                     self._queues[key] = kept
                 else:
                     del self._queues[key]
+            self._gap_waiting.intersection_update(self._queues)
             self._task_ids = {
                 e.task_id: e
                 for q in self._queues.values()
@@ -222,15 +249,15 @@ class KeyGate:
         while True:
             with self._lock:
                 queue = self._queues.get(key)
-                if not queue:
+                if not queue or queue[0].started:
                     return
-                head = queue[0]
-                if head.started:
+                head = self._choose(key, queue)
+                if head is not None:
+                    self._begin(head)
+            if head is None:
+                head = self._past_gap(key)
+                if head is None:
                     return
-                head.started = True
-                if head.held:
-                    head.held = False
-                    self._qos("decrement_eventually")
             outcome = self._start(head)
             if outcome is _Outcome.RUNNING:
                 return
@@ -241,6 +268,201 @@ class KeyGate:
                 return
             self._pop(key, head)
 
+    def _begin(self, entry: _Entry) -> None:
+        """Mark the key's chosen entry started (called holding the lock)."""
+        entry.started = True
+        if entry.held:
+            entry.held = False
+            self._qos("decrement_eventually")
+
+    # -- order by sequence number ------------------------------------------------
+
+    def _record(self, key: GateKey) -> StreamRecord:
+        record = self._records.get(key)
+        if record is None:
+            record = self._records[key] = self.node.state.streams(*key)
+        return record
+
+    def _choose(
+        self,
+        key: GateKey,
+        queue: deque[_Entry],
+        record: StreamRecord | None = None,
+        now: float | None = None,
+    ) -> _Entry | None:
+        """The entry to run next (moved to the queue's front), None when all wait.
+
+        ``record`` is the key's record of applied numbers (default: the one in
+        the local state). With ``now``, an entry that waited ``sticky_gap_timeout``
+        may run past its gap.
+        """
+        record = self._record(key) if record is None else record
+        reserved = self._reserved.get(key, {})
+        lowest: dict[str, int] = {}
+        for entry in queue:
+            if entry.seq and entry.seq < lowest.get(entry.stream, entry.seq + 1):
+                lowest[entry.stream] = entry.seq
+        for entry in queue:
+            if self._ready(entry, record, reserved, lowest, now):
+                if entry is not queue[0]:
+                    displaced = queue[0]
+                    queue.remove(entry)
+                    queue.appendleft(entry)
+                    if not displaced.held:
+                        displaced.held = True
+                        self._qos("increment_eventually")
+                return entry
+        return None
+
+    def _ready(
+        self,
+        entry: _Entry,
+        record: StreamRecord,
+        reserved: dict[str, tuple[int, float]],
+        lowest: dict[str, int],
+        now: float | None,
+    ) -> bool:
+        if not entry.seq:
+            return True  # not numbered (published without the router): arrival order
+        held_for = reserved.get(entry.stream)
+        if held_for is not None and time.monotonic() < held_for[1]:
+            return entry.seq <= held_for[0]  # only the reserved retry (or older) may go
+        expected = record.expected(entry.stream)
+        if expected is None:
+            # A stream an incomplete record does not know: from its lowest arrival.
+            return entry.seq == lowest[entry.stream]
+        if entry.seq <= expected:
+            return True  # next, or done already (a copy: the task's dedup answers it)
+        timed_out = now is not None and now - entry.created >= self.node.config.gap_timeout
+        return timed_out and entry.seq == lowest[entry.stream]
+
+    def _past_gap(self, key: GateKey) -> _Entry | None:
+        """Every waiting entry of the key waits for an earlier number.
+
+        First make sure which record holds. The local one is this epoch's when the
+        local state is; otherwise the key is new here (nothing to adopt: every
+        stream starts at 1), or its first task here adopts a copy or a loss (the
+        record is not known yet: each stream from its lowest arrival). Then an
+        entry that waited ``sticky_gap_timeout`` runs with its gap reported, and
+        the others wait for the earliest deadline.
+        """
+        with self._lock:
+            queue = self._queues.get(key)
+            if not queue or queue[0].started:
+                return None
+            head = queue[0]
+        lease = self.node.prove(head.header.workflow, head.header.key, head.header.affinity)
+        if lease is None or lease.owner != self.node.name:
+            with self._lock:
+                self._gap_waiting.discard(key)
+                queue = self._queues.get(key)
+                if not queue or queue[0] is not head or head.started:
+                    return None
+                self._begin(head)
+            return head  # not ours (or no answer): _start forwards it or waits
+        record: StreamRecord | None = None
+        if self.node.state.epoch(*key) != lease.epoch:
+            record = self._starting_record(key)
+        with self._lock:
+            queue = self._queues.get(key)
+            if not queue or queue[0].started:
+                return None
+            now = time.monotonic()
+            entry = self._choose(key, queue, record, now=now)
+            if entry is not None:
+                self._gap_waiting.discard(key)
+                self._begin(entry)
+                known = self._record(key) if record is None else record
+                expected = known.expected(entry.stream) or entry.seq
+                if entry.seq > expected:
+                    sequence_gap(
+                        *key,
+                        entry.stream,
+                        (expected, entry.seq - 1),
+                        self.node.name,
+                        send=dispatcher_send(self.consumer),
+                    )
+                return entry
+            reserved = self._reserved.get(key, {})
+            deadlines = [
+                reserved[e.stream][1]
+                if e.stream in reserved
+                else e.created + self.node.config.gap_timeout
+                for e in queue
+                if e.seq
+            ]
+            self._gap_waiting.add(key)
+            for waiting in queue:
+                # All of them wait: none may hold a prefetch slot, or the missing
+                # message could not be fetched (forwarded here, it is behind them).
+                if not waiting.held:
+                    waiting.held = True
+                    self._qos("increment_eventually")
+            deadline = min((d for d in deadlines if d > now), default=None)
+            if deadline is not None and key not in self._gap_timers:
+                self._gap_timers.add(key)
+                self.consumer.timer.call_after(max(deadline - now, 0.01), self._gap_due, (key,))
+            return None
+
+    def _starting_record(self, key: GateKey) -> StreamRecord:
+        """The record of a key whose first task here has not adopted its state yet.
+
+        A key with a copy to adopt has the record switched in with the copy. A key
+        with no history here (no local state, no copy, not taken over from a dead
+        owner) starts with the record its ended workflow left, or an empty one:
+        every stream it does not know starts at 1. Otherwise (its state was lost)
+        each stream runs from its lowest arrival.
+        """
+        workflow, key_ = key
+        store = self.node.store
+        try:
+            if self.node.config.state_replication != "off" and store.copy_pointer(*key):
+                # The copy the first task adopts: its record was switched in with it.
+                streams = store.copy_streams(*key)
+                return StreamRecord.parse(streams) if streams else StreamRecord(complete=False)
+            if not self.node.state.has_state(workflow, key_):
+                info = store.lookup(workflow, key_)
+                if info is None or info.origin != "taken_over":
+                    return StreamRecord.parse(store.ended_streams(workflow, key_))
+        except Exception:
+            logger.debug("sticky: could not tell whether %s:%s is new here", *key, exc_info=True)
+        return StreamRecord(complete=False)
+
+    def _gap_due(self, key: GateKey) -> None:
+        self._gap_timers.discard(key)
+        self._run_head(key)
+
+    def _scheduled(self, key: GateKey, entry: _Entry) -> None:
+        """The entry left without running now: Celery scheduled it (countdown/ETA) or
+        dropped it (revoked, expired). A retry keeps its number reserved; anything
+        else gives it up, so later messages do not wait for it."""
+        if not entry.seq:
+            return
+        headers = entry.message.headers or {}
+        if headers.get("eta") and headers.get("retries") and self._retry_in_place(headers):
+            self._reserve(key, entry.stream, entry.seq, _seconds_until(headers["eta"]))
+        else:
+            self._consume(key, entry.stream, entry.seq)
+
+    def _retry_in_place(self, headers: Any) -> bool:
+        task = self.app.tasks.get(headers.get("task"))
+        return bool(getattr(task, "sticky_retry_in_place", True))
+
+    def _reserve(self, key: GateKey, stream: str, seq: int, due_in: float = 0.0) -> None:
+        """Hold ``seq`` of ``stream`` for a retry: until it is due, then as long as a
+        gap may last (a retry that never comes does not stop the key for good)."""
+        until = time.monotonic() + max(due_in, 0.0) + self.node.config.gap_timeout
+        with self._lock:
+            self._reserved.setdefault(key, {})[stream] = (seq, until)
+
+    def _consume(self, key: GateKey, stream: str, seq: int) -> None:
+        try:
+            self.node.state.consume(key[0], key[1], stream, seq)
+        except Exception:
+            logger.exception("sticky: could not record number %s of %s:%s as done", seq, *key)
+        with self._lock:
+            self._records.pop(key, None)
+
     def _pop(self, key: GateKey, entry: _Entry) -> None:
         with self._lock:
             queue = self._queues.get(key)
@@ -249,8 +471,20 @@ class KeyGate:
             queue.popleft()
             if entry.task_id is not None and self._task_ids.get(entry.task_id) is entry:
                 del self._task_ids[entry.task_id]
+            # The task may have committed its number: read the record again.
+            self._records.pop(key, None)
+            reserved = self._reserved.get(key)
+            if (
+                reserved is not None
+                and entry.request is not None
+                and reserved.get(entry.stream, (0, 0.0))[0] == entry.seq
+            ):
+                del reserved[entry.stream]  # the retry ran (or gave its number up)
+                if not reserved:
+                    del self._reserved[key]
             if not queue:
                 del self._queues[key]
+                self._gap_waiting.discard(key)
                 if self._track_idle:
                     if _is_own_task(entry.message):
                         # end_workflow ended the key, move_key moved it away: neither
@@ -318,6 +552,8 @@ class KeyGate:
         if entry.request is None or entry.finished:
             # Celery dropped it (revoked, expired) or scheduled it (ETA), or the
             # pool ran it synchronously (solo): the key is free again.
+            if entry.request is None:
+                self._scheduled(entry.gate_key, entry)
             return _Outcome.DONE
         return _Outcome.RUNNING
 
@@ -339,10 +575,16 @@ class KeyGate:
         self.consumer.timer.call_after(delay, self._run_head, (key,))
 
     def _dead_letter(self, message: Message, reason: str) -> None:
-        """Poison: to the dead-letter queue (logged, counted); the worker goes on."""
+        """Poison: to the dead-letter queue (logged, counted); the worker goes on.
+
+        A message whose header could be read gives its number up (its later ones
+        do not wait for it, and no gap is reported for it)."""
         source = (message.delivery_info or {}).get("routing_key") or ""
         try:
             dead_letter(self.app, message, reason, source=str(source), where="gate")
+            header = StickyHeader.safe_from_headers(message.headers)
+            if header is not None and header.seq:
+                self._consume((header.workflow, header.key), header.stream, header.seq)
         except Exception:
             # The broker does not take it now: give it back (it comes again, or the
             # reconnect restores it) rather than lose it or stop the consumer.
@@ -364,6 +606,15 @@ class KeyGate:
                 self._finish(entry)
 
         def failure(*args: Any, **kwargs: Any) -> Any:
+            exc = getattr(args[0] if args else None, "exception", None)
+            if (
+                isinstance(exc, Retry)
+                and entry.seq
+                and self._retry_in_place(entry.message.headers or {})
+            ):
+                # Later messages of the key wait for the retry (before the key is
+                # released below, so none slips in).
+                self._reserve(entry.gate_key, entry.stream, entry.seq)
             try:
                 return on_failure(*args, **kwargs)
             finally:
@@ -459,6 +710,19 @@ def sticky_strategy(task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Cal
         )
 
     return sticky_task_message_handler
+
+
+def _seconds_until(eta: Any) -> float:
+    """Seconds until an ETA header (ISO 8601) is due; 0 when it cannot be read."""
+    try:
+        due = maybe_iso8601(eta)
+        if due is None:
+            return 0.0
+        if due.tzinfo is None:
+            due = due.replace(tzinfo=datetime.UTC)
+        return float((due - datetime.datetime.now(datetime.UTC)).total_seconds())
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _is_own_task(message: Message) -> bool:

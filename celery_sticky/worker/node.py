@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from ..errors import ConfigurationError, LeaseStoreUnavailable
 from ..lease import ClaimStatus, Heartbeat, Lease, LeaseStore, instance_token
+from ..local.node_state import NodeState, open_node_state
 from ..placement import decode_tags, encode_tags, fallback_policy, matches
 from ..settings import StickyConfig
 from .supervise import backoff
@@ -57,6 +58,11 @@ class StickyNode:
         self.on_superseded: Callable[[], None] = lambda: None
         #: Called (from the heartbeat thread) while rejoining, before registering again.
         self.on_rejoin: Callable[[], None] = lambda: None
+
+    @property
+    def state(self) -> NodeState:
+        """This node's local state, as this process opened it."""
+        return open_node_state(self.config, self.name)
 
     # -- liveness --------------------------------------------------------------
 

@@ -87,18 +87,30 @@ def take_all(channel: Any, queue: str) -> list[Message]:
 
 
 def in_publish_order(messages: list[Message]) -> list[Message]:
-    """Messages sorted by the publish time in their sticky header (stable).
+    """Messages in publish order: each producer stream's by sequence number.
 
     A broker may put messages back out of order: Redis restores a worker's
     prefetched messages reversed at shutdown, and requeues a rejected one at the
-    tail. Sorting by publish time restores each producer's order per key.
+    tail. Messages are first sorted by the publish time in their header (stable),
+    which interleaves producers about as they published; then each stream's
+    messages are put back in its own places in sequence order, since a
+    producer's clock may step back while its numbers never do. (The new owner's
+    gate orders by number anyway; this keeps it from waiting.)
     """
-
-    def sent(message: Message) -> int:
-        header = StickyHeader.safe_from_headers(message.headers)
-        return header.sent if header is not None else 0
-
-    return sorted(messages, key=sent)
+    headers = [StickyHeader.safe_from_headers(m.headers) for m in messages]
+    sent = [h.sent if h is not None else 0 for h in headers]
+    seq = [h.seq if h is not None else 0 for h in headers]
+    order = sorted(range(len(messages)), key=sent.__getitem__)
+    slots: dict[tuple[str, str, str], list[int]] = {}
+    for position, index in enumerate(order):
+        header = headers[index]
+        if header is not None and header.seq:
+            slots.setdefault((header.workflow, header.key, header.stream), []).append(position)
+    for places in slots.values():
+        indexes = sorted((order[p] for p in places), key=seq.__getitem__)
+        for place, index in zip(places, indexes, strict=True):
+            order[place] = index
+    return [messages[i] for i in order]
 
 
 def move_queue(

@@ -2,15 +2,25 @@
 
 Consumer steps restart on every broker reconnect. When the connection goes,
 kombu restores the messages the gate holds but has not started; the gate
-forgets them (they come back). At shutdown, first send the acknowledgements
-the consumer still holds back.
+forgets them (they come back). On Redis that restore runs on the connection
+that just failed, so it fails too when the broker is unreachable, and the
+messages would stay marked unacknowledged until ``visibility_timeout`` (an hour
+by default): once reconnected, the worker takes back what is still marked for
+its direct queue, in delivery order, before it consumes anything newer (the
+gate then runs each producer's messages in sequence order). At shutdown, first
+send the acknowledgements the consumer still holds back.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import bootsteps
+
+from ..reaper import restore_unacked
+
+logger = logging.getLogger(__name__)
 
 
 class StickyConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -18,6 +28,29 @@ class StickyConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
 
     label = "Sticky gate"
     requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, consumer: Any, **kwargs: Any) -> None:
+        super().__init__(consumer, **kwargs)
+        self._started = False
+
+    def start(self, consumer: Any) -> None:
+        if not self._started:
+            self._started = True  # the Sticky step took back its unacked ones at start
+            return
+        step = getattr(consumer.controller, "sticky", None)
+        if step is None or consumer.connection is None:
+            return
+        try:
+            restored = restore_unacked(consumer.connection.default_channel, step.node.queue)
+        except Exception:
+            logger.exception("sticky: could not take back unacked messages after a reconnect")
+            return
+        if restored:
+            logger.info(
+                "sticky: took back %d unacked message(s) of %s after a broker reconnect",
+                restored,
+                step.node.queue,
+            )
 
     def stop(self, consumer: Any) -> None:
         step = getattr(consumer.controller, "sticky", None)
