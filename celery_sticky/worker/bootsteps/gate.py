@@ -7,8 +7,11 @@ that just failed, so it fails too when the broker is unreachable, and the
 messages would stay marked unacknowledged until ``visibility_timeout`` (an hour
 by default): once reconnected, the worker takes back what is still marked for
 its direct queue, in delivery order, before it consumes anything newer (the
-gate then runs each producer's messages in sequence order). At shutdown, first
-send the acknowledgements the consumer still holds back.
+gate then runs each producer's messages in sequence order). With reliable
+delivery (:mod:`..delivery`) that is its whole in-flight list, messages of tasks
+still running included: their copies come back, and the gate holds them as
+copies of a running task or finds them applied. At shutdown, first send the
+acknowledgements the consumer still holds back.
 """
 
 from __future__ import annotations
