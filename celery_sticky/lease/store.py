@@ -525,13 +525,9 @@ class LeaseStore:
             for node, _ in beats:
                 pipe.hgetall(self.worker_key(node))
             pipe.hmget(self.keycount_key, [node for node, _ in beats] or ["-"])
-            *infos, counts = pipe.execute()
-            replies = []
-            for info, count in zip(infos, counts, strict=False):
-                replies += [info, count or 0]
+            *infos, counts = pipe.execute()  # the counts: one HMGET, O(workers)
             result = []
-            for i, (node, beat) in enumerate(beats):
-                info, keys = replies[2 * i], replies[2 * i + 1]
+            for (node, beat), info, keys in zip(beats, infos, counts, strict=False):
                 result.append(
                     WorkerInfo(
                         name=node,
@@ -539,7 +535,7 @@ class LeaseStore:
                         alive=beat >= now - self.config.lease_ttl,
                         capacity=int(info.get("capacity", 1)),
                         queue=info.get("queue", ""),
-                        keys=int(keys),
+                        keys=int(keys or 0),
                         draining=info.get("draining") == "1",
                         reaped=info.get("reaped") == "1",
                         reaped_at=(

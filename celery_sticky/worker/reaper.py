@@ -7,9 +7,10 @@ for each dead worker exactly one of them (a lock in Redis) restores the dead
 worker's unacknowledged messages to the head of its queue in delivery order,
 then takes the queue's messages one by one and republishes each to the key's new
 owner (a claim that takes the key over from the dead worker), then marks the
-worker reaped: only then may its other keys be taken over, so newer tasks never
-overtake the ones that were queued. It then hands those other keys over itself, a
-batch per Lua call, so none is left with a dead owner. On RabbitMQ the broker requeues a dead
+worker reaped: only then may its other keys be taken over (by their next task), so
+newer tasks never overtake the ones that were queued. A worker still dead a minute
+later is retired: the reaper hands the keys it still holds over itself, a batch per
+Lua call, so none is left with a forgotten owner. On RabbitMQ the broker requeues a dead
 connection's unacknowledged messages itself.
 """
 
@@ -164,16 +165,19 @@ def move_queue(
 
 
 def reap(app: Celery, store: LeaseStore, node: str, reaped_at: float | None = None) -> int:
-    """Move a dead worker's queue on, mark it reaped, hand its keys over; forget it
-    when long dead.
+    """Move a dead worker's queue on and mark it reaped; hand its keys over and forget
+    it when long dead.
 
     The first time (``reaped_at`` None) this restores its unacknowledged messages,
-    moves its queue, marks it reaped and moves what arrived meanwhile. Then every
-    key it still holds goes to a live worker (a take-over, as its next task would
-    do, in batches of about a thousand keys per Lua call: O(its keys), never a scan
-    of every key). Later passes move stragglers (tasks published under a lease
-    looked up just before), hand over what is left, and forget the worker
-    ``RETIRE_AFTER`` seconds after it was reaped.
+    moves its queue, marks it reaped and moves what arrived meanwhile: O(its queued
+    tasks), whatever the number of keys it holds. From then on any of its keys is
+    taken over by its next task; the others stay its own, so a worker that comes back
+    with the same name and disk soon after keeps them and their local state. Later
+    passes move stragglers (tasks published under a lease looked up just before);
+    ``RETIRE_AFTER`` seconds after it was reaped the worker is not coming back: every
+    key it still holds goes to a live worker (a take-over, as its next task would do,
+    about a thousand keys per Lua call: O(its keys), never a scan of every key), then
+    its queue and registry entries are deleted.
     """
     queue = store.config.direct_queue_name(node)
     if reaped_at is None:
@@ -188,8 +192,8 @@ def reap(app: Celery, store: LeaseStore, node: str, reaped_at: float | None = No
         moved = move_queue(app, store, queue, restore=False) if queue_size(app, queue) else 0
     if moved:
         logger.info("sticky: moved %d task(s) from dead worker %s", moved, node)
-    take_over_keys(store, node)
     if store.server_time() - reaped_at > RETIRE_AFTER:  # both by the server's clock
+        take_over_keys(store, node)
         with app.connection_for_write() as connection:
             direct_queue(queue).bind(connection.default_channel).delete()  # type: ignore[no-untyped-call]
         store.forget_worker(node)

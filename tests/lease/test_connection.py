@@ -131,7 +131,9 @@ def test_sentinel_failover_during_a_run(prefix: str, tmp_path: Path) -> None:
                 "the worker to heartbeat to the new master",
             )
             assert all(
-                promoted.hexists(f"{run.prefix}:leases:{LeaseStore.bucket('key', key)}", f"key:{key}")
+                promoted.hexists(
+                    f"{run.prefix}:leases:{LeaseStore.bucket('key', key)}", f"key:{key}"
+                )
                 for key in fresh
             )
         finally:

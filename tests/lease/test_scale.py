@@ -13,7 +13,7 @@ from celery import Celery
 from celery_sticky.lease import ClaimStatus, LeaseStore
 from celery_sticky.lease.store import LEASE_BUCKETS, OWNED_BUCKETS, bucket_of
 from celery_sticky.settings import StickyConfig
-from celery_sticky.worker.reaper import reap
+from celery_sticky.worker.reaper import RETIRE_AFTER, reap
 
 
 @pytest.fixture
@@ -151,8 +151,9 @@ def test_counts_stay_right_across_claim_release_takeover_move_and_reap(
 
 
 def test_a_reap_hands_every_key_over_and_leaves_no_stray_entry(make_store: Any) -> None:
-    """3,000 keys of a dead worker, through the reaper's own function: every key ends
-    with a live worker under a higher epoch, none with the dead one, nothing of it left."""
+    """3,000 keys of a dead worker, through the reaper's own function: reaped, they stay
+    its own (a restart with the same name keeps them); retired, every key ends with a
+    live worker under a higher epoch and nothing of the dead worker is left."""
     store: LeaseStore = make_store(30.0)
     for node in ("dead", "b", "c"):
         register(store, node, capacity=2 if node == "c" else 1)
@@ -173,8 +174,12 @@ def test_a_reap_hands_every_key_over_and_leaves_no_stray_entry(make_store: Any) 
     app = Celery("reaper", broker=os.environ["STICKY_TEST_REDIS_URL"], set_as_current=False)
     app.conf.update(sticky_key_prefix=store.prefix[:-1], sticky_lease_ttl=30.0)
     assert StickyConfig.from_app(app).key_prefix == store.config.key_prefix
+    assert reap(app, store, "dead") == 0  # no queued task
+    assert every_lease(store) == before, "reaped: its keys wait for their next task"
+    assert {w.name: w.reaped for w in store.workers()}["dead"]
     started = time.monotonic()
-    assert reap(app, store, "dead") == 0  # no queued task; every key handed over
+    retired = store.server_time() - RETIRE_AFTER - 1  # reaped long ago: retire it now
+    assert reap(app, store, "dead", reaped_at=retired) == 0
     elapsed = time.monotonic() - started
     after = every_lease(store)
     assert set(after) == set(before)
@@ -183,9 +188,11 @@ def test_a_reap_hands_every_key_over_and_leaves_no_stray_entry(make_store: Any) 
         assert owner in ("b", "c") and origin == "taken_over", (pair, owner)
         assert int(epoch or 0) > int(before[("order", pair)][1] or 0)
     assert after[("order", "elsewhere")] == before[("order", "elsewhere")]
+    assert "dead" not in {w.name for w in store.workers()}
     assert store.owned_count("dead") == 0
     node_id = store.node_id("dead")
     assert not list(store.redis.scan_iter(f"{store.prefix}owned:{node_id}:*", count=1000))
+    assert not store.redis.hexists(store.keycount_key, "dead")
     # least_loaded by capacity: c (2) gets about twice b's share
     assert abs(store.owned_count("c") - 2 * store.owned_count("b")) <= 3
     assert_counts_agree(store, ["dead", "b", "c"])
