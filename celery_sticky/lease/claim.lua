@@ -49,7 +49,7 @@ if lease then
       end
       -- The target died, or the move missed its deadline: the move is off.
       lease.moving_id = ''
-      lease_write(KEYS[1], member, lease)
+      writer().lease_write(KEYS[1], member, lease)
     end
     return {owner, lease.epoch, 0, '', ''}
   end
@@ -62,23 +62,24 @@ if lease then
   end
 end
 
+local P = placement()
 local required = parse_affinity(affinity)
 local candidate = ARGV[2]
 local over_limit = ''
 local chosen = nil
 if candidate ~= '' then
-  local f = fit(prefix, KEYS[2], deadline, candidate, required)
+  local f = P.fit(prefix, KEYS[2], deadline, candidate, required)
   if f and f.room then
     chosen = candidate
   end
 end
 
 if chosen == nil and ARGV[6] ~= 'none' then
-  local nodes, fits, any_room = live_fits(prefix, KEYS[2], deadline, required)
+  local nodes, fits, any_room = P.live_fits(prefix, KEYS[2], deadline, required)
   if candidate ~= '' and fits[candidate] and not any_room then
     chosen, over_limit = candidate, '1'  -- every match is full: the candidate keeps it
   else
-    chosen, over_limit = pick(nodes, fits, any_room, ARGV[6], member, tonumber(ARGV[8]))
+    chosen, over_limit = P.pick(nodes, fits, any_room, ARGV[6], member, tonumber(ARGV[8]))
   end
 end
 
@@ -89,16 +90,17 @@ if chosen == nil then
   return {'', '0', -1, '', ''}
 end
 
-local epoch = next_epoch(KEYS[3], now)
+local W = writer()
+local epoch = W.next_epoch(KEYS[3], now)
 local status, origin = 1, 'claimed'
 if lease then
-  disown(prefix, owner, lease.owner_id, bucket, member)
+  W.disown(prefix, owner, lease.owner_id, bucket, member)
   status, origin = 2, 'taken_over'
 end
-local id = node_id(prefix, chosen, true)
-lease_write(KEYS[1], member, {
+local id = W.node_id(prefix, chosen, true)
+W.lease_write(KEYS[1], member, {
   owner_id = id, epoch = epoch, since = string.format('%.3f', now), origin = origin,
   moving_id = '', moving_until = 0, affinity = affinity,
 })
-own(prefix, chosen, id, bucket, member)
+W.own(prefix, chosen, id, bucket, member)
 return {chosen, epoch, status, owner or '', over_limit}

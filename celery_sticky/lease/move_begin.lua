@@ -46,7 +46,8 @@ for _, tag in ipairs(parse_affinity(lease.affinity)) do
     return {-3, owner, epoch}
   end
 end
-lease.moving_id = node_id(prefix, ARGV[3], true)
+local W = writer()
+lease.moving_id = W.node_id(prefix, ARGV[3], true)
 lease.moving_until = now + tonumber(ARGV[5])
-lease_write(KEYS[1], ARGV[6], lease)
+W.lease_write(KEYS[1], ARGV[6], lease)
 return {1, owner, epoch}

@@ -12,6 +12,7 @@
 -- off; the owner keeps it).
 local now = server_now()
 local prefix = ARGV[2]
+local W = writer()
 local lease = lease_read(prefix, KEYS[1], ARGV[3])
 if not lease or lease.owner ~= ARGV[4] or lease.epoch ~= ARGV[5]
     or lease.moving_to ~= ARGV[6] then
@@ -22,16 +23,16 @@ if not beat or tonumber(beat) < now - tonumber(ARGV[1])
     or redis.call('HGET', prefix .. 'worker:' .. ARGV[6], 'draining') == '1'
     or lease.moving_until < now then
   lease.moving_id = ''
-  lease_write(KEYS[1], ARGV[3], lease)
+  W.lease_write(KEYS[1], ARGV[3], lease)
   return {0, lease.owner, lease.epoch}
 end
 local new_epoch = string.format('%.0f', redis.call('INCR', KEYS[3]))
 local bucket = tonumber(ARGV[7])
-disown(prefix, lease.owner, lease.owner_id, bucket, ARGV[3])
+W.disown(prefix, lease.owner, lease.owner_id, bucket, ARGV[3])
 local id = lease.moving_id
-lease_write(KEYS[1], ARGV[3], {
+W.lease_write(KEYS[1], ARGV[3], {
   owner_id = id, epoch = new_epoch, since = string.format('%.3f', now), origin = 'moved',
   moving_id = '', moving_until = 0, affinity = lease.affinity,
 })
-own(prefix, ARGV[6], id, bucket, ARGV[3])
+W.own(prefix, ARGV[6], id, bucket, ARGV[3])
 return {1, ARGV[6], new_epoch}

@@ -25,7 +25,8 @@ if (beat and tonumber(beat) >= deadline)
     or redis.call('HGET', prefix .. 'worker:' .. dead, 'reaped') ~= '1' then
   return {-1, 0, 0, 'not_reaped'}
 end
-local id = node_id(prefix, dead, false)
+local W, P = writer(), placement()
+local id = W.node_id(prefix, dead, false)
 if id == '' then
   return {-1, 0, 0, 'ok'}
 end
@@ -36,7 +37,7 @@ local function candidates(affinity)
   local nodes = eligible[affinity]
   if nodes == nil then
     local fits
-    nodes, fits = live_fits(prefix, KEYS[1], deadline, parse_affinity(affinity))
+    nodes, fits = P.live_fits(prefix, KEYS[1], deadline, parse_affinity(affinity))
     for _, node in ipairs(nodes) do
       shared[node] = shared[node] or fits[node]
     end
@@ -54,28 +55,28 @@ local moved, left, seen = 0, 0, 0
 local budget = tonumber(ARGV[5])
 local b = tonumber(ARGV[4])
 while b < OWNED_BUCKETS and seen < budget do
-  for _, member in ipairs(redis.call('HKEYS', owned_bucket_key(prefix, id, b))) do
+  for _, member in ipairs(redis.call('HKEYS', W.owned_bucket_key(prefix, id, b))) do
     seen = seen + 1
-    local lb = bucket_of(member)
-    local lkey = lease_bucket_key(prefix, lb)
+    local lb = W.bucket_of(member)
+    local lkey = W.lease_bucket_key(prefix, lb)
     local lease = lease_read(prefix, lkey, member)
     if not lease or lease.owner_id ~= id then
-      disown(prefix, dead, id, lb, member)  -- a stray entry
+      W.disown(prefix, dead, id, lb, member)  -- a stray entry
     else
       local nodes, any_room = candidates(lease.affinity)
       local rand = tonumber(string.sub(redis.sha1hex(ARGV[7] .. member), 1, 13), 16)
                    / 4503599627370496
-      local chosen = pick(nodes, shared, any_room, ARGV[6], member, rand)
+      local chosen = P.pick(nodes, shared, any_room, ARGV[6], member, rand)
       if chosen == nil then
         left = left + 1
       else
-        disown(prefix, dead, id, lb, member)
-        local chosen_id = node_id(prefix, chosen, true)
-        lease_write(lkey, member, {
-          owner_id = chosen_id, epoch = next_epoch(KEYS[2], now), since = since,
+        W.disown(prefix, dead, id, lb, member)
+        local chosen_id = W.node_id(prefix, chosen, true)
+        W.lease_write(lkey, member, {
+          owner_id = chosen_id, epoch = W.next_epoch(KEYS[2], now), since = since,
           origin = 'taken_over', moving_id = '', moving_until = 0, affinity = lease.affinity,
         })
-        own(prefix, chosen, chosen_id, lb, member)
+        W.own(prefix, chosen, chosen_id, lb, member)
         local f = shared[chosen]
         f.keys = f.keys + 1
         f.room = f.limit == nil or f.keys < f.limit

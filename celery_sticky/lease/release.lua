@@ -15,5 +15,5 @@ if ARGV[4] ~= '' and lease.epoch ~= ARGV[4] then
   return 0
 end
 redis.call('HDEL', KEYS[1], ARGV[2])
-disown(ARGV[1], lease.owner, lease.owner_id, tonumber(ARGV[5]), ARGV[2])
+writer().disown(ARGV[1], lease.owner, lease.owner_id, tonumber(ARGV[5]), ARGV[2])
 return 1
