@@ -49,9 +49,9 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_TIMEOUT = 4
 
-#: Buckets examined per SCAN/SSCAN call. Fixed, so a cursor that resumes inside a
+#: Lease (or owned) buckets read per call. Fixed, so a cursor that resumes inside a
 #: batch sees the same batch again (see :func:`_scan_page`).
-SCAN_COUNT = 500
+SCAN_COUNT = 256
 
 
 class CommandError(click.ClickException):
@@ -422,30 +422,26 @@ def keys(
 ) -> None:
     """Leased keys, a page at a time.
 
-    Pages come from SCAN over the lease keys (SSCAN of the worker's owned set with
-    --worker), never KEYS: Redis is not blocked however many keys there are. Pass
+    Pages come from the lease buckets a batch at a time (the worker's owned buckets
+    with --worker), never KEYS: Redis is not blocked however many keys there are. Pass
     the cursor a page ends with to get the next one, with the same filters.
     """
     store = _store(ctx)
+    match = f"{_glob_escape(workflow)}:*" if workflow else None
     if worker is not None:
         if not store.is_registered(worker):
             raise NotFound(f"unknown worker {worker!r}: not in the lease store's registry")
-        match = f"{_glob_escape(workflow)}:*" if workflow else None
 
         def scan(position: int) -> tuple[int, list[str]]:
             return store.scan_owned(worker, position, match, SCAN_COUNT)
 
-        members, next_cursor = _scan_page(scan, cursor, limit)
-        pairs = [tuple(member.split(":", 1)) for member in members]
     else:
-        lease_prefix = store.lease_key_prefix
-        pattern = _glob_escape(lease_prefix) + (f"{_glob_escape(workflow)}:*" if workflow else "*")
 
         def scan(position: int) -> tuple[int, list[str]]:
-            return store.scan_lease_keys(position, pattern, SCAN_COUNT)
+            return store.scan_leases(position, match, SCAN_COUNT)
 
-        names, next_cursor = _scan_page(scan, cursor, limit)
-        pairs = [tuple(name[len(lease_prefix) :].split(":", 1)) for name in names]
+    members, next_cursor = _scan_page(scan, cursor, limit)
+    pairs = [tuple(member.split(":", 1)) for member in members]
     pairs = [pair for pair in pairs if len(pair) == 2]
     leases = store.lease_rows(pairs)
     alive = {w.name: w.alive and not w.draining for w in store.workers()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from .handoff import Copies, open_handoff_store
@@ -25,39 +26,56 @@ from .settings import StickyConfig
 if TYPE_CHECKING:
     from celery import Celery
 
-#: Most leases a process caches before it forgets the oldest half.
+#: Most leases a process caches; past that the least recently used one goes.
 ROUTE_CACHE_LIMIT = 100_000
 
 
 class RouteCache:
     """Leases a producer looked up: ``(workflow, key) -> (queue, epoch)`` for a few seconds.
 
-    A stale entry is harmless (the receiving worker checks ownership and
-    forwards); entries are dropped when this process releases or moves the key.
+    A bounded LRU: at ``limit`` entries a new one pushes out the least recently used,
+    one at a time, so hot keys stay cached however many distinct keys pass through
+    (a publish costs the same with 10 keys or a million). A stale entry is harmless
+    (the receiving worker checks ownership and forwards); entries are dropped when
+    this process releases or moves the key.
+
+    An ``OrderedDict`` rather than ``cachetools.TTLCache``: a hit here is one C-level
+    ``get`` and ``move_to_end`` without a lock (each is atomic under the GIL), where
+    cachetools' caches are not safe to read from several threads without one and would
+    be a new dependency of every producer.
     """
 
     def __init__(self, ttl: float, limit: int = ROUTE_CACHE_LIMIT) -> None:
         self.ttl = ttl
-        self.limit = limit
-        self._entries: dict[tuple[str, str], tuple[float, str, int]] = {}
+        self.limit = max(int(limit), 1)
+        self._entries: OrderedDict[tuple[str, str], tuple[float, str, int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, workflow: str, key: str, now: float) -> tuple[str, int] | None:
-        entry = self._entries.get((workflow, key))
+        pair = (workflow, key)
+        entry = self._entries.get(pair)
         if entry is None or entry[0] <= now:
             return None
+        try:  # noqa: SIM105 (a bare try costs nothing on the publish path; suppress() does)
+            self._entries.move_to_end(pair)
+        except KeyError:  # evicted or forgotten by another thread meanwhile
+            pass
         return entry[1], entry[2]
 
     def put(self, workflow: str, key: str, queue: str, epoch: int, now: float) -> None:
+        pair = (workflow, key)
         with self._lock:
-            if len(self._entries) >= self.limit:
-                # dicts keep insertion order: drop the older half, keep the hot rest.
-                for stale in list(self._entries)[: self.limit // 2]:
-                    del self._entries[stale]
-            self._entries[(workflow, key)] = (now + self.ttl, queue, epoch)
+            self._entries[pair] = (now + self.ttl, queue, epoch)
+            self._entries.move_to_end(pair)
+            while len(self._entries) > self.limit:
+                self._entries.popitem(last=False)
 
     def forget(self, workflow: str, key: str) -> None:
-        self._entries.pop((workflow, key), None)
+        with self._lock:
+            self._entries.pop((workflow, key), None)
+
+    def __contains__(self, pair: object) -> bool:
+        return pair in self._entries
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -142,6 +142,13 @@ def _record_step(self: Any, key: str, step: int, duration: float, state: Any) ->
 
 
 @sticky_task(key="key", bind=True)
+def stateless_step(self: Any, key: str, step: int) -> int:
+    """A sticky step without a state handle (it commits nothing); logs where it ran."""
+    record({"key": key, "step": step, "node": self.request.hostname, "start": time.time()})
+    return step
+
+
+@sticky_task(key="key", bind=True)
 def read_state(self: Any, key: str, *, state: Any) -> dict[str, Any]:
     """Everything the key's state holds, and where it was read."""
     return {"node": self.request.hostname, "state": dict(state.items())}

@@ -270,3 +270,17 @@ def test_a_dead_lettered_message_gives_its_number_up(cluster: Any, sticky_app: A
     sent = time.monotonic()
     assert task.apply_async((key, 3), headers=_numbered(key, stream, 3)).get(timeout=60) == [1, 3]
     assert time.monotonic() - sent < 15, "number 3 waited for the dead-lettered number 2"
+
+
+def test_steps_of_a_task_without_state_keep_their_order_without_waiting(
+    cluster: Any, sticky_app: Any, events: Any
+) -> None:
+    """A sticky task with no ``state`` parameter commits nothing: the gate records its
+    number itself, so the key's next step does not wait ``sticky_gap_timeout``."""
+    task = sticky_app.tasks["tests.cluster_app.stateless_step"]
+    key = unique("stateless")
+    sent = time.monotonic()
+    results = [task.delay(key, step) for step in range(4)]
+    assert [r.get(timeout=60) for r in results] == [0, 1, 2, 3]
+    assert time.monotonic() - sent < 15, "a step waited for a number already run"
+    assert [e["step"] for e in sorted(events(key), key=lambda e: e["start"])] == [0, 1, 2, 3]

@@ -110,6 +110,9 @@ def test_moving_a_busy_key_keeps_its_order_and_state(
     assert task.delay(key, 12).get(timeout=30) == list(range(13))
     info = lease_store(app).lookup("key", key)
     assert info is not None and (info.owner, info.origin) == (R2, "moved")
+    # The target waited for the move, not for a number it took as missing.
+    gaps = [line for line in _cluster.workers[R2].log().splitlines() if f"gap in key:{key}" in line]
+    assert gaps == [], gaps
 
 
 def test_move_refuses_what_it_must_not_do(moving: Any, sub: str) -> None:

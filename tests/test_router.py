@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import chain, group
 
-from celery_sticky.context import lease_store
+from celery_sticky.context import RouteCache, lease_store
 from celery_sticky.producer.install import router_of
 from celery_sticky.wire import HEADER
 from tests.conftest import unique
@@ -81,3 +81,44 @@ def test_callable_key_and_explicit_workflow(sticky_app: Any, cluster: Any) -> No
     assert (first["count"], second["count"], other["count"]) == (1, 2, 1)
     assert first["node"] == second["node"]
     assert lease_store(sticky_app).lookup("tenant_order", f"{tenant}/7") is not None
+
+
+# -- the router's lease cache: a bounded LRU ------------------------------------------
+
+
+def test_route_cache_evicts_the_least_recently_used_one_at_a_time() -> None:
+    cache = RouteCache(ttl=60.0, limit=1000)
+    for i in range(1000):
+        cache.put("key", str(i), f"q{i % 3}", i, now=0.0)
+    assert cache.get("key", "0", now=1.0) == ("q0", 0)  # used: now the most recent
+    cache.put("key", "new", "q1", 5000, now=1.0)  # full: pushes out one, the oldest unused
+    assert len(cache) == 1000
+    assert cache.get("key", "1", now=1.0) is None
+    assert cache.get("key", "0", now=1.0) == ("q0", 0)
+    assert all(cache.get("key", str(i), now=1.0) is not None for i in range(2, 1000))
+    assert cache.get("key", "new", now=1.0) == ("q1", 5000)
+
+
+def test_route_cache_keeps_hot_keys_while_a_million_others_pass() -> None:
+    """Never cleared whole: a hot key used now and then survives any number of cold ones."""
+    cache = RouteCache(ttl=1e9, limit=10_000)
+    hot = [("hot", str(i)) for i in range(100)]
+    for workflow, key in hot:
+        cache.put(workflow, key, "q", 1, now=0.0)
+    for n in range(1_000_000):
+        cache.put("cold", str(n), "q", 1, now=0.0)
+        if n % 1000 == 0:
+            for workflow, key in hot:
+                assert cache.get(workflow, key, now=0.0) == ("q", 1), (n, key)
+        assert len(cache) <= 10_000
+    assert len(cache) == 10_000
+
+
+def test_route_cache_entries_still_expire_and_can_be_forgotten() -> None:
+    cache = RouteCache(ttl=5.0, limit=10)
+    cache.put("key", "a", "q", 1, now=100.0)
+    assert cache.get("key", "a", now=104.9) == ("q", 1)
+    assert cache.get("key", "a", now=105.0) is None
+    cache.put("key", "b", "q", 2, now=100.0)
+    cache.forget("key", "b")
+    assert cache.get("key", "b", now=100.0) is None and ("key", "b") not in cache

@@ -9,6 +9,7 @@ writes are listed in :mod:`celery_sticky.lease`.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import os
 import random
@@ -60,6 +61,17 @@ class LeaseInfo(NamedTuple):
     origin: str  # "claimed", "taken_over" from a dead owner (its state may be lost), "moved"
     affinity: str = ""  # the tags its holder must carry ('name=value,...')
     moving_to: str = ""  # the worker a move under way hands it to
+    since: float | None = None  # server time its owner took it
+
+
+class Reaped(NamedTuple):
+    """What :meth:`LeaseStore.take_over_keys` did: keys handed over to live workers,
+    keys left with the dead worker (no live worker may take them: their affinity),
+    and whether the worker was (still) reaped and not live."""
+
+    moved: int
+    left: int
+    reaped: bool
 
 
 class Heartbeat(NamedTuple):
@@ -101,8 +113,52 @@ class WorkerInfo:
         return self.keys / max(self.capacity, 1)
 
 
+#: Lease buckets: ``<prefix>:leases:<b>``, b from :meth:`LeaseStore.bucket` (and
+#: ``bucket_of`` in lease.lua). About 61 leases each at a million keys, so each stays a
+#: listpack under Redis's default ``hash-max-listpack-entries`` (128).
+LEASE_BUCKETS = 16384
+#: Owned buckets per worker: ``<prefix>:owned:<id>:<b % 4096>`` (about 24 keys each for
+#: a worker holding 100,000).
+OWNED_BUCKETS = 4096
+#: Owned buckets one reap_keys.lua call starts from at most, and keys it hands over
+#: per call (about): a call blocks Redis for a few milliseconds.
+REAP_BATCH_KEYS = 1000
+#: Scripts that read or write a lease: lease.lua goes in front of each.
+_LEASE_SCRIPTS = {
+    "claim",
+    "lookup",
+    "release",
+    "copy_switch",
+    "move_begin",
+    "move_commit",
+    "reap_keys",
+}
+_ORIGINS = {"c": "claimed", "t": "taken_over", "m": "moved"}
+
+
 def _load_script(name: str) -> str:
-    return resources.files(__package__).joinpath(f"{name}.lua").read_text()
+    text = resources.files(__package__).joinpath(f"{name}.lua").read_text()
+    if name in _LEASE_SCRIPTS:
+        return _load_script("lease") + text
+    return text
+
+
+def bucket_of(member: str) -> int:
+    """The lease bucket of ``'<workflow>:<key>'``; lease.lua's ``bucket_of`` computes the same."""
+    return int(hashlib.sha1(member.encode()).hexdigest()[:8], 16) % LEASE_BUCKETS
+
+
+def decode_lease(raw: str, names: dict[str, str]) -> tuple[str, int, str, float, str]:
+    """``(owner, epoch, origin, since, affinity)`` of a packed lease (see lease.lua);
+    ``names`` maps node ids to names."""
+    owner_id, epoch, since, origin, _moving, _until, affinity = raw.split("|", 6)
+    return (
+        names.get(owner_id, ""),
+        int(epoch or 0),
+        _ORIGINS.get(origin, "claimed"),
+        float(since or 0),
+        affinity,
+    )
 
 
 class LeaseStore:
@@ -130,11 +186,24 @@ class LeaseStore:
         self._deregister: Script = self.redis.register_script(_load_script("deregister"))
         self._move_begin: Script = self.redis.register_script(_load_script("move_begin"))
         self._move_commit: Script = self.redis.register_script(_load_script("move_commit"))
+        self._reap_keys: Script = self.redis.register_script(_load_script("reap_keys"))
 
     # -- Redis key names -------------------------------------------------------
 
+    @staticmethod
+    def bucket(workflow: str, key: str) -> int:
+        """The key's lease bucket number (0 .. LEASE_BUCKETS - 1)."""
+        return bucket_of(f"{workflow}:{key}")
+
     def lease_key(self, workflow: str, key: str) -> str:
-        return f"{self.prefix}lease:{workflow}:{key}"
+        """The Redis hash that holds the key's lease (with those of its bucket)."""
+        return f"{self.prefix}leases:{self.bucket(workflow, key)}"
+
+    def _lease_args(self, workflow: str, key: str) -> tuple[str, str, int]:
+        """``(bucket hash, member, bucket number)`` of a key."""
+        member = f"{workflow}:{key}"
+        bucket = bucket_of(member)
+        return f"{self.prefix}leases:{bucket}", member, bucket
 
     @property
     def workers_key(self) -> str:
@@ -143,8 +212,21 @@ class LeaseStore:
     def worker_key(self, node: str) -> str:
         return f"{self.prefix}worker:{node}"
 
-    def owned_key(self, node: str) -> str:
-        return f"{self.prefix}owned:{node}"
+    @property
+    def keycount_key(self) -> str:
+        return f"{self.prefix}keycount"
+
+    def node_id(self, node: str) -> str | None:
+        """The node's short id in the lease records, or None when it never held a key."""
+        found = self.guard(lambda: self.redis.hget(f"{self.prefix}node-id", node))
+        return str(found) if found else None
+
+    def _owned_buckets(self, node_id: str) -> list[str]:
+        return [f"{self.prefix}owned:{node_id}:{b}" for b in range(OWNED_BUCKETS)]
+
+    def _node_names(self) -> dict[str, str]:
+        names: dict[str, str] = self.redis.hgetall(f"{self.prefix}node-name")
+        return names
 
     @property
     def epoch_key(self) -> str:
@@ -174,18 +256,20 @@ class LeaseStore:
         nobody (``UNOWNED``). A dead owner whose queue was not reaped yet keeps
         the key (``PENDING``) unless ``force`` (the reaper moving that queue on).
         """
+        bucket_key, member, bucket = self._lease_args(workflow, key)
         owner, epoch, status, previous, over_limit = self._call(
             self._claim,
-            keys=[self.lease_key(workflow, key), self.workers_key, self.epoch_key],
+            keys=[bucket_key, self.workers_key, self.epoch_key],
             args=[
                 self.config.lease_ttl,
                 candidate,
                 self.prefix,
-                f"{workflow}:{key}",
+                member,
                 "1" if force else "",
                 policy,
                 affinity,
                 repr(random.random()),
+                bucket,
             ],
         )
         return Lease(owner, int(epoch), ClaimStatus(int(status)), previous, over_limit == "1")
@@ -202,14 +286,16 @@ class LeaseStore:
         claims afresh. ``ended``: the workflow ended, and this is the key's record of
         applied producer numbers, kept for ``sticky_finished_dedup_ttl`` seconds
         (:meth:`ended_streams`)."""
+        bucket_key, member, bucket = self._lease_args(workflow, key)
         released = self._call(
             self._release,
-            keys=[self.lease_key(workflow, key), self.ended_key(workflow, key)],
+            keys=[bucket_key, self.ended_key(workflow, key)],
             args=[
                 self.prefix,
-                f"{workflow}:{key}",
+                member,
                 owner,
                 str(epoch) if epoch else "",
+                bucket,
                 json.dumps(ended, separators=(",", ":")) if ended else "",
                 max(1, int(self.config.finished_dedup_ttl)),
             ],
@@ -249,10 +335,11 @@ class LeaseStore:
         producer numbers (``streams``, see :meth:`copy_streams`). Returns ``(switched,
         previous version)``. ``fenced=False`` skips the check: only the nemesis
         checker's broken build does."""
+        bucket_key, member, _bucket = self._lease_args(workflow, key)
         switched, previous = self._call(
             self._copy_switch,
             keys=[
-                self.lease_key(workflow, key),
+                bucket_key,
                 self.workers_key,
                 self.copy_pointer_key(workflow, key),
                 version_key,
@@ -264,6 +351,8 @@ class LeaseStore:
                 epoch,
                 version,
                 "1" if fenced else "0",
+                self.prefix,
+                member,
                 json.dumps(streams, separators=(",", ":")) if streams is not None else "",
             ],
         )
@@ -327,19 +416,21 @@ class LeaseStore:
 
         Returns ``(status, owner, epoch)``.
         """
+        bucket_key, member, _bucket = self._lease_args(workflow, key)
         status, current, epoch = self._call(
             self._move_begin,
-            keys=[self.lease_key(workflow, key), self.workers_key],
-            args=[self.config.lease_ttl, self.prefix, target, owner, deadline],
+            keys=[bucket_key, self.workers_key],
+            args=[self.config.lease_ttl, self.prefix, target, owner, deadline, member],
         )
         return int(status), str(current), int(epoch)
 
     def commit_move(self, workflow: str, key: str, owner: str, epoch: int, target: str) -> Lease:
         """Make ``target`` the owner under a new epoch; ``CLAIMED`` when moved, else ``OWNED``."""
+        bucket_key, member, bucket = self._lease_args(workflow, key)
         moved, current, new_epoch = self._call(
             self._move_commit,
-            keys=[self.lease_key(workflow, key), self.workers_key, self.epoch_key],
-            args=[self.config.lease_ttl, self.prefix, f"{workflow}:{key}", owner, epoch, target],
+            keys=[bucket_key, self.workers_key, self.epoch_key],
+            args=[self.config.lease_ttl, self.prefix, member, owner, epoch, target, bucket],
         )
         status = ClaimStatus.CLAIMED if int(moved) else ClaimStatus.OWNED
         return Lease(str(current), int(new_epoch), status, owner if int(moved) else "")
@@ -413,29 +504,64 @@ class LeaseStore:
 
         return self.guard(mark)
 
+    def take_over_keys(
+        self, node: str, policy: str = "least_loaded", batch: int = REAP_BATCH_KEYS
+    ) -> Reaped:
+        """Hand every key of a reaped, dead ``node`` to live workers (reap_keys.lua, one
+        call per batch of about ``batch`` keys: O(its keys), never a scan of every key)."""
+        moved = left = 0
+        position = 0
+        salt = uuid.uuid4().hex
+        while position >= 0:
+            position, done, stayed, status = self._call(
+                self._reap_keys,
+                keys=[self.workers_key, self.epoch_key],
+                args=[self.config.lease_ttl, self.prefix, node, position, batch, policy, salt],
+            )
+            position = int(position)
+            if status != "ok":
+                return Reaped(moved, left, False)
+            moved, left = moved + int(done), left + int(stayed)
+        return Reaped(moved, left, True)
+
     def forget_worker(self, node: str) -> None:
-        """Drop a long-dead, reaped worker from the registry."""
+        """Drop a long-dead, reaped worker from the registry, with its key entries
+        (UNLINK of its owned buckets, a batch at a time). A lease it still holds (no
+        live worker could take it) stays: its next task takes it over."""
 
         def forget() -> None:
+            node_id = self.redis.hget(f"{self.prefix}node-id", node)
             pipe = self.redis.pipeline()
             pipe.zrem(self.workers_key, node)
-            pipe.delete(self.worker_key(node), self.owned_key(node))
+            pipe.delete(self.worker_key(node))
+            pipe.hdel(self.keycount_key, node)
             pipe.execute()
+            if node_id:
+                names = self._owned_buckets(str(node_id))
+                for start in range(0, len(names), 512):
+                    self.redis.unlink(*names[start : start + 512])
 
         self.guard(forget)
 
     def lookup(self, workflow: str, key: str) -> LeaseInfo | None:
         """The key's lease as it stands (see :class:`LeaseInfo`), or None when nobody holds it."""
+        bucket_key, member, _bucket = self._lease_args(workflow, key)
         found = self._call(
             self._lookup,
-            keys=[self.lease_key(workflow, key), self.workers_key],
-            args=[self.config.lease_ttl],
+            keys=[bucket_key, self.workers_key],
+            args=[self.config.lease_ttl, self.prefix, member],
         )
         if not found:
             return None
-        owner, epoch, alive, origin, affinity, moving_to = found
+        owner, epoch, alive, origin, affinity, moving_to, since = found
         return LeaseInfo(
-            str(owner), int(epoch), bool(int(alive)), str(origin), str(affinity), str(moving_to)
+            str(owner),
+            int(epoch),
+            bool(int(alive)),
+            str(origin),
+            str(affinity),
+            str(moving_to),
+            float(since) if since else None,
         )
 
     def workers(self) -> list[WorkerInfo]:
@@ -447,11 +573,10 @@ class LeaseStore:
             pipe = self.redis.pipeline(transaction=False)
             for node, _ in beats:
                 pipe.hgetall(self.worker_key(node))
-                pipe.scard(self.owned_key(node))
-            replies = pipe.execute()
+            pipe.hmget(self.keycount_key, [node for node, _ in beats] or ["-"])
+            *infos, counts = pipe.execute()  # the counts: one HMGET, O(workers)
             result = []
-            for i, (node, beat) in enumerate(beats):
-                info, keys = replies[2 * i], replies[2 * i + 1]
+            for (node, beat), info, keys in zip(beats, infos, counts, strict=False):
                 result.append(
                     WorkerInfo(
                         name=node,
@@ -459,7 +584,7 @@ class LeaseStore:
                         alive=beat >= now - self.config.lease_ttl,
                         capacity=int(info.get("capacity", 1)),
                         queue=info.get("queue", ""),
-                        keys=int(keys),
+                        keys=int(keys or 0),
                         draining=info.get("draining") == "1",
                         reaped=info.get("reaped") == "1",
                         reaped_at=(
@@ -476,14 +601,21 @@ class LeaseStore:
         return self.guard(read)
 
     def owned_keys(self, node: str) -> set[tuple[str, str]]:
-        """The ``(workflow, key)`` pairs registered to ``node``."""
-        members = self.guard(lambda: self.redis.smembers(self.owned_key(node)))
+        """The ``(workflow, key)`` pairs registered to ``node`` (its owned buckets,
+        read a pipelined batch at a time)."""
+        members: list[str] = []
+        position = 0
+        while True:
+            position, page = self.scan_owned(node, position, None, 512)
+            members += page
+            if position == 0:
+                break
         pairs = (str(member).split(":", 1) for member in members)
         return {(workflow, key) for workflow, key in pairs}
 
     def owned_count(self, node: str) -> int:
-        """How many keys are registered to ``node``."""
-        return int(self.guard(lambda: self.redis.scard(self.owned_key(node))))
+        """How many keys are registered to ``node`` (a counter the scripts keep: O(1))."""
+        return int(self.guard(lambda: self.redis.hget(self.keycount_key, node)) or 0)
 
     def is_registered(self, node: str) -> bool:
         """Whether ``node`` is in the worker registry (alive or not)."""
@@ -491,39 +623,75 @@ class LeaseStore:
 
     def lease_since(self, workflow: str, key: str) -> float | None:
         """Server time the key's current owner took it, or None when nobody holds it."""
-        since = self.guard(lambda: self.redis.hget(self.lease_key(workflow, key), "since"))
-        return float(since) if since else None
+        info = self.lookup(workflow, key)
+        return info.since if info is not None else None
+
+    def _scan_buckets(self, names: Sequence[str], match: str | None) -> list[str]:
+        """Every field of the hashes ``names`` matching the glob ``match`` (pipelined
+        HSCANs; a bucket that is no listpack may take more than one)."""
+        found: list[str] = []
+        pending = [(name, 0) for name in names]
+        while pending:
+            pipe = self.redis.pipeline(transaction=False)
+            for name, cursor in pending:
+                pipe.hscan(name, cursor, match=match, count=1000)
+            replies = pipe.execute()
+            following = []
+            for (name, _), (cursor, fields) in zip(pending, replies, strict=True):
+                found += [str(field) for field in fields]
+                if int(cursor):
+                    following.append((name, int(cursor)))
+            pending = following
+        return found
 
     def scan_owned(
         self, node: str, position: int, match: str | None, count: int
     ) -> tuple[int, list[str]]:
-        """One SSCAN page of ``node``'s owned set: ``(next position, ['<workflow>:<key>'])``."""
-        page: tuple[int, list[str]] = self.guard(
-            lambda: self.redis.sscan(self.owned_key(node), position, match=match, count=count)
-        )
-        return page
+        """One page of ``node``'s owned keys: ``count`` owned buckets from ``position``,
+        ``(next position or 0 at the end, ['<workflow>:<key>'])``; ``match`` is a glob
+        over members."""
 
-    @property
-    def lease_key_prefix(self) -> str:
-        """What every lease key starts with (``<prefix>lease:``)."""
-        return f"{self.prefix}lease:"
+        def page() -> tuple[int, list[str]]:
+            node_id = self.redis.hget(f"{self.prefix}node-id", node)
+            if not node_id:
+                return 0, []
+            end = min(position + max(count, 1), OWNED_BUCKETS)
+            names = [f"{self.prefix}owned:{node_id}:{b}" for b in range(position, end)]
+            return (0 if end >= OWNED_BUCKETS else end), self._scan_buckets(names, match)
 
-    def scan_lease_keys(self, position: int, match: str, count: int) -> tuple[int, list[str]]:
-        """One SCAN page of lease keys matching ``match`` (a glob over whole key names)."""
-        page: tuple[int, list[str]] = self.guard(
-            lambda: self.redis.scan(position, match=match, count=count)
-        )
-        return page
+        return self.guard(page)
+
+    def scan_leases(self, position: int, match: str | None, count: int) -> tuple[int, list[str]]:
+        """One page of every lease: ``count`` lease buckets from ``position``,
+        ``(next position or 0 at the end, ['<workflow>:<key>'])``; ``match`` is a glob
+        over members. A whole pass reads every bucket: for listings, never a hot path."""
+
+        def page() -> tuple[int, list[str]]:
+            end = min(position + max(count, 1), LEASE_BUCKETS)
+            names = [f"{self.prefix}leases:{b}" for b in range(position, end)]
+            return (0 if end >= LEASE_BUCKETS else end), self._scan_buckets(names, match)
+
+        return self.guard(page)
 
     def lease_rows(self, pairs: Sequence[Sequence[str]]) -> list[list[str | None]]:
-        """``[owner, epoch, origin]`` of each ``(workflow, key)``, one pipelined read."""
+        """``[owner, epoch, origin]`` of each ``(workflow, key)`` (Nones when nobody holds
+        it), one pipelined read."""
 
         def read() -> list[list[str | None]]:
             pipe = self.redis.pipeline(transaction=False)
             for workflow, key in pairs:
-                pipe.hmget(self.lease_key(workflow, key), "owner", "epoch", "origin")
-            replies: list[list[str | None]] = pipe.execute()
-            return replies
+                bucket_key, member, _bucket = self._lease_args(workflow, key)
+                pipe.hget(bucket_key, member)
+            raws = pipe.execute()
+            names = self._node_names() if any(raws) else {}
+            rows: list[list[str | None]] = []
+            for raw in raws:
+                if raw is None:
+                    rows.append([None, None, None])
+                    continue
+                owner, epoch, origin, _since, _affinity = decode_lease(raw, names)
+                rows.append([owner, str(epoch), origin])
+            return rows
 
         return self.guard(read)
 

@@ -16,6 +16,7 @@ from celery.utils.imports import symbol_by_name
 
 from ..keys import KeySpec
 from ..local.handle import StateHandle
+from ..wire import StickyHeader
 from .task import StickyTask, without_state
 
 if TYPE_CHECKING:
@@ -44,7 +45,10 @@ def _end_workflow(
 def _move_key(self: Any, *, workflow: str, key: str, target: str, epoch: int) -> str:
     """Hand the key and its state to ``target`` (see :mod:`celery_sticky.worker.moves`)."""
     run_move = symbol_by_name(RUN_MOVE)
-    return str(run_move(self.app, workflow, key, target, epoch, self.request.hostname))
+    # The move's own number goes with the key: its target must not wait for it.
+    header = StickyHeader.safe_from_headers(getattr(self.request, "headers", None))
+    number = (header.stream, header.seq) if header is not None and header.seq else None
+    return str(run_move(self.app, workflow, key, target, epoch, self.request.hostname, number))
 
 
 def register_own_tasks(app: Celery) -> None:

@@ -352,14 +352,16 @@ class KeyGate:
                 return None
             head = queue[0]
         lease = self.node.prove(head.header.workflow, head.header.key, head.header.affinity)
-        if lease is None or lease.owner != self.node.name:
+        if lease is None or lease.owner != self.node.name or lease.status is ClaimStatus.MOVING:
+            # Not ours (or no answer): _start forwards it or waits for the store. Moving
+            # here: _start waits for the move to commit; its copy brings the record.
             with self._lock:
                 self._gap_waiting.discard(key)
                 queue = self._queues.get(key)
                 if not queue or queue[0] is not head or head.started:
                     return None
                 self._begin(head)
-            return head  # not ours (or no answer): _start forwards it or waits
+            return head
         record: StreamRecord | None = None
         if self.node.state.epoch(*key) != lease.epoch:
             record = self._starting_record(key)
@@ -473,6 +475,11 @@ class KeyGate:
                 del self._task_ids[entry.task_id]
             # The task may have committed its number: read the record again.
             self._records.pop(key, None)
+            stateless = (
+                entry.request is not None
+                and entry.seq
+                and not _keeps_state(self.app, entry.message)
+            )
             reserved = self._reserved.get(key)
             if (
                 reserved is not None
@@ -493,6 +500,9 @@ class KeyGate:
                         self.idle.pop(key, None)
                     else:
                         self.idle[key] = time.monotonic()
+        if stateless and entry.stream not in self._reserved.get(key, {}):
+            # A task without a state handle commits nothing: its number is done here.
+            self._consume(key, entry.stream, entry.seq)
         for copy in entry.copies:
             if not copy.acknowledged:
                 copy.ack()  # type: ignore[no-untyped-call]
@@ -723,6 +733,13 @@ def _seconds_until(eta: Any) -> float:
         return float((due - datetime.datetime.now(datetime.UTC)).total_seconds())
     except (TypeError, ValueError):
         return 0.0
+
+
+def _keeps_state(app: Celery, message: Message) -> bool:
+    """Whether the message's task runs through the per-task protocol (it has ``state``)."""
+    task = app.tasks.get((message.headers or {}).get("task"))
+    spec = getattr(task, "sticky", None)
+    return bool(getattr(spec, "wants_state", True))
 
 
 def _is_own_task(message: Message) -> bool:

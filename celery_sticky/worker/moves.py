@@ -17,12 +17,24 @@ from ..context import context
 from ..events import app_sender, ownership_changed
 from ..lease import ClaimStatus
 from ..local.node_state import open_node_state
+from ..sequence import StreamRecord
 
 logger = logging.getLogger(__name__)
 
 
-def run_move(app: Any, workflow: str, key: str, target: str, epoch: int, node: str) -> str:
+def run_move(
+    app: Any,
+    workflow: str,
+    key: str,
+    target: str,
+    epoch: int,
+    node: str,
+    number: tuple[str, int] | None = None,
+) -> str:
     """The move task's body on the owner, after every task queued before it.
+
+    ``number``: the move task's own place in its producer's sequence of the key,
+    recorded as done in the copy the target adopts.
 
     Returns ``"moved"``, ``"called_off"`` (the target went away: the key stays)
     or ``"stale"`` (the lease changed meanwhile: nothing to do).
@@ -35,6 +47,10 @@ def run_move(app: Any, workflow: str, key: str, target: str, epoch: int, node: s
     state = open_node_state(ctx.config, node)
     copies = ctx.copies
     data = state.export_key(workflow, key)
+    if data is not None and number is not None:
+        record = StreamRecord.parse(data.get("streams"))
+        record.advance(*number)
+        data["streams"] = record.as_dict()
     published = data is not None and copies.publish(workflow, key, data, owner=node, epoch=epoch)
     lease = leases.commit_move(workflow, key, node, epoch, target)
     if lease.status is not ClaimStatus.CLAIMED:

@@ -7,8 +7,10 @@ for each dead worker exactly one of them (a lock in Redis) restores the dead
 worker's unacknowledged messages to the head of its queue in delivery order,
 then takes the queue's messages one by one and republishes each to the key's new
 owner (a claim that takes the key over from the dead worker), then marks the
-worker reaped: only then may publishers take its other keys over, so newer tasks
-never overtake the ones that were queued. On RabbitMQ the broker requeues a dead
+worker reaped: only then may its other keys be taken over (by their next task), so
+newer tasks never overtake the ones that were queued. A worker still dead a minute
+later is retired: the reaper hands the keys it still holds over itself, a batch per
+Lua call, so none is left with a forgotten owner. On RabbitMQ the broker requeues a dead
 connection's unacknowledged messages itself.
 """
 
@@ -183,13 +185,20 @@ def move_queue(
 
 
 def reap(app: Celery, store: LeaseStore, node: str, reaped_at: float | None = None) -> int:
-    """Move a dead worker's queue on and mark it reaped; forget it when long dead.
+    """Move a dead worker's queue on and mark it reaped; hand its keys over and forget
+    it when long dead.
 
     The first time (``reaped_at`` None) this restores its unacknowledged messages,
-    moves its queue, marks it reaped and moves what arrived meanwhile. Later passes
-    only move stragglers (tasks published under a lease looked up just before, and
+    moves its queue, marks it reaped and moves what arrived meanwhile: O(its queued
+    tasks), whatever the number of keys it holds. From then on any of its keys is
+    taken over by its next task; the others stay its own, so a worker that comes back
+    with the same name and disk soon after keeps them and their local state. Later
+    passes move stragglers (tasks published under a lease looked up just before, and
     what a paused worker's last ``BLMOVE`` took into its in-flight list after the
-    first pass), and forget the worker ``RETIRE_AFTER`` seconds after it was reaped.
+    first pass); ``RETIRE_AFTER`` seconds after it was reaped the worker is not coming
+    back: every key it still holds goes to a live worker (a take-over, as its next
+    task would do, about a thousand keys per Lua call: O(its keys), never a scan of
+    every key), then its queue, in-flight list and registry entries are deleted.
     """
     queue = store.config.direct_queue_name(node)
     if reaped_at is None:
@@ -211,6 +220,7 @@ def reap(app: Celery, store: LeaseStore, node: str, reaped_at: float | None = No
     if moved:
         logger.info("sticky: moved %d task(s) from dead worker %s", moved, node)
     if store.server_time() - reaped_at > RETIRE_AFTER:  # both by the server's clock
+        take_over_keys(store, node)
         with app.connection_for_write() as connection:
             channel = connection.default_channel
             direct_queue(queue).bind(channel).delete()  # type: ignore[no-untyped-call]
@@ -219,6 +229,30 @@ def reap(app: Celery, store: LeaseStore, node: str, reaped_at: float | None = No
         store.forget_worker(node)
         logger.info("sticky: forgot dead worker %s and deleted its queue", node)
     return moved
+
+
+def take_over_keys(store: LeaseStore, node: str) -> int:
+    """Hand the keys a reaped worker still holds to live workers; returns how many."""
+    if not store.owned_count(node):
+        return 0
+    started = time.monotonic()
+    result = store.take_over_keys(node, fallback_policy(store.config.placement))
+    if result.moved:
+        metrics.ownership_changes.labels("taken_over").inc(result.moved)
+        logger.info(
+            "sticky: handed %d key(s) of dead worker %s over in %.2f s",
+            result.moved,
+            node,
+            time.monotonic() - started,
+        )
+    if result.left:
+        logger.warning(
+            "sticky: %d key(s) of dead worker %s stay with it: no live worker may hold them "
+            "(their affinity); their next task takes them over",
+            result.left,
+            node,
+        )
+    return result.moved
 
 
 class Reaper:

@@ -130,6 +130,11 @@ def test_sentinel_failover_during_a_run(prefix: str, tmp_path: Path) -> None:
                 30,
                 "the worker to heartbeat to the new master",
             )
-            assert all(promoted.exists(f"{run.prefix}:lease:key:{key}") for key in fresh)
+            assert all(
+                promoted.hexists(
+                    f"{run.prefix}:leases:{LeaseStore.bucket('key', key)}", f"key:{key}"
+                )
+                for key in fresh
+            )
         finally:
             run.stop()
