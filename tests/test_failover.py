@@ -120,13 +120,6 @@ def publish_all(run: Run, keys: list[str], steps: range, duration: float) -> dic
     return {key: [run.step.delay(key, s, duration) for s in steps] for key in keys}
 
 
-@pytest.mark.xfail(
-    strict=False,
-    raises=AssertionError,  # the invariant's assertion only: a timeout still fails
-    reason="issue 14: order after a kill -9 still rests on timing (the reaper's sort by "
-    "publish stamp, publishes racing the reap) until per-key sequence numbers; the loss "
-    "in BRPOP's window is fixed for direct queues (tests/worker/test_delivery.py)",
-)
 def test_kill_9_of_a_busy_worker(run: Run) -> None:
     cluster = run.start("f1@sticky-tests", "f2@sticky-tests", "f3@sticky-tests")
     keys = [unique("busy") for _ in range(12)]
