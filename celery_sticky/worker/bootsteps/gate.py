@@ -37,6 +37,7 @@ class StickyConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         self._started = False
 
     def start(self, consumer: Any) -> None:
+        _survive_restore_on_a_dead_connection(consumer)
         if not self._started:
             self._started = True  # the Sticky step took back its unacked ones at start
             return
@@ -68,3 +69,35 @@ class StickyConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         # next owners. This step shuts down before the Connection step: send them now.
         consumer.perform_pending_operations()
         self.stop(consumer)
+
+
+def _survive_restore_on_a_dead_connection(consumer: Any) -> None:
+    """Keep a broker cut from stopping the worker (kombu#582, kombu#970).
+
+    When the Redis connection drops, Celery closes the task consumer's channel, and
+    kombu's close restores the messages the channel delivered through a client of
+    the connection that is already released: ``AttributeError: 'NoneType' object has
+    no attribute 'hostname'``, which Celery reports as an unrecoverable error and
+    stops the worker (seen in the nemesis runs: one worker in three per broker
+    cut). Here that restore gives up instead: the messages stay marked
+    unacknowledged, and :meth:`StickyConsumer.start` takes back the direct queue's
+    once reconnected (others come back after ``visibility_timeout``, as they would
+    had the worker stopped).
+    """
+    qos = getattr(getattr(getattr(consumer, "task_consumer", None), "channel", None), "qos", None)
+    restore = getattr(qos, "restore_unacked", None)
+    if qos is None or restore is None or getattr(restore, "sticky_guarded", False):
+        return
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return restore(*args, **kwargs)
+        except AttributeError:
+            logger.warning(
+                "sticky: kombu could not restore unacknowledged messages on a closed "
+                "connection; they are taken back after the reconnect"
+            )
+            return []
+
+    guarded.sticky_guarded = True  # type: ignore[attr-defined]
+    qos.restore_unacked = guarded
