@@ -575,6 +575,11 @@ class KeyGate:
             forward(self.app, entry.message, entry.header, queue, epoch, self.node.config.max_hops)
         except ForwardingError as exc:
             logger.error("sticky: %s", exc)
+        except Exception:
+            # The broker did not take the copy (a cut connection): the message stays
+            # unacknowledged and comes back (reconnect, restart or reaper), rather
+            # than stop the consumer (seen in the nemesis: "Unrecoverable error").
+            logger.exception("sticky: could not forward a task of %s:%s", *entry.gate_key)
         if entry.request is not None:
             task_ready(entry.request)
 
