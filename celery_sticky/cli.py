@@ -262,26 +262,6 @@ def _queue_depths(
     except CommandError as exc:
         click.echo(f"warning: queue depths unknown: {exc.message}", err=True)
     return depths, in_flight
-    try:
-        with _broker(app) as connection:
-            channel = connection.channel()
-            try:
-                for queue in queues:
-                    try:
-                        depths[queue] = int(
-                            channel.queue_declare(queue=queue, passive=True).message_count
-                        )
-                    except connection.channel_errors:
-                        depths[queue] = 0  # never declared, or emptied and gone (Redis)
-                        with contextlib.suppress(Exception):
-                            channel.close()
-                        channel = connection.channel()
-            finally:
-                with contextlib.suppress(Exception):
-                    channel.close()
-    except CommandError as exc:
-        click.echo(f"warning: queue depths unknown: {exc.message}", err=True)
-    return depths
 
 
 @sticky.command()
