@@ -49,7 +49,7 @@ class RunRecord:
     epoch: int
     task_id: str
     run_id: str
-    #: When the task committed locally (the after_commit point), if seen.
+    #: When the task reported success in its process (after its commit), if seen.
     committed: float | None = None
 
     @classmethod
