@@ -272,8 +272,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "max_hops",
         3,
-        "How many times a message may be forwarded between workers before it fails with "
-        "`ForwardingError`.",
+        "How many times a message may be forwarded between workers under one lease before "
+        "it fails with `ForwardingError` (a hop to an owner under a newer epoch starts the "
+        "count again).",
         _positive_int,
     ),
     Setting(

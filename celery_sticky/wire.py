@@ -69,15 +69,28 @@ def check_task_body(body: Any) -> tuple[Any, Any, Any]:
     return args, kwargs, embed
 
 
-#: Name of a direct queue's in-flight list on a Redis broker: this prefix, then the
-#: queue's name (see :mod:`celery_sticky.worker.delivery`).
+#: Name of an in-flight list on a Redis broker: this prefix, then the queue's name
+#: (see :mod:`celery_sticky.worker.delivery`).
 INFLIGHT_PREFIX = "_sticky.inflight."
+#: A set per worker naming the shared queues it takes with ``BLMOVE``, so that the
+#: reaper finds their in-flight lists: this prefix, then the worker's name.
+SHARED_INFLIGHT_PREFIX = "_sticky.taken."
 
 
-def inflight_key(queue: str) -> str:
-    """The in-flight list of direct queue ``queue`` (in the broker's Redis): what its
-    worker took with ``BLMOVE`` and has not acknowledged yet."""
-    return INFLIGHT_PREFIX + queue
+def inflight_key(queue: str, node: str = "") -> str:
+    """The in-flight list of ``queue`` (in the broker's Redis): what a worker took with
+    ``BLMOVE`` and has not acknowledged yet.
+
+    A direct queue has one consumer, named in the queue's own name: its list is
+    ``_sticky.inflight.<queue>``. A shared queue (the task queue, affinity queues) has
+    a list per worker taking from it: ``_sticky.inflight.<queue>|<node>``.
+    """
+    return INFLIGHT_PREFIX + (f"{queue}|{node}" if node else queue)
+
+
+def shared_inflight_index(node: str) -> str:
+    """The set of the shared queues ``node`` takes with ``BLMOVE`` (broker's Redis)."""
+    return SHARED_INFLIGHT_PREFIX + node
 
 
 def dead_letter_queue_name(queue_prefix: str) -> str:

@@ -1,4 +1,4 @@
-"""Reliable delivery of a worker's direct queue on Redis: ``BLMOVE`` into an in-flight list.
+"""Reliable delivery on Redis: every queue a worker takes, ``BLMOVE`` into an in-flight list.
 
 kombu's Redis transport consumes all of a channel's queues with one ``BRPOP``: the
 message leaves the list when Redis answers, and the worker records it (kombu's
@@ -6,12 +6,20 @@ message leaves the list when Redis answers, and the worker records it (kombu's
 loses the message; a worker paused in between holds it in its socket and runs it
 late, after its queue was moved on. Plain Celery on Redis has the same hole.
 
-A direct queue (``<sticky_queue_prefix>.<nodename>``) has exactly one consumer, its
-worker, which is when the reliable-queue pattern works: the worker takes a message
-with ``BLMOVE <queue> _sticky.inflight.<queue> RIGHT LEFT``, which moves it, in one
-atomic step on the server, into an in-flight list of that worker; the
-acknowledgement removes it from there (``LREM``). At no instant is the message
-only in a process: it is in the queue or in the in-flight list until acknowledged.
+The worker takes a message with ``BLMOVE <queue> <in-flight list> RIGHT LEFT``,
+which moves it, in one atomic step on the server, into an in-flight list of that
+worker; the acknowledgement removes it from there (``LREM``). At no instant is the
+message only in a process: it is in the queue or in an in-flight list until
+acknowledged. A direct queue (``<sticky_queue_prefix>.<nodename>``) has exactly one
+consumer, so its list is named after the queue (``_sticky.inflight.<queue>``). A
+shared queue (the task queue a key without an owner waits in, affinity queues, any
+queue given with ``-Q``) has a list per worker taking from it
+(``_sticky.inflight.<queue>|<node>``), and the worker names its shared queues in a
+set (``_sticky.taken.<node>``) so that whoever finds it dead knows which lists to
+give back. kombu's own ``BRPOP`` path would leave a killed worker's shared-queue
+messages in kombu's unacked hash, which records no consumer: they would come back
+only after ``visibility_timeout`` (an hour by default), far behind the key's later
+steps, or be lost in the ``BRPOP`` window.
 
 **Why BLMOVE and not a stream with a consumer group.** Producers keep publishing
 with kombu's ``LPUSH``: nothing changes on the producer side, in the message
@@ -21,17 +29,13 @@ its own publish path, its own trimming, and a second format for every reader, to
 get what a single-consumer queue does not need: several consumers per group.
 
 **Shape.** :class:`ReliableChannel` subclasses kombu's Redis ``Channel`` (whichever
-the transport uses: plain or Sentinel). While its only consumed queue is the
-direct queue it names, it sends ``BLMOVE`` where kombu sends ``BRPOP`` (the poller
-is kombu's, unchanged), and its QoS acknowledges with ``LREM``. The consumer step
-:mod:`celery_sticky.worker.bootsteps.delivery` opens one such channel on the
-worker's broker connection, consumes the direct queue there with Celery's own task
-handler, and takes the direct queue out of Celery's task consumer; the shared
-queue, affinity queues and any other queue stay on kombu's channel as before.
-Affinity queues are shared by every worker carrying the tags, so the pattern does
-not apply to them (an in-flight list per worker would be possible, but a dead
-worker's list would have to be restored by the reaper into a shared queue that
-others consume meanwhile: left for later).
+the transport uses: plain or Sentinel). While its only consumed queue is the queue
+it names, it sends ``BLMOVE`` where kombu sends ``BRPOP`` (the poller is kombu's,
+unchanged), and its QoS acknowledges with ``LREM``. ``BLMOVE`` takes from one list,
+so the consumer step :mod:`celery_sticky.worker.bootsteps.delivery` opens one such
+channel per queue on the worker's broker connection, consumes each there with
+Celery's own task handler, and takes those queues out of Celery's task consumer.
+Broadcast (fanout) queues stay with kombu.
 
 **Not in kombu's unacked hash.** A message taken with ``BLMOVE`` is not written to
 kombu's ``unacked`` hash: the in-flight list is its only record. Neither kombu's
@@ -40,30 +44,34 @@ time (no double restore), and a message held longer than ``visibility_timeout``
 (a long backlog behind a busy key) is no longer delivered twice.
 
 **Restore in place.** :func:`restore_inflight` (``restore_inflight.lua``, atomic)
-moves a node's whole in-flight list back to the head of its queue, oldest taken
-first again. A node restarted under its name does it before it consumes (see
-``_restore_own_unacked`` in :mod:`celery_sticky.worker.bootsteps.node`); the reaper
-and the drain do it before they move the queue on (:func:`celery_sticky.worker.
-reaper.restore_unacked`). A channel that closes (warm shutdown, broker reconnect)
-gives back the messages it delivered and nobody acknowledged
-(``requeue_inflight.lua``: only those still in flight, so nothing is duplicated);
-a rejected message asked to be requeued goes back to the head as well (as
-RabbitMQ does), not to the tail.
+moves an in-flight list back to the head of its queue, oldest taken first again. A
+node restarted under its name does it for every list of its own before it consumes
+(see ``_restore_own_unacked`` in :mod:`celery_sticky.worker.bootsteps.node`); the
+reaper and the drain do it before they move the queue on
+(:func:`celery_sticky.worker.reaper.restore_unacked`, :func:`restore_shared`). A
+channel that closes (warm shutdown, broker reconnect) gives back the messages it
+delivered and nobody acknowledged (``requeue_inflight.lua``: only those still in
+flight, so nothing is duplicated); a rejected message asked to be requeued goes
+back to the head as well (as RabbitMQ does), not to the tail.
 
 **Priorities.** ``BLMOVE`` takes from one list, while kombu publishes a message
-with a priority into a sub-list ``<queue>\\x06\\x16<n>``. Direct queues ignore
-priorities: a key's order matters more than a message's priority. At most once a
-second, before it waits, the channel moves what sits in the sub-lists onto the
-queue's tail (``fold_priorities.lua``), so such a message is late, never stranded.
+with a priority into a sub-list ``<queue>\\x06\\x16<n>``. A queue taken with
+``BLMOVE`` ignores priorities: a key's order matters more than a message's priority.
+At most once a second, before it waits, the channel moves what sits in the sub-lists
+onto the queue's tail (``fold_priorities.lua``), so such a message joins the queue
+within a second, never stranded. (kombu's Redis priorities are lower numbers first;
+a message with none, Celery's default, is not in a sub-list.) A worker that needs
+priorities on a shared queue sets ``sticky_reliable_delivery = False``.
 
 **Prefetch.** The channel takes at most the worker's prefetch
 (``worker_prefetch_multiplier`` x concurrency) unacknowledged messages, and follows
 every change Celery and the gate make to it (``qos.increment_eventually`` for held
 and ETA tasks, ``decrement_eventually`` when they run): see :func:`share_prefetch`.
-Each of the worker's two channels has that budget: the direct queue's messages are
-nobody else's to take, so this takes nothing from other workers, and the shared
-queue's prefetch is as before. Celery's ``worker_disable_prefetch`` (a patch of the
-task consumer's channel) does not reach the direct queue's channel.
+Each of the worker's channels has that budget: the direct queue's messages are
+nobody else's to take, so this takes nothing from other workers; a worker taking
+several shared queues may hold that many messages of each. Celery's
+``worker_disable_prefetch`` (a patch of the task consumer's channel) does not
+reach these channels.
 
 **Fault point.** ``after_receive`` (:mod:`celery_sticky.faults`) is reached right
 after a ``BLMOVE`` answer is read, before the message is delivered.
@@ -90,7 +98,7 @@ from kombu.utils.json import loads as _loads
 
 from .. import faults
 from ..settings import StickyConfig
-from ..wire import inflight_key
+from ..wire import inflight_key, shared_inflight_index
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +109,7 @@ VirtualQoS: Any = _VirtualQoS
 loads: Any = _loads
 bytes_to_str: Any = _bytes_to_str
 
-#: Seconds between two moves of a direct queue's priority sub-lists onto the queue.
+#: Seconds between two moves of a queue's priority sub-lists onto the queue.
 FOLD_INTERVAL = 1.0
 
 
@@ -119,21 +127,48 @@ def is_redis_channel(channel: Any) -> bool:
     return isinstance(channel, kombu_redis.Channel)
 
 
-def restore_inflight(channel: Any, queue: str) -> int:
-    """Move ``queue``'s in-flight list back to its head, in delivery order; how many moved.
+def restore_inflight(channel: Any, queue: str, node: str = "") -> int:
+    """Move an in-flight list of ``queue`` back to its head, in delivery order; how
+    many moved: the direct queue's (no ``node``), or ``node``'s list of a shared queue.
 
-    Atomic (one script). 0 on a broker other than Redis. Only for a queue whose
+    Atomic (one script). 0 on a broker other than Redis. Only for a list whose
     consumer is dead or is this process before it consumes: the messages of tasks
     still running would run twice.
     """
     if not is_redis_channel(channel) or channel.global_keyprefix:
         return 0
     with channel.conn_or_acquire() as client:
-        return _run_script(client, "restore_inflight", [queue, inflight_key(queue)])
+        return _run_script(client, "restore_inflight", [queue, inflight_key(queue, node)])
+
+
+def take_shared(channel: Any, node: str, queue: str) -> None:
+    """Record that ``node`` takes shared ``queue`` with ``BLMOVE`` (before it does)."""
+    with channel.conn_or_acquire() as client:
+        client.sadd(shared_inflight_index(node), queue)
+
+
+def restore_shared(channel: Any, node: str) -> int:
+    """Give back every shared-queue message ``node`` took and did not acknowledge: each
+    to the head of its queue, where any worker takes it. For a dead ``node``, or this
+    process before it consumes. Returns how many moved."""
+    if not is_redis_channel(channel) or channel.global_keyprefix:
+        return 0
+    with channel.conn_or_acquire() as client:
+        queues = sorted(bytes_to_str(q) for q in client.smembers(shared_inflight_index(node)))
+    return sum(restore_inflight(channel, queue, node) for queue in queues)
+
+
+def forget_shared(channel: Any, node: str) -> None:
+    """Delete a retired ``node``'s record of shared queues (their lists were given back)."""
+    if not is_redis_channel(channel) or channel.global_keyprefix:
+        return
+    restore_shared(channel, node)  # what a straggling BLMOVE took since
+    with channel.conn_or_acquire() as client:
+        client.delete(shared_inflight_index(node))
 
 
 def reliable_delivery_enabled(config: StickyConfig, connection: Any) -> bool:
-    """Whether this worker's broker connection takes its direct queue with ``BLMOVE``."""
+    """Whether this worker's broker connection takes its queues with ``BLMOVE``."""
     if not config.reliable_delivery:
         return False
     channel = connection.default_channel
@@ -240,11 +275,11 @@ class ReliableQoS(_RedisQoS):  # type: ignore[misc]
 
 
 class ReliableChannel(_RedisChannel):  # type: ignore[misc]
-    """A Redis channel that takes its one direct queue with ``BLMOVE`` (module doc)."""
+    """A Redis channel that takes its one queue with ``BLMOVE`` (module doc)."""
 
     QoS = ReliableQoS
 
-    #: The direct queue this channel takes with BLMOVE; set by :func:`open_channel`.
+    #: The queue this channel takes with BLMOVE; set by :func:`open_channel`.
     reliable_queue: str | None = None
     inflight = ""
     _sent: str | None = None  # the blocking command waiting for its answer
@@ -376,8 +411,8 @@ class ReliableChannel(_RedisChannel):  # type: ignore[misc]
             return
         if moved:
             logger.info(
-                "sticky: %d message(s) with a priority moved onto %s (direct queues "
-                "ignore priorities)",
+                "sticky: %d message(s) with a priority moved onto %s (queues taken "
+                "with BLMOVE ignore priorities)",
                 moved,
                 queue,
             )
@@ -398,21 +433,22 @@ def reliable_channel_class(base: type) -> type:
     return found
 
 
-def open_channel(connection: Any, queue: str) -> Any:
-    """A :class:`ReliableChannel` on ``connection`` (a kombu Connection) for ``queue``."""
+def open_channel(connection: Any, queue: str, node: str = "") -> Any:
+    """A :class:`ReliableChannel` on ``connection`` (a kombu Connection) for ``queue``:
+    the direct queue, or a shared queue with ``node``'s own in-flight list."""
     transport = connection.transport
     cls = reliable_channel_class(transport.Channel)
     channel = cls(connection.connection)
     channel.reliable_queue = queue
-    channel.inflight = inflight_key(queue)
+    channel.inflight = inflight_key(queue, node)
     transport.channels.append(channel)  # closed with the connection, like kombu's own
     return channel
 
 
-def give_back(old: Any, new: Any) -> None:
+def give_back(old: Any, new: Any = None) -> None:
     """Before ``new`` consumes: what ``old`` (the channel before a reconnect) delivered
     and nobody acknowledged goes back to the queue's head, if closing ``old`` could not
-    do it (the broker was away)."""
+    do it (the broker was away). ``new`` None: the queue is no longer consumed."""
     try:
         old.close()
     except Exception:
@@ -422,7 +458,7 @@ def give_back(old: Any, new: Any) -> None:
     except Exception:
         logger.debug("sticky: restoring through the previous channel failed", exc_info=True)
     if old.unreturned:
-        new.requeue(list(old.unreturned))
+        (new if new is not None else old).requeue(list(old.unreturned))
         old.unreturned.clear()
 
 

@@ -1,9 +1,9 @@
--- Move the messages kombu put in a direct queue's priority sub-lists onto the queue
--- itself, at its tail: direct queues ignore priorities (BLMOVE takes from one list;
--- a key's order matters more than a message's priority).
+-- Move the messages kombu put in a queue's priority sub-lists onto the queue itself,
+-- at its tail: queues taken with BLMOVE ignore priorities (BLMOVE takes from one
+-- list; a key's order matters more than a message's priority).
 --
 -- Keyspace: the broker's Redis (see restore_inflight.lua).
---   KEYS[1]    <queue>                 the direct queue (tail: the left end)
+--   KEYS[1]    <queue>                 the queue (tail: the left end)
 --   KEYS[2..n] <queue>\x06\x16<n>      kombu's priority sub-lists of it, highest
 --                                      priority first; each holds its oldest at the right
 --

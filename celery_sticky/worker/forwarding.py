@@ -31,10 +31,19 @@ def forward(
     """Republish ``message`` to ``owner_queue`` and acknowledge the original.
 
     Raises :class:`ForwardingError` (after failing the task visibly and acking)
-    when the message has already travelled ``max_hops`` times.
+    when the message has already travelled ``max_hops`` times under one lease.
+
+    Only hops under one lease count: a forward to an owner under a newer epoch than
+    the message carries follows a real change of owner (a take-over, a move), and
+    starts the count again. Under churn (an owner paused and reaped while a message
+    travelled to it, then its successor drained) a message may legitimately travel
+    more often than ``max_hops``; failing it would lose a step. Workers that disagree
+    about one lease (a routing loop) still stop at ``max_hops``.
     """
     task_id = (message.headers or {}).get("id")
     task_name = (message.headers or {}).get("task")
+    if epoch > header.epoch:
+        header = header._replace(hops=0)
     if header.hops >= max_hops:
         exc = ForwardingError(
             f"task {task_name}[{task_id}] of key {header.workflow}:{header.key} was forwarded "

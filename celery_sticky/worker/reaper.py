@@ -33,7 +33,7 @@ from ..placement import affinity_queue_name, fallback_policy
 from ..producer.queues import queue_size
 from ..wire import StickyHeader, direct_queue, inflight_key
 from .deadletter import dead_letter
-from .delivery import is_redis_channel, restore_inflight
+from .delivery import forget_shared, is_redis_channel, restore_inflight, restore_shared
 from .forwarding import republish
 from .supervise import supervise
 
@@ -195,12 +195,18 @@ def reap(app: Celery, store: LeaseStore, node: str, reaped_at: float | None = No
     with the same name and disk soon after keeps them and their local state. Later
     passes move stragglers (tasks published under a lease looked up just before, and
     what a paused worker's last ``BLMOVE`` took into its in-flight list after the
-    first pass); ``RETIRE_AFTER`` seconds after it was reaped the worker is not coming
+    first pass). Every pass first gives back what it took from shared queues and did
+    not acknowledge; ``RETIRE_AFTER`` seconds after it was reaped the worker is not coming
     back: every key it still holds goes to a live worker (a take-over, as its next
     task would do, about a thousand keys per Lua call: O(its keys), never a scan of
     every key), then its queue, in-flight list and registry entries are deleted.
     """
     queue = store.config.direct_queue_name(node)
+    with app.connection_for_write() as connection:
+        # Its messages of shared queues: back to their heads, for any worker to take.
+        shared = restore_shared(connection.default_channel, node)
+    if shared:
+        logger.info("sticky: gave back %d shared-queue message(s) of dead worker %s", shared, node)
     if reaped_at is None:
         moved = move_queue(app, store, queue)
         reaped_at = store.mark_reaped(node)
@@ -226,6 +232,7 @@ def reap(app: Celery, store: LeaseStore, node: str, reaped_at: float | None = No
             direct_queue(queue).bind(channel).delete()  # type: ignore[no-untyped-call]
             if is_redis_channel(channel) and not channel.global_keyprefix:
                 channel.client.delete(inflight_key(queue))  # empty: restored just above
+                forget_shared(channel, node)
         store.forget_worker(node)
         logger.info("sticky: forgot dead worker %s and deleted its queue", node)
     return moved

@@ -1,10 +1,10 @@
--- Give messages a worker took back to the head of their direct queue: each one that is
+-- Give messages a worker took back to the head of their queue: each one that is
 -- still in the in-flight list leaves it and goes onto the queue's head (one already
 -- acknowledged or restored is left alone, so nothing is duplicated).
 --
 -- Keyspace: as in restore_inflight.lua.
---   KEYS[1] <queue>                    the direct queue (its head is the right end)
---   KEYS[2] _sticky.inflight.<queue>   its worker's in-flight list
+--   KEYS[1] <queue>                    the queue (its head is the right end)
+--   KEYS[2] _sticky.inflight.<queue>   the worker's in-flight list of it
 --   ARGV    the messages, exactly as taken, newest first (the oldest ends at the head)
 --
 -- Returns how many messages moved.

@@ -94,26 +94,30 @@ def wait_all_acknowledged(run: Run, client: redis.Redis, name: str) -> None:
 
 
 def freeze_while_its_pop_waits(
-    run: Run, cluster: WorkerCluster, name: str, client: redis.Redis
+    run: Run, cluster: WorkerCluster, name: str, client: redis.Redis, pops: int = 1
 ) -> None:
-    """SIGSTOP ``name``'s group while its blocking pop of its direct queue waits at Redis.
+    """SIGSTOP ``name``'s group while its blocking pops wait at Redis.
 
-    Its broker clients carry its name (``client_name``); the pop that takes its direct
-    queue is the ``BLMOVE`` with reliable delivery, kombu's ``BRPOP`` without. It must
-    have been waiting for less than half the polling interval, so that it is still
-    waiting when the test publishes.
+    Its broker clients carry its name (``client_name``); a pop is a ``BLMOVE`` with
+    reliable delivery, kombu's ``BRPOP`` without. There must be at least ``pops`` of
+    them (one per queue taken with ``BLMOVE``; kombu waits on all its queues with one
+    ``BRPOP``), each waiting for less than half the polling interval, so that they
+    are still waiting when the test publishes.
     """
-    command = "blmove" if takes_with_blmove(cluster, name) else "brpop"
 
     def waiting() -> bool:
-        pops = [
-            c for c in client.client_list() if c.get("name") == name and c.get("cmd") == command
+        found = [
+            c
+            for c in client.client_list()
+            if c.get("name") == name and c.get("cmd") in ("blmove", "brpop")
         ]
-        return bool(pops) and all("b" in c["flags"] and int(c["idle"]) < POLL / 2 - 1 for c in pops)
+        return len(found) >= pops and all(
+            "b" in c["flags"] and int(c["idle"]) < POLL / 2 - 1 for c in found
+        )
 
-    wait_for(waiting, timeout=3 * POLL, message=f"{name} never waited in {command}")
+    wait_for(waiting, timeout=3 * POLL, message=f"{name} never waited in {pops} pop(s)")
     cluster.pause(name)
-    assert waiting(), f"{name}'s {command} stopped waiting as it was frozen"
+    assert waiting(), f"{name}'s pops stopped waiting as it was frozen"
 
 
 def publish_into_the_socket(run: Run, name: str, client: redis.Redis, key: str, step: int) -> Any:
@@ -189,6 +193,61 @@ def test_kill_9_with_a_message_in_the_socket(
     assert_once_in_order(run, key, 3)
     assert in_socket.get(timeout=5) == [0, 1]
     wait_all_acknowledged(run, redis_client, VICTIM if then == "restart" else OTHER)
+
+
+@pytest.fixture
+def shared_run(run: Run) -> Run:
+    """``run`` under ``first_come``: a new key's steps wait in the shared task queue
+    (``<prefix>.default``) until the worker that takes the first one claims the key."""
+    from tests.cluster_app import make_app
+
+    run.app = make_app(
+        run.prefix,
+        sticky_lease_ttl=TTL,
+        sticky_state_replication="sync",
+        sticky_placement="first_come",
+    )
+    run.app.finalize()
+    run.step = run.app.tasks["tests.cluster_app.record_step"]
+    run.env["STICKY_TEST_PLACEMENT"] = "first_come"
+    return run
+
+
+@pytest.mark.parametrize("then", ["restart", "reaper"])
+def test_kill_9_with_a_shared_queue_message_in_the_socket(
+    shared_run: Run, redis_client: redis.Redis, then: str
+) -> None:
+    """A new key's first step waits in the shared queue; Redis hands it to a frozen
+    worker's pending pop, and the worker is killed. The step still runs, once, before
+    the key's next one: after a restart under the same name (which gives back its
+    shared-queue messages before it consumes), or on another worker once its reaper
+    gave them back. (kombu's BRPOP loses it: the message left the list and no record
+    of it exists.)"""
+    run = shared_run
+    cluster = run.start(
+        VICTIM, STICKY_TEST_POLLING_INTERVAL=str(POLL), STICKY_TEST_CLIENT_NAME=VICTIM
+    )
+    shared = f"{run.prefix}.default"
+    freeze_while_its_pop_waits(run, cluster, VICTIM, redis_client, pops=2)
+    key = unique("shared")
+    in_socket = run.step.delay(key, 0, 0.0)
+    wait_for(
+        lambda: redis_client.llen(shared) == 0,
+        timeout=5,
+        message=f"the frozen worker's pending pop did not take the message from {shared}",
+    )
+    assert redis_client.llen(shared) == 0 and lease_store(run.app).lookup("key", key) is None
+    cluster.kill(VICTIM)
+    if then == "restart":
+        cluster.restart(VICTIM)
+    else:
+        cluster.start(OTHER, queues=[shared])
+    last = run.step.delay(key, 1, 0.0)
+    assert last.get(timeout=60) == [0, 1]
+    assert in_socket.get(timeout=5) == [0]
+    assert_once_in_order(run, key, 2)
+    assert {e["node"] for e in run.runs(key)} == {VICTIM if then == "restart" else OTHER}
+    assert redis_client.llen(f"_sticky.inflight.{shared}|{VICTIM}") == 0
 
 
 def test_sigstop_with_a_message_in_the_socket(run: Run, redis_client: redis.Redis) -> None:

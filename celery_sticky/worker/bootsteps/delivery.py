@@ -1,15 +1,21 @@
-"""The ``Sticky delivery`` consumer step: this node's direct queue over ``BLMOVE`` (Redis).
+"""The ``Sticky delivery`` consumer step: every queue of this node over ``BLMOVE`` (Redis).
 
 A thin adapter around :mod:`celery_sticky.worker.delivery`. When reliable delivery
-is on (``sticky_reliable_delivery``, a Redis broker), it takes the direct queue out
-of Celery's task consumer and consumes it on a channel of its own, on the same
-broker connection and event loop, with Celery's own task handler (so the
-``Task.Strategy``, the gate and everything after are unchanged); Celery's prefetch
-control sets both channels. Every other queue stays on Celery's task consumer.
+is on (``sticky_reliable_delivery``, a Redis broker), it takes the worker's queues
+out of Celery's task consumer and consumes each on a channel of its own (``BLMOVE``
+takes from one list), on the same broker connection and event loop, with Celery's
+own task handler (so the ``Task.Strategy``, the gate and everything after are
+unchanged); Celery's prefetch control sets every channel. Broadcast (fanout)
+queues stay on Celery's task consumer, and so do queues added later with
+``celery control add_consumer``.
 
-Consumer steps restart on every broker reconnect: ``stop`` cancels the consumer,
-``shutdown`` also closes the channel, which gives back to the queue's head what it
-delivered and nobody acknowledged (the gate forgets those, see :mod:`.gate`).
+The direct queue's in-flight list is named after the queue; a shared queue's is
+this node's own, recorded in ``_sticky.taken.<node>`` before the first ``BLMOVE``
+so that whoever finds the node dead gives its messages back.
+
+Consumer steps restart on every broker reconnect: ``stop`` cancels the consumers,
+``shutdown`` also closes the channels, which gives back to each queue's head what
+it delivered and nobody acknowledged (the gate forgets those, see :mod:`.gate`).
 """
 
 from __future__ import annotations
@@ -21,24 +27,35 @@ from typing import Any
 from celery import bootsteps
 from kombu.messaging import Consumer as _Consumer
 
-from ...wire import direct_queue
-from ..delivery import give_back, open_channel, reliable_delivery_enabled, share_prefetch
+from ..delivery import (
+    give_back,
+    open_channel,
+    reliable_delivery_enabled,
+    share_prefetch,
+    take_shared,
+)
 
 logger = logging.getLogger(__name__)
 
 Consumer: Any = _Consumer  # untyped in kombu
 
 
+def _takes(queue: Any) -> bool:
+    """Whether a queue of the task consumer is taken with ``BLMOVE`` (not a broadcast)."""
+    exchange = getattr(queue, "exchange", None)
+    return getattr(exchange, "type", "direct") != "fanout"
+
+
 class ReliableDelivery(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Consume this node's direct queue with BLMOVE, on a channel of its own."""
+    """Consume this node's queues with BLMOVE, each on a channel of its own."""
 
     label = "Sticky delivery"
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
-        self.channel: Any = None
-        self.consumer: Any = None
+        self.channels: dict[str, Any] = {}  # queue name -> its channel
+        self.consumers: list[Any] = []
 
     def start(self, c: Any) -> None:
         step = getattr(c.controller, "sticky", None)
@@ -46,33 +63,47 @@ class ReliableDelivery(bootsteps.StartStopStep):  # type: ignore[misc]
             return
         if not reliable_delivery_enabled(step.node.config, c.connection):
             return
-        queue = step.node.queue
-        # Before the event loop calls task_consumer.consume(): it never consumes it.
-        c.task_consumer.queues = [q for q in c.task_consumer.queues if q.name != queue]
-        previous, self.channel = self.channel, open_channel(c.connection, queue)
-        channel = self.channel
-        if previous is not None:
-            give_back(previous, channel)
-        share_prefetch(c.qos, channel)
-        self.consumer = Consumer(
-            channel,
-            queues=[direct_queue(queue)],
-            on_message=c.create_task_handler(),
-            accept=c.app.conf.accept_content,
-            on_decode_error=c.on_decode_error,
-            auto_declare=False,  # declared with the task consumer's queues
+        node = step.node
+        taken = [q for q in c.task_consumer.queues if _takes(q)]
+        # Before the event loop calls task_consumer.consume(): it never consumes them.
+        c.task_consumer.queues = [q for q in c.task_consumer.queues if not _takes(q)]
+        previous, self.channels = self.channels, {}
+        for queue in taken:
+            shared = queue.name != node.queue
+            if shared:
+                take_shared(c.connection.default_channel, node.name, queue.name)
+            channel = open_channel(c.connection, queue.name, node.name if shared else "")
+            self.channels[queue.name] = channel
+            if queue.name in previous:
+                give_back(previous.pop(queue.name), channel)
+            share_prefetch(c.qos, channel)
+            consumer = Consumer(
+                channel,
+                queues=[queue],
+                on_message=c.create_task_handler(),
+                accept=c.app.conf.accept_content,
+                on_decode_error=c.on_decode_error,
+                auto_declare=False,  # declared with the task consumer's queues
+            )
+            consumer.consume()
+            self.consumers.append(consumer)
+        for old in previous.values():  # a queue no longer consumed
+            give_back(old, None)
+        logger.info(
+            "sticky: %s takes its queues with BLMOVE: %s",
+            node.name,
+            ", ".join(sorted(self.channels)),
         )
-        self.consumer.consume()
-        logger.info("sticky: %s takes its queue %s with BLMOVE", step.node.name, queue)
 
     def stop(self, c: Any) -> None:
-        if self.consumer is not None:
+        consumers, self.consumers = self.consumers, []
+        for consumer in consumers:
             with contextlib.suppress(Exception):
-                self.consumer.cancel()
+                consumer.cancel()
 
     def shutdown(self, c: Any) -> None:
         self.stop(c)
-        channel, self.channel, self.consumer = self.channel, None, None
-        if channel is not None:
+        channels, self.channels = self.channels, {}
+        for channel in channels.values():
             with contextlib.suppress(Exception):
                 channel.close()

@@ -25,6 +25,7 @@ from ...producer.own_tasks import register_own_tasks
 from ...settings import StickyConfig
 from ...wire import direct_queue
 from .. import control  # noqa: F401  (registers the remote control commands)
+from ..delivery import restore_shared
 from ..drain import drain_safely
 from ..gate import KeyGate
 from ..node import StickyNode
@@ -170,17 +171,20 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         """Give back what a crashed earlier run of this node had taken (Redis only).
 
         A node restarted under its name after a crash finds the messages its
-        previous process had taken still in its in-flight list (reliable delivery,
+        previous process had taken still in its in-flight lists (reliable delivery,
         :mod:`celery_sticky.worker.delivery`), or marked unacknowledged in kombu's
         hash (delivered with ``BRPOP``), where Redis would return them only after
         ``visibility_timeout`` (an hour by default). This node is their consumer, so
-        it puts them back at the head of its queue, in delivery order, before it
-        starts consuming (this step runs before the consumer starts). RabbitMQ
-        returned them when the old connection closed.
+        it puts them back at the head of their queues, in delivery order, before it
+        starts consuming (this step runs before the consumer starts): its direct
+        queue's, and those of the shared queues it took from. RabbitMQ returned them
+        when the old connection closed.
         """
         try:
             with worker.app.connection_for_write() as connection:
-                restored = restore_unacked(connection.default_channel, self.node.queue)
+                channel = connection.default_channel
+                restored = restore_unacked(channel, self.node.queue)
+                restored += restore_shared(channel, self.node.name)
         except Exception:
             logger.exception("sticky: could not restore the unacked messages of %s", self.node.name)
             return
