@@ -424,12 +424,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "reliable_delivery",
         True,
-        "On a Redis broker, take each task of a worker's direct queue with `BLMOVE` into an "
-        "in-flight list of that worker, removed by the acknowledgement, instead of kombu's "
-        "`BRPOP` (which removes a message before the worker has it: a worker killed in that "
-        "instant loses it). A restarted worker, the reaper of a dead one and the drain put "
-        "the in-flight list back at the head of the queue first. Direct queues then ignore "
-        "message priorities. Off: kombu's `BRPOP` for every queue. Ignored on other brokers "
+        "On a Redis broker, take each task of a worker's queues (its direct queue and the "
+        "shared ones it consumes; not broadcast queues) with `BLMOVE` into an in-flight list "
+        "of that worker, removed by the acknowledgement, instead of kombu's `BRPOP` (which "
+        "removes a message before the worker has it: a worker killed in that instant loses "
+        "it). A restarted worker, the reaper of a dead one and the drain put the in-flight "
+        "lists back at the heads of their queues first. Those queues then ignore message "
+        "priorities. Off: kombu's `BRPOP` for every queue. Ignored on other brokers "
         "(RabbitMQ requeues what a dead connection had not acknowledged). See "
         "docs/failure-modes.md.",
         _bool,
