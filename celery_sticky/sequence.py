@@ -43,6 +43,7 @@ class Sequencer:
         self._generation = 0
         self._counters: OrderedDict[tuple[str, str], tuple[str, int]] = OrderedDict()
         self._lock = threading.Lock()
+        self._issued = threading.local()  # this thread's last number: given back on failure
 
     def next(self, workflow: str, key: str) -> tuple[str, int]:
         with self._lock:
@@ -54,7 +55,33 @@ class Sequencer:
                     self._counters.popitem(last=False)
             stream, seq = counter[0], counter[1] + 1
             self._counters[(workflow, key)] = (stream, seq)
-            return stream, seq
+        self._issued.last = (workflow, key, stream, seq)
+        return stream, seq
+
+    def begin(self) -> None:
+        """A publish starts in this thread: :meth:`give_back` concerns its number only."""
+        self._issued.last = None
+
+    def give_back(self) -> bool:
+        """The publish this thread began failed: its number was never sent.
+
+        A number that is sent nowhere is a gap the key's owner waits
+        ``sticky_gap_timeout`` for (seen in the nemesis: every publish that failed
+        on a lease store restart held its key's later steps for 30 s, and a step
+        late past that runs out of order). The number is taken back when it is
+        still the key's last one, so the next publish uses it; when this process
+        numbered the key again meanwhile (another thread), it stays a gap.
+        """
+        issued = getattr(self._issued, "last", None)
+        self._issued.last = None
+        if issued is None:
+            return False
+        workflow, key, stream, seq = issued
+        with self._lock:
+            if self._counters.get((workflow, key)) != (stream, seq):
+                return False
+            self._counters[(workflow, key)] = (stream, seq - 1)
+            return True
 
     def __len__(self) -> int:
         return len(self._counters)

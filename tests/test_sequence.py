@@ -74,3 +74,22 @@ def test_the_header_carries_stream_and_number_and_old_headers_still_parse() -> N
 def test_a_malformed_stream_or_number_is_named(stream: object, seq: object, field: str) -> None:
     with pytest.raises(InvalidHeaderError, match=field):
         parse_header(["w", "k", 0, 0, 0, "", stream, seq])
+
+
+def test_a_failed_publish_gives_its_number_back_if_it_is_still_the_last() -> None:
+    import threading
+
+    sequencer = Sequencer()
+    sequencer.begin()
+    stream, first = sequencer.next("wf", "k")
+    assert sequencer.give_back() is True
+    assert sequencer.next("wf", "k") == (stream, first)  # the number is drawn again
+    sequencer.begin()
+    assert sequencer.give_back() is False, "nothing was drawn since begin()"
+    sequencer.begin()
+    _, mine = sequencer.next("wf", "k")
+    other = threading.Thread(target=sequencer.next, args=("wf", "k"))
+    other.start()
+    other.join()
+    assert sequencer.give_back() is False, "another thread numbered the key since: a gap"
+    assert sequencer.next("wf", "k") == (stream, mine + 2)

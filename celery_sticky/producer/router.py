@@ -113,13 +113,8 @@ class StickyRouter:
         old = StickyHeader.safe_from_headers(options.get("headers"))
         same = old is not None and (old.workflow, old.key) == (workflow, key)
         hops = old.hops if same and old is not None else 0
-        if same and old is not None and old.seq:
-            # The same message again (a retry, a fenced task sent on): it keeps its
-            # place in its producer's sequence, so later ones wait for it.
-            stream, seq = old.stream, old.seq
-        else:
-            stream, seq = self.sequencer.next(workflow, key)
         if options.get("queue"):
+            stream, seq = self._number(workflow, key, old if same else None)
             # A queue fixed by the caller or the task wins: the router stays out,
             # and the receiving worker still forwards to the owner if there is one.
             options["headers"] = StickyHeader(
@@ -128,6 +123,9 @@ class StickyRouter:
             _ROUTED["fixed"].inc()
             return None
         queue, epoch, outcome = self._route(workflow, key, affinity, name)
+        # Numbered once routed: a publish the lease store refused sends nothing, and
+        # must leave no gap in the key's sequence.
+        stream, seq = self._number(workflow, key, old if same else None)
         _ROUTED[outcome].inc()
         # Celery merges the router's dict under the caller's options, so the header
         # goes into the options of this one publish (a fresh dict, never shared).
@@ -137,6 +135,14 @@ class StickyRouter:
         if queue is None:
             return None
         return {"queue": queue}
+
+    def _number(self, workflow: str, key: str, old: StickyHeader | None) -> tuple[str, int]:
+        """The message's ``(stream, seq)`` in this process's sequence of the key."""
+        if old is not None and old.seq:
+            # The same message again (a retry, a fenced task sent on): it keeps its
+            # place in its producer's sequence, so later ones wait for it.
+            return old.stream, old.seq
+        return self.sequencer.next(workflow, key)
 
     def _route(
         self, workflow: str, key: str, affinity: str = "", task_name: str = ""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol
 from celery import Task, shared_task
 from celery.utils.imports import symbol_by_name
 
+from ..context import context
 from ..keys import KeyFunc, KeySpec
 from ..placement import AffinityFunc, AffinitySpec
 
@@ -96,7 +97,15 @@ class StickyTask(Task):  # type: ignore[misc]
             raise TypeError(
                 f"{self.name}: do not pass 'state'; the worker injects the key's state handle"
             )
-        return super().apply_async(args, kwargs, *a, **options)
+        sequencer = context(self.app).sequencer
+        sequencer.begin()
+        try:
+            return super().apply_async(args, kwargs, *a, **options)
+        except BaseException:
+            # Nothing was sent (the broker refused it after Celery's retries): the
+            # key's number goes back, so its owner waits for no gap.
+            sequencer.give_back()
+            raise
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         spec = self.sticky
