@@ -8,7 +8,8 @@ from :class:`~celery_sticky.producer.task.StickyTask`), which passes through:
    (its outbox) and answer as the first run did;
 2. **adopt**: the first task of the key here under a new epoch makes the local
    state belong to that epoch: import the hand-over copy, or start empty (and
-   report the loss when the key had state elsewhere);
+   report the loss when the key had state elsewhere); an imported copy brings
+   the key's applied records, so the dedup is asked again;
 3. **run**: the task's body, with a :class:`~celery_sticky.local.StateHandle`
    that buffers its writes;
 4. **fence**: does this worker still hold the key, live, under the message's
@@ -84,6 +85,17 @@ def execute(
         fence(task, ctx, workflow, key, nodename, epoch, None)
     if epoch and local_epoch != epoch:
         recovered = adopt(ctx, store, workflow, key, nodename, epoch)
+        if recovered:
+            # The copy brought the key's applied records: this very task may be one
+            # (it ran on the previous owner, whose acknowledgement never reached the
+            # broker: a drain's closed channel, a crash after the commit).
+            applied, result = store.applied(workflow, key, task_id)
+            if applied:
+                logger.info(
+                    "sticky: task %s was applied to %s:%s before it moved", task_id, workflow, key
+                )
+                send_outbox(task.app, store, workflow, key, task_id)
+                return result
 
     # 3. run
     state = StateHandle(store, workflow, key, task_id=task_id, epoch=epoch, recovered=recovered)

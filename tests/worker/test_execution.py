@@ -224,3 +224,27 @@ def test_a_zombies_outbox_and_the_new_owners_rerun_apply_once(run: Run) -> None:
     assert run.state(target)["state"]["steps"] == [0, 1, 2, 99]
     bodies = [e["id"] for e in run.events(target) if e.get("step") in (0, 1, 2)]
     assert sorted(bodies) == sorted(ids), "a step of B ran twice"
+
+
+def test_a_task_the_copy_shows_applied_does_not_run_again(run: Run) -> None:
+    """A step ran and committed on a worker that then drained (its state handed over);
+    its message comes back and reaches the key's new owner (a drain closes the channel
+    before a late acknowledgement reaches the broker: seen in
+    ``test_sigterm_drain_under_a_stream_of_tasks``). The copy the new owner adopts
+    holds the step's applied record: it answers with the stored result and its body
+    does not run again (before, it ran, and only the commit found it applied)."""
+    run.start("old@fence-tests")
+    key = f"copy-{uuid.uuid4().hex[:8]}"
+    run.step(key, 0).get(timeout=30)
+    first = run.step(key, 1)
+    assert first.get(timeout=30) == [0, 1]
+    run.start("new@fence-tests")
+    assert run.cluster is not None
+    assert run.cluster.stop("old@fence-tests", timeout=60) == 0  # drains: hands the state over
+    run.step(key, 1, task_id=first.id)  # the same message again (its result is stored)
+    # The key's next step runs after it, in order: once it is done, so is the copy.
+    assert run.step(key, 2).get(timeout=30) == [0, 1, 2]
+    assert run.owner(key) == "new@fence-tests"
+    runs = [(e["step"], e["node"]) for e in run.events(key)]
+    assert runs == [(0, "old@fence-tests"), (1, "old@fence-tests"), (2, "new@fence-tests")]
+    assert run.state(key)["state"]["steps"] == [0, 1, 2]
