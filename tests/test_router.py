@@ -45,10 +45,12 @@ def test_queue_fixed_by_caller_wins(
 ) -> None:
     """An unowned key sent to a queue only w3 consumes starts, and stays, on w3."""
     task = sticky_app.tasks["tests.cluster_app.record_step"]
-    key = unique("special")
+    key, probe = unique("special"), unique("special")
     options: dict[str, Any] = {"queue": f"{prefix}.special"}
-    assert router_of(sticky_app)("tests.cluster_app.record_step", (key, 0), {}, options) is None
-    assert lease_store(sticky_app).lookup("key", key) is None, "the router stayed out"
+    # Another key: a router call numbers the key's message, and a number never sent
+    # would hold the key's next ones for sticky_gap_timeout.
+    assert router_of(sticky_app)("tests.cluster_app.record_step", (probe, 0), {}, options) is None
+    assert lease_store(sticky_app).lookup("key", probe) is None, "the router stayed out"
     task.apply_async((key, 0), queue=f"{prefix}.special").get(timeout=30)
     task.delay(key, 1).get(timeout=30)
     assert [e["node"] for e in events(key)] == ["w3@sticky-tests"] * 2
