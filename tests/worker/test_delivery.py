@@ -169,6 +169,50 @@ def test_kill_9_after_receive(
     assert redis_client.llen(inflight(run, VICTIM)) == 0
 
 
+def test_a_restart_while_the_broker_is_away_still_takes_its_messages_back(
+    run: Run, tmp_path: Path, redis_client: redis.Redis
+) -> None:
+    """The worker dies with a message in its in-flight list and restarts while its broker
+    does not answer (seen in the nemesis: a kill, then a broker cut at the restart).
+    It keeps trying to take its previous run's messages back before it consumes: the
+    step still runs, before the key's next one. (Before, the failed try was logged
+    and the node consumed anyway: the message stayed in the in-flight list, behind
+    everything newer, until the node's next restart.)"""
+    from celery_sticky.testing import TcpProxy
+
+    redis_url = os.environ["STICKY_TEST_REDIS_URL"]
+    if (os.environ.get("STICKY_TEST_BROKER_URL") or redis_url) != redis_url:
+        pytest.skip("the worker's broker connection goes through a proxy to Redis")
+    marker = tmp_path / "fault-marker"
+    with TcpProxy.to(redis_url) as proxy:
+        cluster = run.start(
+            VICTIM,
+            STICKY_TEST_BROKER_URL=proxy.url(redis_url),
+            STICKY_TEST_FAULT="after_receive:kill",
+            STICKY_TEST_FAULT_MARKER=str(marker),
+        )
+        try:
+            key = unique("away")
+            first = run.step.delay(key, 0, 0.0)
+            wait_for(marker.exists, timeout=30, message="the worker never received the message")
+            cluster.reap(VICTIM)
+            assert redis_client.llen(inflight(run, VICTIM)) == 1
+            proxy.cut()
+            cluster.restart(VICTIM, wait=False)
+            wait_for(
+                lambda: "could not restore the unacked messages" in cluster.workers[VICTIM].log(),
+                timeout=60,
+                message="the restarted worker never tried to take its messages back",
+            )
+            proxy.restore()
+            assert run.step.delay(key, 1, 0.0).get(timeout=20) == [0, 1]
+            assert first.get(timeout=5) == [0]
+            assert_once_in_order(run, key, 2)
+            wait_all_acknowledged(run, redis_client, VICTIM)
+        finally:
+            cluster.stop_all()  # while its broker still answers through the proxy
+
+
 @pytest.mark.parametrize("then", ["restart", "reaper"])
 def test_kill_9_with_a_message_in_the_socket(
     run: Run, redis_client: redis.Redis, then: str

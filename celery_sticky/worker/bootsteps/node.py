@@ -16,6 +16,7 @@ from typing import Any
 
 from celery import bootsteps
 from celery.signals import worker_shutdown
+from kombu.utils.functional import retry_over_time
 
 from ...context import context
 from ...errors import ConfigurationError, LeaseStoreUnavailable
@@ -34,6 +35,11 @@ from ..reaper import restore_unacked
 from ..supervise import supervise
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a starting node keeps trying to take back its previous run's messages
+#: (the broker away), and the longest wait between two tries.
+RESTORE_TIMEOUT = 300.0
+RESTORE_RETRY_MAX = 5.0
 
 
 class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -179,14 +185,38 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         starts consuming (this step runs before the consumer starts): its direct
         queue's, and those of the shared queues it took from. RabbitMQ returned them
         when the old connection closed.
+
+        Retried while the broker does not answer: a node that consumed with the
+        previous run's messages still in its in-flight list would leave them there,
+        behind everything newer, until its next restart (seen in the nemesis: a
+        broker cut at the restart held a key's steps for minutes).
         """
-        try:
+
+        def restore() -> int:
             with worker.app.connection_for_write() as connection:
                 channel = connection.default_channel
-                restored = restore_unacked(channel, self.node.queue)
-                restored += restore_shared(channel, self.node.name)
+                return restore_unacked(channel, self.node.queue) + restore_shared(
+                    channel, self.node.name
+                )
+
+        def failed(exc: Exception, _intervals: Any, retries: int) -> float:
+            logger.warning(
+                "sticky: could not restore the unacked messages of %s yet (%r); trying again",
+                self.node.name,
+                exc,
+            )
+            return min(0.5 * (retries + 1), RESTORE_RETRY_MAX)
+
+        try:
+            restored = retry_over_time(  # type: ignore[no-untyped-call]
+                restore, Exception, errback=failed, timeout=RESTORE_TIMEOUT
+            )
         except Exception:
-            logger.exception("sticky: could not restore the unacked messages of %s", self.node.name)
+            logger.exception(
+                "sticky: could not restore the unacked messages of %s; they come back when "
+                "it restarts, drains or is reaped",
+                self.node.name,
+            )
             return
         if restored:
             logger.info(
