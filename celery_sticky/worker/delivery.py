@@ -458,7 +458,12 @@ def give_back(old: Any, new: Any = None) -> None:
     except Exception:
         logger.debug("sticky: restoring through the previous channel failed", exc_info=True)
     if old.unreturned:
-        (new if new is not None else old).requeue(list(old.unreturned))
+        try:
+            (new if new is not None else old).requeue(list(old.unreturned))
+        except Exception:
+            # Still in the in-flight list: the reconnected consumer's full restore
+            # (the "Sticky gate" step) or the node's next start gives them back.
+            logger.warning("sticky: could not give back %d message(s) yet", len(old.unreturned))
         old.unreturned.clear()
 
 

@@ -8,9 +8,11 @@ messages would stay marked unacknowledged until ``visibility_timeout`` (an hour
 by default): once reconnected, the worker takes back what is still marked for
 its direct queue, in delivery order, before it consumes anything newer (the
 gate then runs each producer's messages in sequence order). With reliable
-delivery (:mod:`..delivery`) that is its whole in-flight list, messages of tasks
-still running included: their copies come back, and the gate holds them as
-copies of a running task or finds them applied. At shutdown, first send the
+delivery (:mod:`..delivery`) that is its whole in-flight lists (the direct
+queue's and the shared queues'), messages of tasks still running included: their
+copies come back, and the gate holds them as copies of a running task or finds
+them applied. A broker that answers only now and then gets retried: what stays
+in an in-flight list would wait behind everything newer. At shutdown, first send the
 acknowledgements the consumer still holds back.
 """
 
@@ -20,10 +22,15 @@ import logging
 from typing import Any
 
 from celery import bootsteps
+from kombu.utils.functional import retry_over_time
 
+from ..delivery import restore_shared
 from ..reaper import restore_unacked
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a reconnected consumer keeps trying to take its in-flight messages back.
+RECONNECT_RESTORE_TIMEOUT = 60.0
 
 
 class StickyConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -44,16 +51,34 @@ class StickyConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         step = getattr(consumer.controller, "sticky", None)
         if step is None or consumer.connection is None:
             return
+        node = step.node
+
+        def restore() -> int:
+            channel = consumer.connection.default_channel
+            return restore_unacked(channel, node.queue) + restore_shared(channel, node.name)
+
+        def failed(exc: Exception, _intervals: Any, retries: int) -> float:
+            logger.warning("sticky: could not take back unacked messages yet (%r)", exc)
+            return min(0.5 * (retries + 1), 5.0)
+
         try:
-            restored = restore_unacked(consumer.connection.default_channel, step.node.queue)
+            # Retried: what stays in an in-flight list waits behind everything newer
+            # until the node restarts (seen in the nemesis with a flapping broker).
+            restored = retry_over_time(  # type: ignore[no-untyped-call]
+                restore, Exception, errback=failed, timeout=RECONNECT_RESTORE_TIMEOUT
+            )
         except Exception:
-            logger.exception("sticky: could not take back unacked messages after a reconnect")
+            logger.exception(
+                "sticky: could not take back unacked messages after a reconnect; they come "
+                "back when %s restarts, drains or is reaped",
+                node.name,
+            )
             return
         if restored:
             logger.info(
                 "sticky: took back %d unacked message(s) of %s after a broker reconnect",
                 restored,
-                step.node.queue,
+                node.name,
             )
 
     def stop(self, consumer: Any) -> None:
