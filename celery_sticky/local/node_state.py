@@ -23,6 +23,9 @@ so ``W`` below is ``<len(workflow)>:<workflow><len(key)>:<key>``:
                        applied}`` (:class:`~celery_sticky.sequence.StreamRecord`)
 ``"o" W T``            messages task ``T`` published, not yet sent
 ``"O"``                the set of pending outbox records
+``"r" W``              the version of the key's hand-over copy its log grows
+                       from (``sync`` replication), when this node wrote or
+                       imported it: where the next commit's entry goes
 =====================  ===================================================
 
 A commit writes a task's changes, its applied record and its outbox in one short
@@ -75,6 +78,62 @@ class Change(NamedTuple):
     applied: tuple[str, int, bytes]  # (task id, seq, pickled result): its applied record
     last_commit: float
     epoch: int | None
+
+
+def change_entry(change: Change, streams: dict[str, int]) -> dict[str, Any]:
+    """``change`` as the entry of a copy's log (plain types only), with the key's record of
+    applied producer numbers after it (``streams``)."""
+    return {
+        "seq": change.seq,
+        "written": change.written,
+        "deleted": list(change.deleted),
+        "cleared": change.cleared,
+        "applied": list(change.applied),
+        "last_commit": change.last_commit,
+        "epoch": change.epoch,
+        "streams": streams,
+    }
+
+
+def apply_entry(data: dict[str, Any], entry: Any, seq: int, window: int) -> None:
+    """Apply a copy's log entry (:func:`change_entry`), commit number ``seq``, to ``data``,
+    an export (:meth:`NodeState.export_key`) that reaches ``seq - 1``; applied records
+    are kept for the last ``window`` commits.
+
+    Raises ``ValueError`` naming what is wrong when ``entry`` is not such an entry (the
+    caller authenticated it: a malformed one is a bug or a version mismatch).
+    """
+    if not isinstance(entry, dict) or entry.get("seq") != seq:
+        raise ValueError(f"it is not commit {seq} of the key")
+    written, deleted, applied = entry.get("written"), entry.get("deleted"), entry.get("applied")
+    if not (
+        isinstance(written, dict)
+        and all(isinstance(f, str) and isinstance(b, bytes) for f, b in written.items())
+        and isinstance(deleted, list)
+        and all(isinstance(f, str) for f in deleted)
+        and isinstance(applied, list)
+        and len(applied) == 3
+        and isinstance(applied[0], str)
+        and applied[1] == seq
+        and isinstance(applied[2], bytes)
+    ):
+        raise ValueError(f"commit {seq} does not hold a commit's fields and applied record")
+    fields = data.get("fields")
+    if not isinstance(fields, dict) or entry.get("cleared"):
+        fields = data["fields"] = {}
+    fields.update(written)
+    for field in deleted:
+        fields.pop(field, None)
+    records = data.get("applied")
+    if not isinstance(records, list):
+        records = data["applied"] = []
+    records.append(tuple(applied))
+    if len(records) > 2 * window:  # trimmed now and then, not on every entry
+        records[:] = [record for record in records if record[1] > seq - window]
+    data["seq"] = seq
+    data["last_commit"] = entry.get("last_commit")
+    data["epoch"] = entry.get("epoch")
+    data["streams"] = StreamRecord.parse(entry.get("streams")).as_dict()
 
 
 class AlreadyApplied(Exception):
@@ -572,6 +631,7 @@ class NodeState:
             if old is not None:
                 cache.delete("a" + wk + old)
         cache.delete("k" + wk)
+        cache.delete("r" + wk)
 
     def delete_key(self, workflow: str, key: str) -> None:
         """Forget everything about a key (its lease moved on, or it was released)."""
@@ -629,10 +689,21 @@ class NodeState:
                 "streams": StreamRecord.parse(cache.get("q" + wk)).as_dict(),
             }
 
-    def import_key(self, workflow: str, key: str, data: dict[str, Any], epoch: int) -> None:
-        """Replace the key's local state with an exported copy, under ``epoch``."""
+    def import_key(
+        self,
+        workflow: str,
+        key: str,
+        data: dict[str, Any],
+        epoch: int,
+        *,
+        copy_version: str | None = None,
+    ) -> None:
+        """Replace the key's local state with an exported copy, under ``epoch``;
+        ``copy_version``: the copy stays the key's, and its log grows from that version
+        (:meth:`copy_version`)."""
         cache = self.cache
         wk = _wk(workflow, key)
+        window = self.config.dedup_window
         with cache.transact():
             self._delete_key(wk, self.fields(workflow, key))
             fields = data.get("fields") or {}
@@ -642,16 +713,38 @@ class NodeState:
                 cache.set("m" + suffix, new_version())
             if fields:
                 cache.set("i" + wk, tuple(sorted(fields)))
-            for task_id, seq, result in data.get("applied") or ():
-                task_part = _part(task_id)
-                cache.set("a" + wk + task_part, (seq, result))
-                cache.set("s" + wk + _part(str(seq)), task_part)
+            seq = int(data.get("seq") or 0)
+            for task_id, number, result in data.get("applied") or ():
+                if number > seq - window:  # a longer window than this node's keeps more
+                    task_part = _part(task_id)
+                    cache.set("a" + wk + task_part, (number, result))
+                    cache.set("s" + wk + _part(str(number)), task_part)
             streams = StreamRecord.parse(data.get("streams")).as_dict()
             if streams:
                 cache.set("q" + wk, streams)
             last_commit = data.get("last_commit")
-            cache.set("k" + wk, (int(data.get("seq") or 0), last_commit, epoch))
+            cache.set("k" + wk, (seq, last_commit, epoch))
+            if copy_version is not None:
+                cache.set("r" + wk, copy_version)
         self.memory.discard_key(self.directory, workflow, key)
+
+    def copy_version(self, workflow: str, key: str) -> str | None:
+        """The version of the key's copy its log grows from, as this node last wrote or
+        imported it (None: the next copy is a full version). A hint: the lease store
+        refuses an entry that does not follow on from the copy it has."""
+        found = self.cache.get("r" + _wk(workflow, key))
+        return found if isinstance(found, str) else None
+
+    def set_copy_version(self, workflow: str, key: str, version: str | None) -> None:
+        if version is None:
+            self.cache.delete("r" + _wk(workflow, key))
+        else:
+            self.cache.set("r" + _wk(workflow, key), version)
+
+    def applied_count(self, workflow: str, key: str) -> int:
+        """How many tasks were applied to the key (its commits since it started here or
+        in the copy it was imported from): a :class:`Change`'s ``seq``."""
+        return int(self._meta(_wk(workflow, key))[0])
 
     def has_state(self, workflow: str, key: str) -> bool:
         """Whether the key has local state (fields, or a record of an epoch)."""
