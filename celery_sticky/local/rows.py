@@ -121,7 +121,13 @@ def supported(cache: diskcache.Cache) -> bool:
     return ok
 
 
-@functools.lru_cache(maxsize=64)
+#: Most rows one statement selects or inserts: a commit of thousands of fields stays
+#: under SQLite's limit on a statement's parameters (32,766 by default since 3.32,
+#: 999 before) in statements of a size SQLite plans quickly.
+_BATCH = 128
+
+
+@functools.lru_cache(maxsize=_BATCH)
 def _select(count: int) -> str:
     return (
         "SELECT key, rowid, expire_time, mode, filename, CASE WHEN substr(key, 1, 1) IN "
@@ -130,7 +136,7 @@ def _select(count: int) -> str:
     )
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=_BATCH)
 def _insert(count: int) -> str:
     return _INSERT + ", ".join([_INSERT_ROW] * count)
 
@@ -204,15 +210,20 @@ class RowCommit:
         return encoded
 
     def select(self, keys: Iterable[str], now: float) -> dict[str, Row]:
-        """The rows of ``keys`` (str keys) that exist, in one statement. The value is
-        decoded for the small kinds (applied, meta, streams, index records); a row that
-        expired has ``value`` None and ``expire_time`` -1 (it is replaced, not read)."""
+        """The rows of ``keys`` (str keys) that exist, in one statement (per ``_BATCH``
+        keys). The value is decoded for the small kinds (applied, meta, streams, index
+        records); a row that expired has ``value`` None and ``expire_time`` -1 (it is
+        replaced, not read)."""
         names = list(keys)
         found = {}
-        for key, rowid, expire_time, mode, filename, value in self.sql(_select(len(names)), names):
-            live = expire_time is None or expire_time > now
-            decoded = self.disk.fetch(mode, filename, value, False) if live and mode else None
-            found[key] = Row(rowid, expire_time if live else -1.0, filename, decoded)
+        for start in range(0, len(names), _BATCH):
+            batch = names[start : start + _BATCH]
+            for key, rowid, expire_time, mode, filename, value in self.sql(
+                _select(len(batch)), batch
+            ):
+                live = expire_time is None or expire_time > now
+                decoded = self.disk.fetch(mode, filename, value, False) if live and mode else None
+                found[key] = Row(rowid, expire_time if live else -1.0, filename, decoded)
         return found
 
     def write(
@@ -258,10 +269,11 @@ class RowCommit:
             self.old_files.append(row.filename)
 
     def insert(self, inserts: list[Any]) -> None:
-        """Insert the rows :meth:`write` queued, in one statement."""
-        count = len(inserts) // 7
-        if count:
-            self.sql(_insert(count), inserts)
+        """Insert the rows :meth:`write` queued: one statement (per ``_BATCH`` rows)."""
+        step = 7 * _BATCH
+        for start in range(0, len(inserts), step):
+            batch = inserts[start : start + step]
+            self.sql(_insert(len(batch) // 7), batch)
 
     def delete(self, key: str) -> tuple[bool, Any]:
         """Delete the row of ``key``: ``(whether it existed, its value if stored raw)``
