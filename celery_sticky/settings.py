@@ -360,9 +360,9 @@ SETTINGS: tuple[Setting, ...] = (
         "on_handoff",
         "Where copies of a key's state exist besides its owner's disk: `off` (nowhere: a "
         "key whose owner drains or dies starts empty elsewhere), `on_handoff` (a drained "
-        "worker hands each key's state over), `sync` (every commit also refreshes the copy "
-        "before the task is acknowledged, so a new owner rebuilds the state after a crash; "
-        "each commit appends what it changed to the copy's log, one Redis call, and the copy "
+        "worker hands each key's state over), `sync` (every commit also brings the copy up "
+        "to date before the task is acknowledged, so a new owner rebuilds the state after a "
+        "crash: it appends what it changed to the copy's log, one Redis call, and the copy "
         "is rewritten whole only when the log outgrows its budget, see "
         "`sticky_replication_log_ratio`).",
         _choice("off", "on_handoff", "sync"),
@@ -371,7 +371,7 @@ SETTINGS: tuple[Setting, ...] = (
         "replication_log_ratio",
         0.5,
         "With `sync` replication, how large a copy's log of commits may grow, as a fraction "
-        "of the copy's last full version (but always 64 KiB): past it, the next commit "
+        "of the copy's last full version (and at least 64 KiB): past it, the next commit "
         "rewrites the whole copy and the log starts over. Larger: fewer full rewrites, more "
         "Redis memory (the copy takes up to 1 + this times the state) and longer imports.",
         _positive_float,
