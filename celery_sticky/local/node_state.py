@@ -324,7 +324,8 @@ class NodeState:
             pickled_result = dumps(result)
         except Exception as exc:
             raise TypeError(f"the result of task {task_id} cannot be pickled: {exc}") from exc
-        self._check_size(workflow, key, sum(len(b) for b in blobs.values() if b is not DELETED))
+        if self.config.state_size_limit is not None:
+            self._check_size(workflow, key, sum(len(b) for b in blobs.values() if b is not DELETED))
         versions = {field: new_version() for field, blob in blobs.items() if blob is not DELETED}
         if finish:
             self._commit_finish(workflow, key, task_id, pickled_result, outbox)

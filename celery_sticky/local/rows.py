@@ -167,17 +167,11 @@ class Rows:
         mode, filename, value = stored
         return self.disk.fetch(mode, filename, value, False)
 
-    @contextlib.contextmanager
-    def commit(self) -> Iterator[RowCommit]:
-        """One commit's writes: files of rows it replaced or deleted are removed when it
-        succeeded, the files it wrote when it failed (as ``Cache.set`` does)."""
-        commit = RowCommit(self)
-        try:
-            yield commit
-        except BaseException:
-            commit.remove(commit.new_files)
-            raise
-        commit.remove(commit.old_files)
+    def commit(self) -> RowCommit:
+        """One commit's writes, a context manager: files of rows it replaced or deleted
+        are removed when it succeeded, the files it wrote when it failed (as
+        ``Cache.set`` does)."""
+        return RowCommit(self)
 
 
 class RowCommit:
@@ -191,6 +185,12 @@ class RowCommit:
         self.sql: Any = None
         self.old_files: list[str] = []
         self.new_files: list[str] = []
+
+    def __enter__(self) -> RowCommit:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        self.remove(self.new_files if kind is not None else self.old_files)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
