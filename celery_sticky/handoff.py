@@ -9,8 +9,8 @@ A copy is a full **version** of the key's state followed by a **log** of the
 commits since. A drain, a move or a first ``sync`` commit writes a version; every
 later ``sync`` commit appends one entry to the log: the fields it changed (their
 pickled bytes), the fields it deleted, its applied record and the key's record of
-producer numbers, a few hundred bytes for a one-field change of a 100 MB state,
-in one Redis call. When the log outgrows its budget
+producer numbers: the changed values and about 250 bytes, whatever the state's
+size, in one Redis call. When the log outgrows its budget
 (``sticky_replication_log_entries`` entries, or ``sticky_replication_log_ratio``
 times the version's size, never less than :data:`LOG_FLOOR_BYTES`), the next commit
 writes a new version instead and the log starts over with it. An import is the
@@ -248,7 +248,7 @@ class Copies:
         payload = pickle.dumps(change_entry(change, streams), protocol=pickle.HIGHEST_PROTOCOL)
         if len(payload) > MAX_ENTRY_BYTES:
             return Appended.REBASE
-        entry = LOG_MAGIC + self._entry_mac(self._log_keys[0], version, change.seq, payload)
+        header = LOG_MAGIC + self._entry_mac(self._log_keys[0], version, change.seq, payload)
         status = self.leases.append_copy_log(
             workflow,
             key,
@@ -256,7 +256,7 @@ class Copies:
             epoch,
             version,
             change.seq,
-            entry + payload,
+            header + payload,
             streams=streams,
             max_entries=self.config.replication_log_entries,
             max_ratio=self.config.replication_log_ratio,
@@ -278,7 +278,9 @@ class Copies:
         )
         return Appended.REFUSED
 
-    def is_current(self, workflow: str, key: str, version: str, seq: int, streams: Any) -> bool:
+    def is_current(
+        self, workflow: str, key: str, version: str, seq: int, streams: dict[str, int]
+    ) -> bool:
         """Whether the key's copy is ``version`` with its log at commit ``seq`` and the
         record of producer numbers ``streams``: a drain has nothing to write then."""
         pointer, head, record = self.leases.copy_position(workflow, key)

@@ -63,7 +63,7 @@ def drain_node(app: Celery, node: StickyNode, directory: str) -> None:
             info = leases.lookup(workflow, key)
             if info is None or info.owner != node.name:
                 continue
-            if current(workflow, key) or _publish(workflow, key, info.epoch):
+            if current(workflow, key) or export(workflow, key, info.epoch):
                 exported.add((workflow, key))
                 ownership_changed("handed_over", workflow, key, info.epoch, node.name, send=send)
 
@@ -81,7 +81,7 @@ def drain_node(app: Celery, node: StickyNode, directory: str) -> None:
             store.streams(workflow, key).as_dict(),
         )
 
-    def _publish(workflow: str, key: str, epoch: int) -> bool:
+    def export(workflow: str, key: str, epoch: int) -> bool:
         assert copies is not None and store is not None
         data = store.export_key(workflow, key)
         return data is not None and copies.publish(

@@ -297,7 +297,7 @@ def replicate(
     fenced: False when ``node`` no longer holds the key under ``epoch`` (nothing became
     visible).
 
-    ``change`` (what the commit just made changed) is appended to the copy's log: one
+    ``change`` (what the commit just changed) is appended to the copy's log: one
     Redis call, whatever the state's size. A whole new version is written instead when
     there is no copy to append to yet, when the copy is not where this commit follows on
     from (an earlier commit's copy failed, the worker died between a commit and its
