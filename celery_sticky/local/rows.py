@@ -5,9 +5,11 @@ applied record, the key's meta row and the trim of the oldest applied record. Th
 diskcache's calls that took 24 SQLite statements (each ``set`` is a SELECT, an UPDATE or
 INSERT and a cull query, each ``delete`` and ``pop`` a small transaction of its own),
 about 0.18 ms a commit, most of it spent outside SQLite's COMMIT. :class:`Rows` does
-the same writes in about a third as many statements: one SELECT for every row the commit
-reads or replaces, an UPDATE by rowid or one multi-row INSERT for what it writes, two
-DELETEs for the trim (``benchmarks/state_access.py``, docs/performance.md).
+the same writes in 9 statements: one SELECT for every row the commit reads or replaces,
+an UPDATE by rowid (or one multi-row INSERT) for each row it writes, and the applied
+record that leaves the dedup window hands its two rows to the new one (an UPDATE of
+their key), which leaves the table's end and the expiry index alone: 8 pages to the
+WAL instead of 12 (``benchmarks/state_access.py``, docs/performance.md).
 
 It stays diskcache's store: the statements run inside ``Cache.transact()`` (one
 transaction with any diskcache call made there, serialised against every other
@@ -18,8 +20,8 @@ exact. What it skips is the cull of expired rows each ``set`` makes; the commit
 writes no expiring row (the end of a workflow, which does, still goes through
 ``set``).
 
-It relies on diskcache's schema: the ``Cache`` table's columns and its unique
-index on ``(key, raw)``, unchanged since diskcache 4.0, and on ``Cache._con``, the
+It relies on diskcache's schema, the ``Cache`` table's columns and its unique
+index on ``(key, raw)`` (diskcache 5; 5.6.3 is tested), and on ``Cache._con``, the
 cache's per-thread connection (reopened after a fork), which diskcache does not
 document. :func:`supported` checks the schema when a cache is opened; on any other
 :class:`~celery_sticky.local.node_state.NodeState` commits through diskcache's
@@ -38,7 +40,7 @@ import diskcache
 
 logger = logging.getLogger(__name__)
 
-#: The columns of diskcache's ``Cache`` table (diskcache 4.0 to 5.6 at least).
+#: The columns of diskcache's ``Cache`` table (diskcache 5).
 CACHE_COLUMNS = (
     "rowid",
     "key",
