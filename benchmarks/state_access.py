@@ -17,8 +17,15 @@ machine it runs on may be shared and noisy):
     memory tier answers without unpickling.
 (d0) the same read with the memory tier off (``sticky_memory_cache_bytes=0``).
 
-(a) and (b) are measured twice: against Redis on loopback, and through a TCP
-proxy (started here, in a child process) that delays every chunk by 0.5 ms each
+(s) ``sync`` replication of a (c) step (``sticky_state_replication = "sync"``):
+    after a one-entry commit, the time ``replicate()`` takes to bring the key's
+    hand-over copy up to date. It appends the commit's change to the copy's log
+    (one fenced Redis call).
+(s0) the same, writing the whole copy as every sync commit did before the log
+    (export the key, sign it, write it in chunks, switch it in).
+
+(a), (b), (s) and (s0) are measured twice: against Redis on loopback, and through a
+TCP proxy (started here, in a child process) that delays every chunk by 0.5 ms each
 way, as a Redis on another machine would. (c), (d) and (d0) never touch Redis.
 Each case also times its own step, so freeing the objects a step leaves behind
 is not counted.
@@ -29,9 +36,10 @@ before committing, and looks for an outbox. The details section times that too,
 on both networks.
 
 Targets: (c) under 0.1 ms; (d) at least 300x faster than (a) at 100 MB; (c)
-ahead of (b) once Redis is remote. They are reported, not enforced: the exit
-status is 1 only when the benchmark itself fails. The details below the table
-say where (c)'s time goes (``--profile`` adds a cProfile listing).
+ahead of (b) once Redis is remote; (s) at most 1 ms on loopback at 100 MB. They
+are reported, not enforced: the exit status is 1 only when the benchmark itself
+fails. The details below the table say where (c)'s time goes (``--profile`` adds
+a cProfile listing) and what sync replication sends.
 
     python benchmarks/state_access.py [--sizes 1,10,100] [--rounds 5] [--budget 0.1]
         [--entry-bytes 1000] [--delay-ms 0.5] [--profile]
@@ -45,6 +53,7 @@ state lives in a temporary directory, deleted at the end.
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import gc
 import io
@@ -71,11 +80,14 @@ import redis
 from celery import Celery
 from common import against_redis, positive
 
+from celery_sticky.context import StickyContext
+from celery_sticky.handoff import LOG_FLOOR_BYTES
 from celery_sticky.lease.store import LeaseStore
 from celery_sticky.local.handle import StateHandle
-from celery_sticky.local.node_state import NodeState
+from celery_sticky.local.node_state import Change, NodeState
 from celery_sticky.settings import StickyConfig
 from celery_sticky.testing.proxy import LatencyProxy
+from celery_sticky.worker.execution import replicate
 
 DEFAULT_URL = "redis://127.0.0.1:6379/15"
 MB = 1_000_000
@@ -86,6 +98,10 @@ PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 C_TARGET = 100e-6  # seconds
 D_TARGET = 300.0  # times faster than (a)
 D_TARGET_SIZE = 100  # MB
+S_TARGET = 1e-3  # seconds, loopback, at S_TARGET_SIZE
+S_TARGET_SIZE = 100  # MB
+NODE = "bench@state-access"  # the worker whose copies (s) and (s0) write
+SECRET = "state-access-benchmark-secret"
 clock = time.perf_counter
 
 Step = Callable[[], float]  # runs one step, returns the seconds it took
@@ -229,6 +245,7 @@ class Breakdown:
     fields: int
     index_bytes: int
     calls: dict[str, int]
+    statements: list[str]
     encode_tuple: float
     encode_str: float
     get_tuple: float
@@ -291,7 +308,19 @@ class SizeRun:
         started = clock()
         loader.commit()
         self.load_seconds = clock() - started
+        # (s) and (s0): the same state under a key of its own, with a copy, owned by NODE.
+        self.sync_key = f"sync-{size_mb}"
+        self.sync_epoch = ctx.lease_local.claim(WORKFLOW, self.sync_key, candidate=NODE).epoch
+        loader = StateHandle(
+            self.store, WORKFLOW, self.sync_key, task_id="load", epoch=self.sync_epoch
+        )
+        loader.update(state)
+        loader.commit()
         del state, loader
+        if not replicate(
+            ctx.sync_local, self.store, WORKFLOW, self.sync_key, NODE, self.sync_epoch
+        ):
+            raise RuntimeError("(s) the first copy was refused")
 
         before = rss_bytes()
         big = make_big_object(size)
@@ -398,6 +427,26 @@ class SizeRun:
 
         return step
 
+    def _sync_step(self, sync: StickyContext, whole: bool) -> Step:
+        """A one-entry commit (untimed), then its replication: the change appended to
+        the copy's log, or (``whole``) the whole key written as a new version."""
+        store, key, epoch, values = self.store, self.sync_key, self.sync_epoch, self.new_values
+        order = field_order(self.fields, random.Random(5))
+        counter = itertools.count()
+
+        def step() -> float:
+            handle = StateHandle(store, WORKFLOW, key, task_id=str(uuid.uuid4()), epoch=epoch)
+            handle[next(order)] = values[next(counter) % len(values)]
+            change: Change | None = handle.commit()
+            start = clock()
+            done = replicate(sync, store, WORKFLOW, key, NODE, epoch, None if whole else change)
+            elapsed = clock() - start
+            if not done:
+                raise RuntimeError(f"({'s0' if whole else 's'}) the copy was refused")
+            return elapsed
+
+        return step
+
     def _big_step(self, store: NodeState) -> Step:
         key = self.big_key
 
@@ -438,6 +487,30 @@ class SizeRun:
             ),
             Case("(d)", "handle: large object, memory tier", "local", self._big_step(self.store)),
             Case("(d0)", "handle: large object, tier off", "local", self._big_step(self.store_off)),
+            Case(
+                "(s)",
+                "sync: the commit's change to the copy",
+                "loopback",
+                self._sync_step(ctx.sync_local, whole=False),
+            ),
+            Case(
+                "(s)",
+                "sync: the commit's change to the copy",
+                "remote",
+                self._sync_step(ctx.sync_remote, whole=False),
+            ),
+            Case(
+                "(s0)",
+                "sync, before: the whole copy rewritten",
+                "loopback",
+                self._sync_step(ctx.sync_local, whole=True),
+            ),
+            Case(
+                "(s0)",
+                "sync, before: the whole copy rewritten",
+                "remote",
+                self._sync_step(ctx.sync_remote, whole=True),
+            ),
         ]
 
     def _detail_cases(self) -> list[Case]:
@@ -504,6 +577,13 @@ class SizeRun:
         if len(decoded) != self.big_len:
             raise RuntimeError("(d0) read back a different object")
         del decoded
+        copy = self.ctx.sync_local.copies.fetch(WORKFLOW, self.sync_key)
+        local = self.store.export_key(WORKFLOW, self.sync_key)
+        if copy is None or local is None or copy.data["fields"] != local["fields"]:
+            raise RuntimeError("(s) the copy does not hold the key's state")
+        if copy.data["seq"] != local["seq"]:
+            raise RuntimeError("(s) the copy does not reach the key's last commit")
+        del copy, local
 
     def transfer_times(self) -> tuple[float, float]:
         """Median GET of the pickled state, loopback and through the proxy (for (a))."""
@@ -518,9 +598,13 @@ class SizeRun:
         store, key = self.store, self.state_key
         counting = CountingCache(store.cache)
         store.cache = counting
+        statements: list[str] = []
+        connection = counting._cache._con  # the commit's SQL runs on it (local/rows.py)
+        connection.set_trace_callback(statements.append)
         try:
             self._handle_step(key, self.fields, True, True)()
         finally:
+            connection.set_trace_callback(None)
             store.cache = counting._cache
         cache = store.cache
         tuple_key = ("m", WORKFLOW, key, self.fields[0])
@@ -531,6 +615,7 @@ class SizeRun:
                 fields=len(self.fields),
                 index_bytes=len(pickle.dumps(store.fields(WORKFLOW, key), PICKLE_PROTOCOL)),
                 calls=counting.calls,
+                statements=statements,
                 encode_tuple=median_of(lambda: cache.disk.put(tuple_key)),
                 encode_str=median_of(lambda: cache.disk.put(str_key)),
                 get_tuple=median_of(lambda: cache.get(tuple_key)),
@@ -552,6 +637,22 @@ class SizeRun:
             stats.sort_stats("tottime").print_stats(14)
             result.profile = f"{count} steps of (c) under cProfile:\n{out.getvalue()}"
         return result
+
+    def sync_detail(self) -> tuple[int, int, int]:
+        """``(bytes of a log entry, bytes of the version, commits a version takes)``: a
+        version takes entries until its log reaches its budget; then one commit writes
+        the whole copy (as (s0)) and the log starts over."""
+        self._sync_step(self.ctx.sync_local, whole=True)()  # a fresh version, then
+        self._sync_step(self.ctx.sync_local, whole=False)()  # one entry after it
+        leases = self.ctx.sync_local.leases
+        version, log = leases.copy_snapshot(WORKFLOW, self.sync_key)
+        blob = self.ctx.sync_local.copies.blobs.read(version or "")
+        if len(log) != 1 or blob is None:
+            raise RuntimeError("(s) the step did not append one entry to a version")
+        config = self.ctx.config
+        budget = max(LOG_FLOOR_BYTES, config.replication_log_ratio * len(blob))
+        per_version = min(config.replication_log_entries, int(budget // len(log[0])))
+        return len(log[0]), len(blob), max(1, per_version)
 
     def close(self) -> None:
         self.store.close()
@@ -575,11 +676,16 @@ class Context:
     config_off: StickyConfig
     lease_local: LeaseStore
     lease_remote: LeaseStore
+    sync_local: StickyContext
+    sync_remote: StickyContext
 
 
 @dataclass
 class SizeResult:
     size_mb: int
+    sync_entry_bytes: int
+    sync_version_bytes: int
+    sync_per_version: int
     state_bytes: int
     entries: int
     big_bytes: int
@@ -647,7 +753,7 @@ def report(results: list[SizeResult], args: argparse.Namespace) -> None:
     for res in results:
         by = {(c.name, c.network): c for c in res.cases}
         base = {net: by["(a)", net].median for net in ("loopback", "remote")}
-        for number, name in enumerate(("(a)", "(b)", "(c)", "(d)", "(d0)")):
+        for number, name in enumerate(("(a)", "(b)", "(c)", "(d)", "(d0)", "(s)", "(s0)")):
             loop = by.get((name, "loopback")) or by[name, "local"]
             remote = by.get((name, "remote")) or by[name, "local"]
             size = f"{res.size_mb} MB" if number == 0 else ""
@@ -658,6 +764,7 @@ def report(results: list[SizeResult], args: argparse.Namespace) -> None:
                 f" {remote.spread:>6.0%}"
             )
     print("(c), (d) and (d0) never touch Redis: one measurement, shown in both columns.")
+    print("(s) and (s0) are what sync replication adds to a (c) step (the commit is not in them).")
 
     print()
     print("Targets")
@@ -684,6 +791,13 @@ def report(results: list[SizeResult], args: argparse.Namespace) -> None:
             )
     if not any(res.size_mb == D_TARGET_SIZE for res in results):
         print(f"  (d) target not checked: run with {D_TARGET_SIZE} among --sizes")
+    for res in results:
+        sync = next(c for c in res.cases if c.name == "(s)" and c.network == "loopback").median
+        if res.size_mb == S_TARGET_SIZE:
+            verdict = "PASS" if sync <= S_TARGET else "FAIL"
+        else:
+            verdict = f"(target at {S_TARGET_SIZE} MB)"
+        print(f"  {res.size_mb:>3} MB  (s) <= {fmt(S_TARGET)} on loopback: {fmt(sync)}  {verdict}")
 
     print()
     print("Details: where (c)'s time goes (medians, interleaved with the cases above), and more")
@@ -705,7 +819,15 @@ def report(results: list[SizeResult], args: argparse.Namespace) -> None:
             f"    => {fmt(max(0.0, c - floor))} of (c) grows with the key's field count"
             f" ((c) minus the same step on a 1-field key)"
         )
-        print(f"    diskcache calls per (c) step: {calls}")
+        print(f"    diskcache calls per (c) step: {calls or 'none'}")
+        # SQLite traces a trigger's run with its statement's text again: one statement
+        # per run of the same text.
+        run = [sql for i, sql in enumerate(bd.statements) if not i or sql != bd.statements[i - 1]]
+        words = collections.Counter(" ".join(sql.split()[:2]) for sql in run)
+        print(
+            f"    SQLite statements per (c) step: {len(run)}"
+            f" ({', '.join(f'{word} {n}' for word, n in sorted(words.items()))})"
+        )
         print(
             f"    diskcache key encoding: tuple key {fmt(bd.encode_tuple)}, str key"
             f" {fmt(bd.encode_str)}; get: tuple key {fmt(bd.get_tuple)}, str key"
@@ -718,6 +840,23 @@ def report(results: list[SizeResult], args: argparse.Namespace) -> None:
         )
         print(
             f"    loading the state ({res.entries:,} fields, one commit): {fmt(res.load_seconds)}"
+        )
+    print()
+    print("Sync replication: what one one-entry commit sends, and what it costs over time")
+    for res in results:
+        by = {(c.name, c.network): c.median for c in res.cases}
+        per_version = res.sync_per_version
+        for net in ("loopback", "remote"):
+            delta, whole = by["(s)", net], by["(s0)", net]
+            amortized = delta + (whole - delta) / per_version
+            print(
+                f"  {res.size_mb:>3} MB, {net:<8}: (s) {fmt(delta)} against {fmt(whole)} for"
+                f" the whole copy ({fmt_ratio(whole / delta)} less); with a whole copy every"
+                f" {per_version:,} commits: {fmt(amortized)} a commit on average"
+            )
+        print(
+            f"  {res.size_mb:>3} MB: a log entry is {res.sync_entry_bytes:,} bytes; the"
+            f" version {res.sync_version_bytes / MB:,.1f} MB"
         )
     for res in results:
         if res.breakdown.profile:
@@ -743,7 +882,18 @@ def bench(url: str, args: argparse.Namespace) -> None:
         with LatencyProxy(parts.hostname or "127.0.0.1", parts.port or 6379, args.delay) as proxy:
             remote_url = proxy.url(url)
             local, remote = redis.Redis.from_url(url), redis.Redis.from_url(remote_url)
-            config = make_config(url, tmp, sticky_key_prefix=prefix)
+            # A lease that outlives the run: (s) and (s0) write copies as NODE, which
+            # never heartbeats again after it registers.
+            sync_settings = {
+                "sticky_key_prefix": prefix,
+                "sticky_secret": SECRET,
+                "sticky_lease_ttl": 86_400.0,
+                "sticky_state_replication": "sync",
+            }
+            config = make_config(url, tmp, **sync_settings)
+            sync_local = StickyContext(config)
+            sync_remote = StickyContext(make_config(remote_url, tmp, **sync_settings))
+            sync_local.leases.heartbeat(NODE, 1, "bench", register=True)
             ctx = Context(
                 url=url,
                 prefix=prefix,
@@ -757,6 +907,8 @@ def bench(url: str, args: argparse.Namespace) -> None:
                 lease_remote=LeaseStore(
                     config, redis.Redis.from_url(remote_url, decode_responses=True)
                 ),
+                sync_local=sync_local,
+                sync_remote=sync_remote,
             )
             try:
                 rtt = calibrate_proxy(proxy, local, remote, args.delay)
@@ -772,9 +924,13 @@ def bench(url: str, args: argparse.Namespace) -> None:
                         run_rounds(cases, args.rounds)
                         run.verify()
                         breakdown = run.breakdown(args.profile and size_mb == max(args.sizes))
+                        entry_bytes, version_bytes, per_version = run.sync_detail()
                         results.append(
                             SizeResult(
                                 size_mb=size_mb,
+                                sync_entry_bytes=entry_bytes,
+                                sync_version_bytes=version_bytes,
+                                sync_per_version=per_version,
                                 state_bytes=run.state_bytes,
                                 entries=len(run.fields),
                                 big_bytes=run.big_bytes,
@@ -795,6 +951,9 @@ def bench(url: str, args: argparse.Namespace) -> None:
                 cleanup_redis(local, prefix)
                 for client in (local, remote, ctx.lease_local.redis, ctx.lease_remote.redis):
                     client.close()
+                for sync in (ctx.sync_local, ctx.sync_remote):
+                    sync.leases.redis.close()
+                    sync.leases.binary.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report(results, args)

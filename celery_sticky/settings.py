@@ -361,10 +361,29 @@ SETTINGS: tuple[Setting, ...] = (
         "on_handoff",
         "Where copies of a key's state exist besides its owner's disk: `off` (nowhere: a "
         "key whose owner drains or dies starts empty elsewhere), `on_handoff` (a drained "
-        "worker hands each key's state over), `sync` (every commit also refreshes the copy "
-        "before the task is acknowledged, so a new owner rebuilds the state after a crash; "
-        "costs a write of the key's state per commit).",
+        "worker hands each key's state over), `sync` (every commit also brings the copy up "
+        "to date before the task is acknowledged, so a new owner rebuilds the state after a "
+        "crash: it appends what it changed to the copy's log, one Redis call, and the copy "
+        "is rewritten whole only when the log outgrows its budget, see "
+        "`sticky_replication_log_ratio`).",
         _choice("off", "on_handoff", "sync"),
+    ),
+    Setting(
+        "replication_log_ratio",
+        0.5,
+        "With `sync` replication, how large a copy's log of commits may grow, as a fraction "
+        "of the copy's last full version (and at least 64 KiB): past it, the next commit "
+        "rewrites the whole copy and the log starts over. Larger: fewer full rewrites, more "
+        "Redis memory (the copy takes up to 1 + this times the state) and longer imports.",
+        _positive_float,
+    ),
+    Setting(
+        "replication_log_entries",
+        10_000,
+        "With `sync` replication, most commits a copy's log holds before the next commit "
+        "rewrites the whole copy: bounds the work of an import (each entry is checked and "
+        "applied in turn).",
+        _positive_int,
     ),
     Setting(
         "handoff_store",
@@ -471,6 +490,8 @@ class StickyConfig:
     state_size_limit: int | None
     idle_timeout: float | None
     state_replication: str
+    replication_log_ratio: float
+    replication_log_entries: int
     handoff_store: str
     on_state_lost: str | None
     metrics_port: int | None

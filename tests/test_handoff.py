@@ -149,3 +149,264 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# -- sync replication: a copy is a version and a log of commits -------------------------
+
+WORKFLOW = "key"
+
+
+class _Context:
+    """What replicate() takes of a StickyContext."""
+
+    def __init__(self, copies: Copies) -> None:
+        self.copies = copies
+
+
+def _sync(leases: LeaseStore, tmp_path: Path, store: str = "redis", **settings: Any) -> Any:
+    """``(copies, node state, replicate(key, epoch, change))`` for NODE, with ``settings``."""
+    from celery_sticky.local.node_state import NodeState
+    from celery_sticky.worker.execution import replicate
+
+    config = _config(sticky_secret=SECRET, sticky_key_prefix=leases.config.key_prefix, **settings)
+    blobs: Any = (
+        RedisHandoffStore(config, leases)
+        if store == "redis"
+        else DirectoryHandoffStore(str(tmp_path / "copies"))
+    )
+    copies = Copies(config, leases, blobs)
+    state = NodeState(str(tmp_path / f"node-{uuid.uuid4().hex[:6]}"), config)
+
+    def sync(key: str, epoch: int, change: Any) -> bool:
+        return replicate(_Context(copies), state, WORKFLOW, key, NODE, epoch, change)  # type: ignore[arg-type]
+
+    return copies, state, sync
+
+
+def _step(
+    state: Any,
+    key: str,
+    number: int,
+    writes: dict[str, Any],
+    deletes: Any = (),
+    clear: bool = False,
+    epoch: int = 1,
+) -> Any:
+    from celery_sticky.local.handle import StateHandle
+
+    handle = StateHandle(state, WORKFLOW, key, task_id=f"{key}-t{number}", epoch=epoch)
+    if clear:
+        handle.clear()
+    for field in deletes:
+        handle.pop(field, None)
+    handle.update(writes)
+    return handle.commit(result=number, stream="producer", seq=number + 1)
+
+
+def _imported(copies: Copies, tmp_path: Path, key: str, epoch: int) -> Any:
+    """The key as a new owner would import it: ``(export, fields)`` or None."""
+    from celery_sticky.local.handle import StateHandle
+    from celery_sticky.local.node_state import NodeState
+
+    copy = copies.fetch(WORKFLOW, key)
+    if copy is None:
+        return None
+    target = NodeState(str(tmp_path / f"taker-{uuid.uuid4().hex[:6]}"), copies.config)
+    target.import_key(WORKFLOW, key, copy.data, epoch)
+    try:
+        return _comparable(target, key), dict(StateHandle(target, WORKFLOW, key))
+    finally:
+        target.close()
+
+
+def _comparable(state: Any, key: str) -> dict[str, Any]:
+    export = state.export_key(WORKFLOW, key)
+    assert export is not None
+    export.pop("epoch")  # the importer's, by design
+    return export
+
+
+def _log(leases: LeaseStore, key: str) -> list[bytes]:
+    return leases.copy_snapshot(WORKFLOW, key)[1]
+
+
+@pytest.mark.parametrize("store", ["redis", "dir"])
+def test_sync_replication_sends_each_commits_change_and_an_import_is_exact(
+    leases: LeaseStore, tmp_path: Path, store: str
+) -> None:
+    """Many commits (writes, deletes, a clear, values in files), a log that is compacted
+    twice into a new version: a new owner's import reproduces the state exactly, applied
+    records, producer numbers and commit times included."""
+    import random
+
+    copies, state, sync = _sync(leases, tmp_path, store, sticky_replication_log_entries=25)
+    key = f"sync-{store}"
+    epoch = _own(leases, key)
+    rng = random.Random(16)
+    base = {f"f{i}": rng.randbytes(40_000) for i in range(50)}  # 2 MB, values in files
+    assert sync(key, epoch, _step(state, key, 0, base, epoch=epoch))
+    versions = [leases.copy_pointer(WORKFLOW, key)]
+    for number in range(1, 60):
+        writes = {f"f{rng.randint(0, 60)}": rng.randbytes(rng.choice([100, 1_000, 40_000]))}
+        deletes = [f"f{rng.randint(0, 60)}"] if number % 3 == 0 else []
+        change = _step(state, key, number, writes, deletes, clear=number == 30, epoch=epoch)
+        before = _log(leases, key)
+        assert sync(key, epoch, change)
+        after = _log(leases, key)
+        versions.append(leases.copy_pointer(WORKFLOW, key))
+        if len(after) == len(before) + 1:
+            # One entry, the size of the change, whatever the state's size.
+            assert len(after[-1]) < sum(len(v) for v in writes.values()) + 1_000
+        else:
+            assert after == [], "a new version starts its log afresh"
+    runs = [versions.count(version) for version in dict.fromkeys(versions)]
+    assert len(runs) >= 3 and runs[0] == 26 and max(runs) <= 26, runs  # a version, 25 entries
+    imported = _imported(copies, tmp_path, key, epoch + 1)
+    assert imported is not None
+    assert imported[0] == _comparable(state, key)
+    from celery_sticky.local.handle import StateHandle
+
+    assert imported[1] == dict(StateHandle(state, WORKFLOW, key))
+    deleted = {f for f in (f"f{i}" for i in range(61)) if f not in imported[1]}
+    assert deleted, "deletes replicated"
+
+
+def test_a_stale_writers_commit_is_refused_and_invisible(
+    leases: LeaseStore, tmp_path: Path
+) -> None:
+    """The owner pauses past the TTL: its append is refused by the server's clock. Another
+    worker takes the key over (a new epoch); the old owner resumes and appends again:
+    refused. An import sees none of it."""
+    copies, state, sync = _sync(leases, tmp_path)
+    key = "zombie"
+    epoch = _own(leases, key)
+    for number in range(3):
+        assert sync(key, epoch, _step(state, key, number, {"n": number}, epoch=epoch))
+    good = _imported(copies, tmp_path, key, epoch + 1)
+    assert good is not None and good[1] == {"n": 2}
+    log = _log(leases, key)
+
+    # Paused: its heartbeat is older than the TTL (by the Redis server's clock).
+    leases.redis.zadd(leases.workers_key, {NODE: leases.server_time() - 60})
+    paused = _step(state, key, 3, {"n": "paused"}, epoch=epoch)
+    assert not sync(key, epoch, paused)
+    assert _log(leases, key) == log
+
+    # Taken over by another worker under a newer epoch; the old owner comes back.
+    leases.heartbeat("taker@hostile-tests", 1, "q.taker", register=True)
+    leases.mark_reaped(NODE)
+    taken = leases.claim(WORKFLOW, key, candidate="taker@hostile-tests")
+    assert taken.owner == "taker@hostile-tests" and taken.epoch > epoch
+    leases.redis.zadd(leases.workers_key, {NODE: leases.server_time()})
+    zombie = _step(state, key, 4, {"n": "zombie"}, epoch=epoch)
+    assert (
+        copies.append(
+            WORKFLOW,
+            key,
+            state.copy_version(WORKFLOW, key),
+            zombie,
+            streams=state.streams(WORKFLOW, key).as_dict(),
+            owner=NODE,
+            epoch=epoch,
+        ).value
+        == "refused"
+    )
+    # Nor can it switch in a whole new version.
+    assert not copies.publish(WORKFLOW, key, {"n": "zombie"}, owner=NODE, epoch=epoch)
+    assert _log(leases, key) == log
+    assert _imported(copies, tmp_path, key, taken.epoch) == good
+
+
+def test_a_tampered_log_entry_is_refused_and_never_unpickled(
+    leases: LeaseStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from celery_sticky.handoff import LOG_MAGIC
+
+    copies, state, sync = _sync(leases, tmp_path)
+    marker = tmp_path / "pwned"
+    exploit = pickle.dumps(Exploit(str(marker)))
+    keys = {}
+    for name in ("flipped", "forged", "exploit", "replayed", "swapped", "other"):
+        key = f"tamper-{name}"
+        epoch = _own(leases, key)
+        for number in range(3):
+            assert sync(key, epoch, _step(state, key, number, {name: number}, epoch=epoch))
+        assert len(_log(leases, key)) == 2  # a version, then two entries
+        keys[name] = leases.copy_log_key(WORKFLOW, key)
+    redis = leases.binary
+    flipped = bytearray(redis.lindex(keys["flipped"], 1))  # type: ignore[arg-type]
+    flipped[-3] ^= 1
+    redis.lset(keys["flipped"], 1, bytes(flipped))
+    redis.rpush(keys["forged"], LOG_MAGIC + b"\0" * 32 + pickle.dumps({"seq": 4}))
+    redis.lset(keys["exploit"], 0, LOG_MAGIC + b"\0" * 32 + exploit)
+    # Validly signed entries, in the wrong place: another key's, and each other's.
+    redis.lset(keys["replayed"], 0, redis.lindex(keys["other"], 0))  # type: ignore[arg-type]
+    first, second = redis.lrange(keys["swapped"], 0, -1)  # type: ignore[misc]
+    redis.delete(keys["swapped"])
+    redis.rpush(keys["swapped"], second, first)
+    caplog.set_level("ERROR")
+    for name in ("flipped", "forged", "exploit", "replayed", "swapped"):
+        caplog.clear()
+        assert copies.fetch(WORKFLOW, f"tamper-{name}") is None, name
+        assert f"refused the copy of key:tamper-{name}: entry" in caplog.text, name
+        assert "does not check under sticky_secret" in caplog.text
+    assert copies.fetch(WORKFLOW, "tamper-other") is not None
+    assert not marker.exists(), "a forged log entry was unpickled"
+
+
+def test_a_missed_commit_writes_a_whole_version(leases: LeaseStore, tmp_path: Path) -> None:
+    """A commit whose copy failed (or a worker that died between its commit and its copy)
+    leaves the log behind: the next commit's entry would not follow on, so it writes a
+    whole version; a retried append that landed already is not added twice."""
+    copies, state, sync = _sync(leases, tmp_path)
+    key = "missed"
+    epoch = _own(leases, key)
+    assert sync(key, epoch, _step(state, key, 0, {"a": 0}, epoch=epoch))
+    change = _step(state, key, 1, {"b": 1}, epoch=epoch)
+    assert sync(key, epoch, change)
+    assert sync(key, epoch, change), "a retry after a lost reply"
+    assert len(_log(leases, key)) == 1
+    version = leases.copy_pointer(WORKFLOW, key)
+    _step(state, key, 2, {"c": 2}, epoch=epoch)  # its copy never happens
+    assert sync(key, epoch, _step(state, key, 3, {"a": 3}, deletes=["b"], epoch=epoch))
+    assert leases.copy_pointer(WORKFLOW, key) != version and _log(leases, key) == []
+    imported = _imported(copies, tmp_path, key, epoch + 1)
+    assert imported is not None and imported[1] == {"a": 3, "c": 2}
+    assert imported[0] == _comparable(state, key)
+
+
+def test_a_log_past_its_byte_budget_writes_a_whole_version(
+    leases: LeaseStore, tmp_path: Path
+) -> None:
+    """Entries stop at max(64 KiB, ratio x the version's bytes): a small state with large
+    changes is rewritten whole (its copy never grows past about twice its size)."""
+    copies, state, sync = _sync(leases, tmp_path, sticky_replication_log_ratio=0.5)
+    key = "budget"
+    epoch = _own(leases, key)
+    sizes = []
+    for number in range(8):
+        assert sync(key, epoch, _step(state, key, number, {"v": bytes(30_000)}, epoch=epoch))
+        sizes.append(len(_log(leases, key)))
+    assert sizes == [0, 1, 2, 0, 1, 2, 0, 1]
+    imported = _imported(copies, tmp_path, key, epoch + 1)
+    assert imported is not None and imported[0] == _comparable(state, key)
+
+
+def test_a_drain_needs_no_export_of_a_current_copy(leases: LeaseStore, tmp_path: Path) -> None:
+    copies, state, sync = _sync(leases, tmp_path)
+    key = "current"
+    epoch = _own(leases, key)
+    for number in range(3):
+        assert sync(key, epoch, _step(state, key, number, {"n": number}, epoch=epoch))
+    version = state.copy_version(WORKFLOW, key)
+    assert version is not None
+
+    def current() -> bool:
+        record = state.streams(WORKFLOW, key).as_dict()
+        return copies.is_current(WORKFLOW, key, version, state.applied_count(WORKFLOW, key), record)
+
+    assert current()
+    state.consume(WORKFLOW, key, "producer", 4)  # a failed task gave its number up
+    assert not current(), "the copy lacks the producer numbers consumed since"
+    _step(state, key, 4, {"n": 4}, epoch=epoch)
+    assert not current(), "the copy lacks a commit"

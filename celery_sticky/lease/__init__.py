@@ -48,9 +48,19 @@ key                            type    written by                               
 ``P copy:<workflow>:<key>``    string  copy_switch.lua: the version name of the     never; deleted
                                        key's hand-over copy (fenced: only the       on import or
                                        live owner under its epoch switches it)      release
-``P copyseq:<wf>:<key>``       string  copy_switch.lua, with the pointer: the       with the
-                                       copy's record of applied producer numbers    pointer
+``P copyseq:<wf>:<key>``       string  copy_switch.lua, with the pointer, and       with the
+                                       copy_append.lua, with each entry: the        pointer
+                                       copy's record of applied producer numbers
                                        (JSON ``{stream: last}``)
+``P copylog:<wf>:<key>``       list    copy_append.lua (``sync`` replication): the  with the
+                                       commits since the copy's version, one        pointer; a
+                                       signed entry each (the fields a commit       switch empties
+                                       changed, pickled, with its applied record),  it
+                                       whatever the hand-over store
+``P copyhead:<wf>:<key>``      hash    copy_switch.lua, copy_append.lua: where the  with the log
+                                       log stands: ``seq`` (the applied count the
+                                       copy reaches), ``bytes`` (the log's),
+                                       ``base_bytes`` (the version's)
 ``P ended:<workflow>:<key>``   string  release.lua, when a workflow ended: the       EX, sticky_
                                        key's record of applied producer numbers     finished_
                                        (JSON ``{stream: last}``), for its next owner dedup_ttl

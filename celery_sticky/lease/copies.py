@@ -7,6 +7,10 @@ that no single command moves more than a few MB, written in one MULTI/EXEC
 transaction with a one-day expiry. The fenced switch that makes a version the
 key's copy (``copy_switch.lua``) removes that expiry; a version whose writer was
 refused, or died before the switch, expires by itself.
+
+The commits ``sync`` replication adds to a copy after its version are not here: they
+are entries of the copy's log (``copy_append.lua``), which lives in the lease store's
+Redis whatever the hand-over store is.
 """
 
 from __future__ import annotations

@@ -129,6 +129,7 @@ _LEASE_SCRIPTS = {
     "lookup",
     "release",
     "copy_switch",
+    "copy_append",
     "move_begin",
     "move_commit",
     "reap_keys",
@@ -183,6 +184,8 @@ class LeaseStore:
         self._lookup: Script = self.redis.register_script(_load_script("lookup"))
         self._release: Script = self.redis.register_script(_load_script("release"))
         self._copy_switch: Script = self.redis.register_script(_load_script("copy_switch"))
+        self._copy_append: Script = self.redis.register_script(_load_script("copy_append"))
+        self._binary: redis.Redis | None = None
         self._deregister: Script = self.redis.register_script(_load_script("deregister"))
         self._move_begin: Script = self.redis.register_script(_load_script("move_begin"))
         self._move_commit: Script = self.redis.register_script(_load_script("move_commit"))
@@ -329,10 +332,14 @@ class LeaseStore:
         *,
         fenced: bool = True,
         streams: dict[str, int] | None = None,
+        seq: int | None = None,
+        size: int = 0,
     ) -> tuple[bool, str]:
         """Make ``version`` the key's copy (``""``: retire it) if ``writer`` still holds the
         key live under ``epoch`` (copy_switch.lua), with the copy's record of applied
-        producer numbers (``streams``, see :meth:`copy_streams`). Returns ``(switched,
+        producer numbers (``streams``, see :meth:`copy_streams`). The copy's log starts
+        afresh: entries may follow ``seq``, the version's applied count (None: none may),
+        up to a budget measured against its ``size`` in bytes. Returns ``(switched,
         previous version)``. ``fenced=False`` skips the check: only the nemesis
         checker's broken build does."""
         bucket_key, member, _bucket = self._lease_args(workflow, key)
@@ -344,6 +351,8 @@ class LeaseStore:
                 self.copy_pointer_key(workflow, key),
                 version_key,
                 self.copy_streams_key(workflow, key),
+                self.copy_log_key(workflow, key),
+                self.copy_head_key(workflow, key),
             ],
             args=[
                 self.config.lease_ttl,
@@ -354,9 +363,109 @@ class LeaseStore:
                 self.prefix,
                 member,
                 json.dumps(streams, separators=(",", ":")) if streams is not None else "",
+                "" if seq is None else str(int(seq)),
+                int(size),
             ],
         )
         return bool(int(switched)), str(previous)
+
+    def copy_log_key(self, workflow: str, key: str) -> str:
+        return f"{self.prefix}copylog:{workflow}:{key}"
+
+    def copy_head_key(self, workflow: str, key: str) -> str:
+        return f"{self.prefix}copyhead:{workflow}:{key}"
+
+    def append_copy_log(
+        self,
+        workflow: str,
+        key: str,
+        writer: str,
+        epoch: int,
+        version: str,
+        seq: int,
+        entry: bytes,
+        *,
+        streams: dict[str, int],
+        max_entries: int,
+        max_ratio: float,
+        floor_bytes: int,
+        fenced: bool = True,
+    ) -> int:
+        """Append ``entry``, the key's commit number ``seq``, to its copy's log if
+        ``writer`` still holds the key live under ``epoch``, the copy is still
+        ``version`` with its log at ``seq - 1``, and the log stays within
+        ``max_entries`` and ``max(floor_bytes, max_ratio * the version's bytes)``
+        (copy_append.lua). Returns 1 (appended), 0 (refused: the writer lost the key)
+        or -1 (not appended: write a new full version)."""
+        bucket_key, member, _bucket = self._lease_args(workflow, key)
+        status = self._call(
+            self._copy_append,
+            keys=[
+                bucket_key,
+                self.workers_key,
+                self.copy_pointer_key(workflow, key),
+                self.copy_log_key(workflow, key),
+                self.copy_head_key(workflow, key),
+                self.copy_streams_key(workflow, key),
+            ],
+            args=[
+                self.config.lease_ttl,
+                writer,
+                epoch,
+                version,
+                "1" if fenced else "0",
+                self.prefix,
+                member,
+                seq - 1,
+                seq,
+                entry,
+                json.dumps(streams, separators=(",", ":")),
+                max_entries,
+                repr(float(max_ratio)),
+                floor_bytes,
+            ],
+        )
+        return int(status)
+
+    def copy_snapshot(self, workflow: str, key: str) -> tuple[str | None, list[bytes]]:
+        """The key's copy as one snapshot: the version its pointer names (None: no copy)
+        and the entries of its log, as bytes (unauthenticated: the caller checks them)."""
+        pointer_key = self.copy_pointer_key(workflow, key)
+        log_key = self.copy_log_key(workflow, key)
+
+        def read() -> tuple[str | None, list[bytes]]:
+            pipe = self.binary.pipeline(transaction=True)
+            pipe.get(pointer_key)
+            pipe.lrange(log_key, 0, -1)
+            pointer, entries = pipe.execute()
+            if not pointer:
+                return None, []
+            return bytes(pointer).decode("utf-8", "replace"), [bytes(e) for e in entries]
+
+        return self.guard(read)
+
+    def copy_position(self, workflow: str, key: str) -> tuple[str | None, int | None, str | None]:
+        """``(version, applied count, record of producer numbers as JSON)`` the key's copy
+        reaches now, each None when missing (unauthenticated: compared, never trusted)."""
+
+        def read() -> tuple[str | None, int | None, str | None]:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.get(self.copy_pointer_key(workflow, key))
+            pipe.hget(self.copy_head_key(workflow, key), "seq")
+            pipe.get(self.copy_streams_key(workflow, key))
+            pointer, seq, streams = pipe.execute()
+            number = int(seq) if isinstance(seq, str) and seq.isdigit() else None
+            return (str(pointer) if pointer else None), number, (str(streams) if streams else None)
+
+        return self.guard(read)
+
+    @property
+    def binary(self) -> redis.Redis:
+        """A client that returns bytes (the lease store's decodes replies to ``str``), for
+        the copy's log; made on first use."""
+        if self._binary is None:
+            self._binary = connect(self.url, socket_connect_timeout=2, socket_timeout=60)
+        return self._binary
 
     def copy_streams_key(self, workflow: str, key: str) -> str:
         return f"{self.prefix}copyseq:{workflow}:{key}"

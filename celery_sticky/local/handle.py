@@ -14,7 +14,7 @@ from collections.abc import Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from .memory import MISS
-from .node_state import DELETED, NodeState
+from .node_state import DELETED, Change, NodeState
 
 if TYPE_CHECKING:
     from celery.canvas import Signature
@@ -168,10 +168,11 @@ class StateHandle(MutableMapping[str, Any]):
         epoch: int = 0,
         stream: str = "",
         seq: int = 0,
-    ) -> None:
+    ) -> Change | None:
         """Write the buffered changes and the applied record (all or nothing), with
-        the task's number ``seq`` in producer ``stream`` when it has one."""
-        self._store.commit(
+        the task's number ``seq`` in producer ``stream`` when it has one. Returns what
+        changed (None when the workflow ended): what ``sync`` replication sends."""
+        change = self._store.commit(
             self.workflow,
             self.key,
             self.task_id,
@@ -187,6 +188,7 @@ class StateHandle(MutableMapping[str, Any]):
         self._fields = None
         self._writes = {}
         self._cleared = False
+        return change
 
     def discard(self) -> None:
         """The task failed: forget its writes and the shared values it read."""

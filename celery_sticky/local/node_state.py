@@ -23,11 +23,18 @@ so ``W`` below is ``<len(workflow)>:<workflow><len(key)>:<key>``:
                        applied}`` (:class:`~celery_sticky.sequence.StreamRecord`)
 ``"o" W T``            messages task ``T`` published, not yet sent
 ``"O"``                the set of pending outbox records
+``"r" W``              the version of the key's hand-over copy its log grows
+                       from (``sync`` replication), when this node wrote or
+                       imported it: where the next commit's entry goes
 =====================  ===================================================
 
 A commit writes a task's changes, its applied record and its outbox in one short
 transaction (values are pickled and record keys built before it starts): all of
-it or nothing.
+it or nothing. Its rows are written with a few SQL statements on the cache's own
+connection (:mod:`celery_sticky.local.rows`, a third of what diskcache's calls
+take); the applied record leaving the window hands its rows to the new one. It
+returns a :class:`Change`, the commit's bytes, which ``sync`` replication appends
+to the key's copy.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import pickle
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import diskcache
 
@@ -46,6 +53,8 @@ from ..sequence import StreamRecord
 from ..settings import StickyConfig
 from .memory import MISS, MemoryTier
 from .private import PrivateDisk, check_private_dir, make_private_dir, make_private_files
+from .rows import Rows
+from .rows import supported as rows_supported
 
 DELETED = object()
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -55,6 +64,76 @@ Meta = tuple[int, float | None, int | None]  # (seq, last commit time, epoch)
 
 NO_META: Meta = (0, None, None)
 PENDING_OUTBOXES = "O"
+
+
+class Change(NamedTuple):
+    """What one commit changed in a key, in the bytes it stored: the entry ``sync``
+    replication appends to the key's copy (:mod:`celery_sticky.handoff`), and
+    :func:`apply_change` applies to an exported copy."""
+
+    seq: int  # the key's number of applied tasks after it: one more than before
+    written: dict[str, bytes]  # field -> its new value, pickled
+    deleted: tuple[str, ...]
+    cleared: bool  # every field not in ``written`` went first
+    applied: tuple[str, int, bytes]  # (task id, seq, pickled result): its applied record
+    last_commit: float
+    epoch: int | None
+
+
+def change_entry(change: Change, streams: dict[str, int]) -> dict[str, Any]:
+    """``change`` as the entry of a copy's log (plain types only), with the key's record of
+    applied producer numbers after it (``streams``)."""
+    return {
+        "seq": change.seq,
+        "written": change.written,
+        "deleted": list(change.deleted),
+        "cleared": change.cleared,
+        "applied": list(change.applied),
+        "last_commit": change.last_commit,
+        "epoch": change.epoch,
+        "streams": streams,
+    }
+
+
+def apply_entry(data: dict[str, Any], entry: Any, seq: int, window: int) -> None:
+    """Apply a copy's log entry (:func:`change_entry`), commit number ``seq``, to ``data``,
+    an export (:meth:`NodeState.export_key`) that reaches ``seq - 1``; applied records
+    are kept for the last ``window`` commits.
+
+    Raises ``ValueError`` naming what is wrong when ``entry`` is not such an entry (the
+    caller authenticated it: a malformed one is a bug or a version mismatch).
+    """
+    if not isinstance(entry, dict) or entry.get("seq") != seq:
+        raise ValueError(f"it is not commit {seq} of the key")
+    written, deleted, applied = entry.get("written"), entry.get("deleted"), entry.get("applied")
+    if not (
+        isinstance(written, dict)
+        and all(isinstance(f, str) and isinstance(b, bytes) for f, b in written.items())
+        and isinstance(deleted, list)
+        and all(isinstance(f, str) for f in deleted)
+        and isinstance(applied, list)
+        and len(applied) == 3
+        and isinstance(applied[0], str)
+        and applied[1] == seq
+        and isinstance(applied[2], bytes)
+    ):
+        raise ValueError(f"commit {seq} does not hold a commit's fields and applied record")
+    fields = data.get("fields")
+    if not isinstance(fields, dict) or entry.get("cleared"):
+        fields = data["fields"] = {}
+    fields.update(written)
+    for field in deleted:
+        fields.pop(field, None)
+    records = data.get("applied")
+    if not isinstance(records, list):
+        records = data["applied"] = []
+    records.append(tuple(applied))
+    if len(records) > 2 * window:  # trimmed now and then, not on every entry
+        records[:] = [record for record in records if record[1] > seq - window]
+    data["seq"] = seq
+    data["last_commit"] = entry.get("last_commit")
+    data["epoch"] = entry.get("epoch")
+    data["streams"] = StreamRecord.parse(entry.get("streams")).as_dict()
 
 
 class AlreadyApplied(Exception):
@@ -140,6 +219,8 @@ class NodeState:
         )
         make_private_files(directory)
         self.memory = MemoryTier(config.memory_cache_bytes, config.memory_cache_min_bytes)
+        #: The commit's fast path (None: diskcache's calls only, see local/rows.py).
+        self._rows = Rows(self.cache) if rows_supported(self.cache) else None
 
     def close(self) -> None:
         self.cache.close()
@@ -152,14 +233,30 @@ class NodeState:
     def read(self, workflow: str, key: str, field: str) -> Any:
         """The field's value, or ``MISS``; large values come from the memory tier."""
         suffix = _wk(workflow, key) + _part(field)
-        version = self.cache.get("m" + suffix)
-        if version is None:
-            return MISS
         slot = (self.directory, workflow, key, field)
-        value = self.memory.get(slot, version)
-        if value is not MISS:
-            return value
-        raw = self.cache.get("v" + suffix)
+        if self._rows is not None:
+            for _attempt in range(3):
+                version, stored = self._rows.read_pair("m" + suffix, "v" + suffix)
+                if version is None or stored is None:
+                    return MISS
+                value = self.memory.get(slot, version)
+                if value is not MISS:
+                    return value
+                try:
+                    raw = self._rows.fetch(stored)
+                    break
+                except OSError:  # its file went with a commit since: read that one
+                    continue
+            else:
+                raw = self.cache.get("v" + suffix)
+        else:
+            version = self.cache.get("m" + suffix)
+            if version is None:
+                return MISS
+            value = self.memory.get(slot, version)
+            if value is not MISS:
+                return value
+            raw = self.cache.get("v" + suffix)
         if raw is None:
             return MISS
         value = pickle.loads(raw)
@@ -197,9 +294,11 @@ class NodeState:
         epoch: int = 0,
         stream: str = "",
         seq: int = 0,
-    ) -> None:
+    ) -> Change | None:
         """Apply a task's changes and record it as applied, atomically (with its
-        number ``seq`` in producer ``stream``, when it has one).
+        number ``seq`` in producer ``stream``, when it has one). Returns what changed
+        (:class:`Change`, what ``sync`` replication sends), or None when the task
+        finished the workflow (the key's state is gone).
 
         Raises :class:`AlreadyApplied` (writing nothing) when the id was applied
         meanwhile, :class:`StateSizeLimitError` when the state would grow past
@@ -210,7 +309,7 @@ class NodeState:
         changes: a written field is new when its version row did not exist, a
         deleted one was there when deleting its version row removed something.
         """
-        blobs = {}
+        blobs: dict[str, Any] = {}
         for field, value in writes.items():
             if value is DELETED:
                 blobs[field] = DELETED
@@ -225,8 +324,168 @@ class NodeState:
             pickled_result = dumps(result)
         except Exception as exc:
             raise TypeError(f"the result of task {task_id} cannot be pickled: {exc}") from exc
-        self._check_size(workflow, key, sum(len(b) for b in blobs.values() if b is not DELETED))
+        if self.config.state_size_limit is not None:
+            self._check_size(workflow, key, sum(len(b) for b in blobs.values() if b is not DELETED))
         versions = {field: new_version() for field, blob in blobs.items() if blob is not DELETED}
+        if finish:
+            self._commit_finish(workflow, key, task_id, pickled_result, outbox)
+            self.memory.discard_key(self.directory, workflow, key)
+            return None
+        old_fields: frozenset[str] = frozenset()
+        if self._rows is not None and not cleared:
+            applied = self._commit_rows(
+                workflow, key, task_id, blobs, versions, pickled_result, epoch, stream, seq, outbox
+            )
+        else:
+            applied, old_fields = self._commit_calls(
+                workflow,
+                key,
+                task_id,
+                blobs,
+                versions,
+                cleared,
+                pickled_result,
+                epoch,
+                stream,
+                seq,
+                outbox,
+            )
+        # Outside the transaction: keep what this task wrote in the memory tier.
+        written: dict[str, bytes] = {}
+        deleted: list[str] = []
+        for field, blob in blobs.items():
+            slot = (self.directory, workflow, key, field)
+            if blob is DELETED:
+                deleted.append(field)
+                self.memory.discard(slot)
+            else:
+                written[field] = blob
+                self.memory.put(slot, versions[field], writes[field], len(blob))
+        if cleared:
+            for field in old_fields - set(blobs):
+                self.memory.discard((self.directory, workflow, key, field))
+        number, when, meta_epoch = applied
+        return Change(
+            seq=number,
+            written=written,
+            deleted=tuple(deleted),
+            cleared=cleared,
+            applied=(task_id, number, pickled_result),
+            last_commit=when or 0.0,
+            epoch=meta_epoch,
+        )
+
+    def _commit_rows(
+        self,
+        workflow: str,
+        key: str,
+        task_id: str,
+        blobs: dict[str, Any],
+        versions: dict[str, int],
+        pickled_result: bytes,
+        epoch: int,
+        stream: str,
+        seq: int,
+        outbox: list[dict[str, Any]],
+    ) -> Meta:
+        """The commit of :meth:`commit` (not clearing, not finishing) as SQL statements
+        on the cache's connection (:mod:`celery_sticky.local.rows`); returns the new meta."""
+        assert self._rows is not None
+        wk = _wk(workflow, key)
+        task_part = _part(task_id)
+        applied_key, meta_key, streams_key = "a" + wk + task_part, "k" + wk, "q" + wk
+        with self._rows.commit() as rows:
+            # Values first, outside the lock (large ones go to files, as Cache.set does).
+            written, removed_keys = [], []
+            for field, blob in blobs.items():
+                suffix = wk + _part(field)
+                if blob is DELETED:
+                    removed_keys.append((field, "m" + suffix, "v" + suffix))
+                else:
+                    version, value = rows.encode(versions[field]), rows.encode(blob)
+                    written.append((field, "m" + suffix, "v" + suffix, version, value))
+            with rows.locked():
+                now = time.time()
+                wanted = [applied_key, meta_key]
+                for _field, version_key, value_key, _version, _value in written:
+                    wanted += (version_key, value_key)
+                if seq:
+                    wanted.append(streams_key)
+                found = rows.select(wanted, now)
+                previous = found.get(applied_key)
+                if previous is not None and previous.value is not None:
+                    raise AlreadyApplied(pickle.loads(previous.value[1]))
+                inserts: list[Any] = []
+                added, removed = [], []
+                for field, version_key, value_key, version, value in written:
+                    # The version row exists exactly when the field does.
+                    old = found.get(version_key)
+                    if old is None:
+                        added.append(field)
+                    rows.write(version_key, version, old, now, inserts)
+                    rows.write(value_key, value, found.get(value_key), now, inserts)
+                for field, version_key, value_key in removed_keys:
+                    if rows.delete(version_key)[0]:
+                        rows.delete(value_key)
+                        removed.append(field)
+                meta_row = found.get(meta_key)
+                old_seq, _, old_epoch = meta_row.value if meta_row is not None else NO_META
+                number = int(old_seq) + 1
+                meta: Meta = (number, now, epoch or old_epoch)
+                rows.write(meta_key, rows.encode(meta), meta_row, now, inserts)
+                # The applied record leaving the window (trimmed) gives its rows to this one.
+                expired = number - self.config.dedup_window
+                old_number, old_applied = (
+                    rows.trimmed("s" + wk + _part(str(expired)), "a" + wk)
+                    if expired > 0
+                    else (None, None)
+                )
+                applied = rows.encode((number, pickled_result))
+                if old_applied is not None and (
+                    previous is not None or old_applied.expire_time is not None
+                ):
+                    rows.delete_row(old_applied)
+                    old_applied = None
+                if old_applied is not None:
+                    rows.write(applied_key, applied, old_applied, now, inserts, rekey=True)
+                else:
+                    rows.write(applied_key, applied, previous, now, inserts)
+                number_key = "s" + wk + _part(str(number))
+                rows.write(number_key, rows.encode(task_part), old_number, now, inserts, rekey=True)
+                if seq:
+                    stored = found.get(streams_key)
+                    record = StreamRecord.parse(stored.value if stored is not None else None)
+                    if record.advance(stream, seq) or stored is None:
+                        rows.write(streams_key, rows.encode(record.as_dict()), stored, now, inserts)
+                rows.insert(inserts)
+                if added or removed:
+                    index_key = "i" + wk
+                    fields = set(self.cache.get(index_key, default=()))
+                    fields.update(added)
+                    fields.difference_update(removed)
+                    self._write_index(index_key, fields)
+                if outbox:
+                    self._add_outbox(workflow, key, task_id, wk + task_part, outbox)
+        return meta
+
+    def _commit_calls(
+        self,
+        workflow: str,
+        key: str,
+        task_id: str,
+        blobs: dict[str, Any],
+        versions: dict[str, int],
+        cleared: bool,
+        pickled_result: bytes,
+        epoch: int,
+        stream: str,
+        seq: int,
+        outbox: list[dict[str, Any]],
+    ) -> tuple[Meta, frozenset[str]]:
+        """The commit of :meth:`commit` through diskcache's calls (a clearing commit, or
+        a cache whose schema :mod:`celery_sticky.local.rows` does not know); returns the
+        new meta and, when clearing, the fields the key had."""
+        cache = self.cache
         wk = _wk(workflow, key)
         task_part = _part(task_id)
         applied_key = "a" + wk + task_part
@@ -235,69 +494,79 @@ class NodeState:
             (field, blob, "v" + wk + _part(field), "m" + wk + _part(field))
             for field, blob in blobs.items()
         ]
-
-        cache = self.cache
         old_fields: frozenset[str] = frozenset()
         with cache.transact():
             previous = cache.get(applied_key)
             if previous is not None:
                 raise AlreadyApplied(pickle.loads(previous[1]))
-            if finish:
-                self._delete_key(wk, self.fields(workflow, key))
-                cache.set(applied_key, (0, pickled_result), expire=self.config.finished_dedup_ttl)
-            else:
-                if cleared:
-                    old_fields = frozenset(self.fields(workflow, key))
-                    kept = {field for field, blob in blobs.items() if blob is not DELETED}
-                    for field in old_fields - kept:
-                        suffix = wk + _part(field)
-                        cache.delete("v" + suffix)
-                        cache.delete("m" + suffix)
-                    for field, blob, value_key, version_key in rows:
-                        if blob is not DELETED:
-                            cache.set(value_key, blob)
-                            cache.set(version_key, versions[field])
-                    if kept != old_fields:
-                        self._write_index(index_key, kept)
-                else:
-                    added, removed = [], []
-                    for field, blob, value_key, version_key in rows:
-                        # The version row exists exactly when the field does.
-                        if blob is DELETED:
-                            if cache.delete(version_key):
-                                cache.delete(value_key)
-                                removed.append(field)
-                            continue
-                        if cache.add(version_key, versions[field]):
-                            added.append(field)
-                        else:
-                            cache.set(version_key, versions[field])
+            if cleared:
+                old_fields = frozenset(self.fields(workflow, key))
+                kept = {field for field, blob in blobs.items() if blob is not DELETED}
+                for field in old_fields - kept:
+                    suffix = wk + _part(field)
+                    cache.delete("v" + suffix)
+                    cache.delete("m" + suffix)
+                for field, blob, value_key, version_key in rows:
+                    if blob is not DELETED:
                         cache.set(value_key, blob)
-                    if added or removed:
-                        fields = set(cache.get(index_key, default=()))
-                        fields.update(added)
-                        fields.difference_update(removed)
-                        self._write_index(index_key, fields)
-                self._record_applied(wk, task_part, pickled_result, epoch)
-                if seq:
-                    self._advance(wk, stream, seq)
-            if outbox:
-                cache.set("o" + wk + task_part, outbox)
-                pending = cache.get(PENDING_OUTBOXES, default=frozenset())
-                cache.set(PENDING_OUTBOXES, pending | {(workflow, key, task_id)})
-        # Outside the transaction: keep what this task wrote in the memory tier.
-        if finish:
-            self.memory.discard_key(self.directory, workflow, key)
-            return
-        for field, blob in blobs.items():
-            slot = (self.directory, workflow, key, field)
-            if blob is DELETED:
-                self.memory.discard(slot)
+                        cache.set(version_key, versions[field])
+                if kept != old_fields:
+                    self._write_index(index_key, kept)
             else:
-                self.memory.put(slot, versions[field], writes[field], len(blob))
-        if cleared:
-            for field in old_fields - set(blobs):
-                self.memory.discard((self.directory, workflow, key, field))
+                added, removed = [], []
+                for field, blob, value_key, version_key in rows:
+                    # The version row exists exactly when the field does.
+                    if blob is DELETED:
+                        if cache.delete(version_key):
+                            cache.delete(value_key)
+                            removed.append(field)
+                        continue
+                    if cache.add(version_key, versions[field]):
+                        added.append(field)
+                    else:
+                        cache.set(version_key, versions[field])
+                    cache.set(value_key, blob)
+                if added or removed:
+                    fields = set(cache.get(index_key, default=()))
+                    fields.update(added)
+                    fields.difference_update(removed)
+                    self._write_index(index_key, fields)
+            meta = self._record_applied(wk, task_part, pickled_result, epoch)
+            if seq:
+                self._advance(wk, stream, seq)
+            if outbox:
+                self._add_outbox(workflow, key, task_id, wk + task_part, outbox)
+        return meta, old_fields
+
+    def _commit_finish(
+        self,
+        workflow: str,
+        key: str,
+        task_id: str,
+        pickled_result: bytes,
+        outbox: list[dict[str, Any]],
+    ) -> None:
+        """The last commit of a workflow: the key's state goes, its applied record stays
+        for ``sticky_finished_dedup_ttl`` seconds."""
+        cache = self.cache
+        wk = _wk(workflow, key)
+        task_part = _part(task_id)
+        applied_key = "a" + wk + task_part
+        with cache.transact():
+            previous = cache.get(applied_key)
+            if previous is not None:
+                raise AlreadyApplied(pickle.loads(previous[1]))
+            self._delete_key(wk, self.fields(workflow, key))
+            cache.set(applied_key, (0, pickled_result), expire=self.config.finished_dedup_ttl)
+            if outbox:
+                self._add_outbox(workflow, key, task_id, wk + task_part, outbox)
+
+    def _add_outbox(
+        self, workflow: str, key: str, task_id: str, record: str, outbox: list[dict[str, Any]]
+    ) -> None:
+        self.cache.set("o" + record, outbox)
+        pending = self.cache.get(PENDING_OUTBOXES, default=frozenset())
+        self.cache.set(PENDING_OUTBOXES, pending | {(workflow, key, task_id)})
 
     def _write_index(self, index_key: str, fields: Iterable[str]) -> None:
         names = tuple(sorted(fields))
@@ -306,12 +575,14 @@ class NodeState:
         else:
             self.cache.delete(index_key)
 
-    def _record_applied(self, wk: str, task_part: str, result: bytes, epoch: int) -> None:
-        """The applied record (its ``"s"`` row holds the task id's encoded part)."""
+    def _record_applied(self, wk: str, task_part: str, result: bytes, epoch: int) -> Meta:
+        """The applied record (its ``"s"`` row holds the task id's encoded part); returns
+        the key's new meta."""
         cache = self.cache
         seq, _, old_epoch = self._meta(wk)
         seq = int(seq) + 1
-        cache.set("k" + wk, (seq, time.time(), epoch or old_epoch))
+        meta: Meta = (seq, time.time(), epoch or old_epoch)
+        cache.set("k" + wk, meta)
         cache.set("a" + wk + task_part, (seq, result))
         cache.set("s" + wk + _part(str(seq)), task_part)
         expired = seq - self.config.dedup_window
@@ -319,6 +590,7 @@ class NodeState:
             old = cache.pop("s" + wk + _part(str(expired)))
             if old is not None:
                 cache.delete("a" + wk + old)
+        return meta
 
     def _advance(self, wk: str, stream: str, seq: int) -> None:
         stored = self.cache.get("q" + wk)
@@ -360,6 +632,7 @@ class NodeState:
             if old is not None:
                 cache.delete("a" + wk + old)
         cache.delete("k" + wk)
+        cache.delete("r" + wk)
 
     def delete_key(self, workflow: str, key: str) -> None:
         """Forget everything about a key (its lease moved on, or it was released)."""
@@ -417,10 +690,21 @@ class NodeState:
                 "streams": StreamRecord.parse(cache.get("q" + wk)).as_dict(),
             }
 
-    def import_key(self, workflow: str, key: str, data: dict[str, Any], epoch: int) -> None:
-        """Replace the key's local state with an exported copy, under ``epoch``."""
+    def import_key(
+        self,
+        workflow: str,
+        key: str,
+        data: dict[str, Any],
+        epoch: int,
+        *,
+        copy_version: str | None = None,
+    ) -> None:
+        """Replace the key's local state with an exported copy, under ``epoch``;
+        ``copy_version``: the copy stays the key's, and its log grows from that version
+        (:meth:`copy_version`)."""
         cache = self.cache
         wk = _wk(workflow, key)
+        window = self.config.dedup_window
         with cache.transact():
             self._delete_key(wk, self.fields(workflow, key))
             fields = data.get("fields") or {}
@@ -430,16 +714,38 @@ class NodeState:
                 cache.set("m" + suffix, new_version())
             if fields:
                 cache.set("i" + wk, tuple(sorted(fields)))
-            for task_id, seq, result in data.get("applied") or ():
-                task_part = _part(task_id)
-                cache.set("a" + wk + task_part, (seq, result))
-                cache.set("s" + wk + _part(str(seq)), task_part)
+            seq = int(data.get("seq") or 0)
+            for task_id, number, result in data.get("applied") or ():
+                if number > seq - window:  # a longer window than this node's keeps more
+                    task_part = _part(task_id)
+                    cache.set("a" + wk + task_part, (number, result))
+                    cache.set("s" + wk + _part(str(number)), task_part)
             streams = StreamRecord.parse(data.get("streams")).as_dict()
             if streams:
                 cache.set("q" + wk, streams)
             last_commit = data.get("last_commit")
-            cache.set("k" + wk, (int(data.get("seq") or 0), last_commit, epoch))
+            cache.set("k" + wk, (seq, last_commit, epoch))
+            if copy_version is not None:
+                cache.set("r" + wk, copy_version)
         self.memory.discard_key(self.directory, workflow, key)
+
+    def copy_version(self, workflow: str, key: str) -> str | None:
+        """The version of the key's copy its log grows from, as this node last wrote or
+        imported it (None: the next copy is a full version). A hint: the lease store
+        refuses an entry that does not follow on from the copy it has."""
+        found = self.cache.get("r" + _wk(workflow, key))
+        return found if isinstance(found, str) else None
+
+    def set_copy_version(self, workflow: str, key: str, version: str | None) -> None:
+        if version is None:
+            self.cache.delete("r" + _wk(workflow, key))
+        else:
+            self.cache.set("r" + _wk(workflow, key), version)
+
+    def applied_count(self, workflow: str, key: str) -> int:
+        """How many tasks were applied to the key (its commits since it started here or
+        in the copy it was imported from): a :class:`Change`'s ``seq``."""
+        return int(self._meta(_wk(workflow, key))[0])
 
     def has_state(self, workflow: str, key: str) -> bool:
         """Whether the key has local state (fields, or a record of an epoch)."""

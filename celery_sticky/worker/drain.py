@@ -12,6 +12,10 @@ its queue, behind the ones already there. Then:
 2. every other key it owns gets its state exported;
 3. it stops heartbeating, is marked dead and reaped, stragglers are moved, and
    its leases released.
+
+With ``sync`` replication a key whose copy already holds its last commit (its
+version and log, as that commit left them) is not exported again: the next
+owner imports that copy, as it would after a crash.
 """
 
 from __future__ import annotations
@@ -60,12 +64,30 @@ def drain_node(app: Celery, node: StickyNode, directory: str) -> None:
             info = leases.lookup(workflow, key)
             if info is None or info.owner != node.name:
                 continue
-            data = store.export_key(workflow, key)
-            if data is not None and copies.publish(
-                workflow, key, data, owner=node.name, epoch=info.epoch
-            ):
+            if current(workflow, key) or export(workflow, key, info.epoch):
                 exported.add((workflow, key))
                 ownership_changed("handed_over", workflow, key, info.epoch, node.name, send=send)
+
+    def current(workflow: str, key: str) -> bool:
+        """With sync replication, whether the key's copy already holds every commit (its
+        version and log, as the last commit left them): nothing to write then."""
+        if config.state_replication != "sync" or copies is None or store is None:
+            return False
+        version = store.copy_version(workflow, key)
+        return version is not None and copies.is_current(
+            workflow,
+            key,
+            version,
+            store.applied_count(workflow, key),
+            store.streams(workflow, key).as_dict(),
+        )
+
+    def export(workflow: str, key: str, epoch: int) -> bool:
+        assert copies is not None and store is not None
+        data = store.export_key(workflow, key)
+        return data is not None and copies.publish(
+            workflow, key, data, owner=node.name, epoch=epoch
+        )
 
     try:
         # Keys with queued tasks first: their tasks move as soon as their state is out.

@@ -18,8 +18,9 @@ from :class:`~celery_sticky.producer.task.StickyTask`), which passes through:
    local transaction. It is private to this worker: a worker paused between the
    fence and here commits to its own disk only, and that state is dropped when
    the worker next sees the key under a newer epoch (phase 2);
-6. **replicate**: with ``sticky_state_replication = "sync"``, refresh the key's
-   hand-over copy, fenced again where it lands (:mod:`celery_sticky.handoff`);
+6. **replicate**: with ``sticky_state_replication = "sync"``, append the commit's
+   changes to the key's hand-over copy (or write it whole, now and then), fenced
+   again where they land (:mod:`celery_sticky.handoff`);
 7. **send outbox**: the messages the task published, now that it committed;
 8. **end**: a task that finished its workflow releases the key.
 
@@ -42,9 +43,17 @@ from .. import faults
 from ..context import StickyContext, context
 from ..errors import LeaseStoreUnavailable
 from ..events import ownership_changed
+from ..handoff import Appended
 from ..lease import LeaseInfo
 from ..local.handle import StateHandle
-from ..local.node_state import AlreadyApplied, NodeState, current_node, dumps, open_node_state
+from ..local.node_state import (
+    AlreadyApplied,
+    Change,
+    NodeState,
+    current_node,
+    dumps,
+    open_node_state,
+)
 from ..wire import StickyHeader
 from .outbox import send_outbox
 
@@ -130,14 +139,15 @@ def execute(
             record.advance(stream, seq)
         ended = record.as_dict() if record.complete else None
     try:
-        state.commit(result, finish=finish, epoch=epoch, stream=stream, seq=seq)
+        change = state.commit(result, finish=finish, epoch=epoch, stream=stream, seq=seq)
     except AlreadyApplied as done:
         return done.result
     faults.reach("after_commit")
 
     # From here on the task's effects are in: a failure below is logged, never
     # reported as the task's failure ("a failing task applies nothing").
-    # 6. replicate: the shared copy, fenced where it lands (copy_switch.lua)
+    # 6. replicate: the commit's changes to the shared copy, fenced where they land
+    # (copy_append.lua; a whole new version through copy_switch.lua now and then)
     if ctx.config.state_replication == "sync" and not finish:
         try:
             # Through a lease store outage, as the fence waits: a copy left stale
@@ -146,7 +156,7 @@ def execute(
             retry_over_time(  # type: ignore[no-untyped-call]
                 replicate,
                 LeaseStoreUnavailable,
-                args=(ctx, store, workflow, key, nodename, epoch),
+                args=(ctx, store, workflow, key, nodename, epoch, change),
                 interval_start=0.1,
                 interval_step=0.5,
                 interval_max=5.0,
@@ -250,12 +260,23 @@ def adopt(
     """
     config = ctx.config
     copies = ctx.copies
-    data = copies.get(workflow, key) if config.state_replication != "off" else None
-    if data is not None:
-        store.import_key(workflow, key, data, epoch)
-        if config.state_replication != "sync":
+    copy = copies.fetch(workflow, key) if config.state_replication != "off" else None
+    if copy is not None:
+        # With sync replication the copy stays the key's, and this worker's commits go
+        # on appending to its log; otherwise it is used up.
+        keep = config.state_replication == "sync"
+        store.import_key(
+            workflow, key, copy.data, epoch, copy_version=copy.version if keep else None
+        )
+        if not keep:
             copies.retire(workflow, key, owner=node, epoch=epoch)
-        logger.info("sticky: imported the state of %s:%s (epoch %s)", workflow, key, epoch)
+        logger.info(
+            "sticky: imported the state of %s:%s (epoch %s; a version and %d log entries)",
+            workflow,
+            key,
+            epoch,
+            copy.entries,
+        )
         return True
     had_local = store.has_state(workflow, key)
     info = ctx.leases.lookup(workflow, key)
@@ -276,14 +297,49 @@ def adopt(
 
 
 def replicate(
-    ctx: StickyContext, store: NodeState, workflow: str, key: str, node: str, epoch: int
+    ctx: StickyContext,
+    store: NodeState,
+    workflow: str,
+    key: str,
+    node: str,
+    epoch: int,
+    change: Change | None = None,
 ) -> bool:
-    """Refresh the key's hand-over copy (``sticky_state_replication="sync"``), fenced:
-    False when ``node`` no longer holds the key under ``epoch`` (nothing became visible)."""
+    """Bring the key's hand-over copy up to date (``sticky_state_replication="sync"``),
+    fenced: False when ``node`` no longer holds the key under ``epoch`` (nothing became
+    visible).
+
+    ``change`` (what the commit just changed) is appended to the copy's log: one
+    Redis call, whatever the state's size. A whole new version is written instead when
+    there is no copy to append to yet, when the copy is not where this commit follows on
+    from (an earlier commit's copy failed, the worker died between a commit and its
+    copy, another version replaced it), or when the log outgrew its budget.
+    """
+    copies = ctx.copies
+    if not copies.enabled:
+        return False  # no sticky_secret: nothing is written (the worker said so at start)
+    if change is not None:
+        version = store.copy_version(workflow, key)
+        if version is not None:
+            appended = copies.append(
+                workflow,
+                key,
+                version,
+                change,
+                streams=store.streams(workflow, key).as_dict(),
+                owner=node,
+                epoch=epoch,
+            )
+            if appended is not Appended.REBASE:
+                return appended is Appended.APPENDED
     data = store.export_key(workflow, key)
     if data is None:
         return False
-    return ctx.copies.publish(workflow, key, data, owner=node, epoch=epoch)
+    version = copies.publish_version(workflow, key, data, owner=node, epoch=epoch)
+    if version is None:
+        return False
+    store.set_copy_version(workflow, key, version)
+    return True
 
 
 def end_lease(
