@@ -198,9 +198,10 @@ def test_a_frozen_idle_owner_does_not_reorder_its_key(scenario: Scenario) -> Non
 @pytest.mark.timeout(420)
 @pytest.mark.xfail(
     strict=False,
-    reason="issue 14: a message of the shared queue taken by a killed worker is still lost "
-    "on Redis, and a step later than sticky_gap_timeout runs after its successors; the "
-    "report prints the seed to replay",
+    reason="issue 14: on a loaded machine a step can reach its key's owner later than "
+    "sticky_gap_timeout (a worker killed and restarted again and again holds its keys' "
+    "steps until it is back), and then runs after its successors; the report prints the "
+    "seed to replay",
 )
 def test_a_short_seeded_nemesis_run(prefix: str, tmp_path: Path) -> None:
     """45-60 s of seeded faults over 3 workers and 2 producers; every invariant must hold."""
