@@ -24,8 +24,10 @@ Workloads (a batch is one workload's tasks of one round):
   concurrency`` keys: a sticky step reads and writes one entry of the key's local
   state (and commits); a stateless task does the same on a Redis hash (HGET +
   HSET), and another loads the whole state (GET the pickle, unpickle, change one
-  entry, pickle, SET). The stateless tasks run on the plain workers; the sticky
-  keys' states are written by a task on their owners before the rounds.
+  entry, pickle, SET). The stateless tasks run on the plain workers; each sticky
+  key's state is written once, by a task on its owner, before the first rounds
+  that need it: the sticky workers of every setup are the same nodes (names and
+  state directory), killed and restarted, which keep their keys and states.
 
 A batch is published while its workers are stopped (SIGSTOP, pool processes
 included), then the workers are resumed, and the batch takes from the resume to
@@ -145,11 +147,11 @@ def client_for(url: str) -> redis.Redis:
     return client
 
 
-def make_apps(prefix: str, url: str, data_prefix: str, state_dir: str) -> Apps:
-    """The plain app and the sticky app of one setup; every name starts with ``prefix``.
+def make_apps(prefix: str, url: str, state_dir: str) -> Apps:
+    """The plain app and the sticky app; every name they use in Redis holds ``prefix``.
 
     ``url`` is the broker, the lease store and the stateless tasks' Redis: loopback,
-    or the latency proxy. The stateless tasks' data is the run's, under ``data_prefix``.
+    or the latency proxy.
     """
     common: dict[str, Any] = {
         "task_ignore_result": True,
@@ -178,14 +180,14 @@ def make_apps(prefix: str, url: str, data_prefix: str, state_dir: str) -> Apps:
 
     def hash_step(key: str, entry: str) -> None:
         """One entry of the key's state, kept as a Redis hash: HGET it, HSET it."""
-        client, name = client_for(url), f"{data_prefix}:hash:{key}"
+        client, name = client_for(url), f"{prefix}:hash:{key}"
         value = client.hget(name, entry)
         assert value is not None, f"{name} has no {entry}"
         client.hset(name, entry, os.urandom(len(value)))
 
     def whole_step(key: str, entry: str) -> None:
         """The key's whole state, one pickle in Redis: GET, change one entry, SET."""
-        client, name = client_for(url), f"{data_prefix}:blob:{key}"
+        client, name = client_for(url), f"{prefix}:blob:{key}"
         blob = client.get(name)
         assert blob is not None, f"{name} is missing"
         state = pickle.loads(cast(bytes, blob))
@@ -308,7 +310,6 @@ def _apps_from_env() -> Apps:
     return make_apps(
         os.environ[f"{ENV}PREFIX"],
         os.environ[f"{ENV}URL"],
-        os.environ[f"{ENV}DATA_PREFIX"],
         os.environ[f"{ENV}STATE_DIR"],
     )
 
@@ -379,10 +380,20 @@ class Run:
     remote_url: str = ""
     rtt: tuple[float, float] = (0.0, 0.0)
     data_keys: dict[int, int] = field(default_factory=dict)  # size -> keys with data
+    filled: dict[int, int] = field(default_factory=dict)  # size -> sticky keys with state
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workdir / "state"
 
 
 class Setup:
-    """One pool, concurrency and network: its apps, workers, keys and workloads."""
+    """One pool, concurrency and network: its apps, workers and workloads.
+
+    Every setup of a run has the same key prefix, node names and state directory: the
+    sticky workers of the next setup are the same nodes restarted (after a kill), and
+    they keep their keys and the keys' states, as a restarted worker does.
+    """
 
     def __init__(
         self, run: Run, pool: str, concurrency: int, network: str, args: argparse.Namespace
@@ -392,22 +403,19 @@ class Setup:
         self.concurrency = concurrency
         self.network = network
         self.args = args
-        self.prefix = f"{run.prefix}-{pool}-c{concurrency}-{network}"
         self.url = run.remote_url if network == "remote" else run.url
-        self.state_dir = run.workdir / "state" / self.prefix
-        self.apps = make_apps(self.prefix, self.url, run.prefix, str(self.state_dir))
-        self.names = _record_names(self.prefix)
+        self.apps = make_apps(run.prefix, self.url, str(run.state_dir))
+        self.names = _record_names(run.prefix)
         env = {
-            f"{ENV}PREFIX": self.prefix,
+            f"{ENV}PREFIX": run.prefix,
             f"{ENV}URL": self.url,
             f"{ENV}RECORD_URL": run.url,
-            f"{ENV}DATA_PREFIX": run.prefix,
-            f"{ENV}STATE_DIR": str(self.state_dir),
+            f"{ENV}STATE_DIR": str(run.state_dir),
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p
             ),
         }
-        logs = run.workdir / "logs" / self.prefix
+        logs = run.workdir / "logs" / f"{pool}-c{concurrency}-{network}"
         self.clusters = {
             False: WorkerCluster(self.apps.plain, "e2e:plain_app", logs, env=env, cwd=str(HERE)),
             True: WorkerCluster(self.apps.sticky, "e2e:sticky_app", logs, env=env, cwd=str(HERE)),
@@ -433,8 +441,9 @@ class Setup:
 
     def start(self, timeout: float = 120.0) -> None:
         """Start both sets of workers; wait until every one is ready."""
+        self.run.record.delete(self.names["ready"])
         for sticky, cluster in self.clusters.items():
-            queue = f"{self.prefix}.{'sticky' if sticky else 'plain'}"
+            queue = f"{self.run.prefix}.{'sticky' if sticky else 'plain'}"
             for number in range(1, self.args.workers + 1):
                 cluster.start(
                     f"e2e-{'sticky' if sticky else 'plain'}-{number}@bench",
@@ -489,8 +498,8 @@ class Setup:
         if workload.size == SHORT:
             return int(self.args.tasks)
         if workload.kind == "whole":
-            # A whole load of 100 MB takes about a second: two per key (one per pool slot).
-            return max(2 * self.state_keys, int(self.args.state_tasks) // workload.size)
+            # A whole load of 100 MB takes seconds: at least one per key (one per pool slot).
+            return max(self.state_keys, int(self.args.state_tasks) // workload.size)
         return int(self.args.state_tasks)
 
     def batch(self, sticky: bool, task: str, messages: list[tuple[Any, ...]]) -> Batch:
@@ -531,12 +540,17 @@ class Setup:
         return Batch(ended - resumed, published, statistics.median(times))
 
     def prepare(self) -> None:
-        """Write each sticky key's state on its owner; make sure the stateless data is there."""
+        """Make sure the stateless tasks' data is in Redis and every sticky key's state on its
+        owner (written by a task there, the first time a setup needs the key)."""
         for size in self.args.sizes:
             write_data(self.run, size, self.state_keys)
-            keys = [f"s{size}-{n}" for n in range(self.state_keys)]
+            have = self.run.filled.get(size, 0)
+            if have >= self.state_keys:
+                continue
+            keys = [f"s{size}-{n}" for n in range(have, self.state_keys)]
             started = time.monotonic()
             self.batch(True, "e2e_bench.fill", [(key, size) for key in keys])
+            self.run.filled[size] = self.state_keys
             log(
                 f"{self.title}: {len(keys)} sticky state(s) of {size} MB written in "
                 f"{time.monotonic() - started:.1f} s"
@@ -699,6 +713,7 @@ def plot(setups: list[Setup], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     pools = sorted({s.pool for s in setups})
     networks = [n for n in ("loopback", "remote") if any(s.network == n for s in setups)]
@@ -733,6 +748,7 @@ def plot(setups: list[Setup], path: str) -> None:
                     marker = "o" if other == "hash" else "s"
                     line(ax, pool, network, (size, "step", other), marker=marker, label=label)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
         ax.set_title(f"state steps, Redis {network}: sticky / stateless")
         ax.legend(fontsize=7)
@@ -804,7 +820,6 @@ def bench(url: str, args: argparse.Namespace, argv: list[str]) -> None:
                             setup.measure()
                         finally:
                             setup.kill()
-                            shutil.rmtree(setup.state_dir, ignore_errors=True)
                         setups.append(setup)
     except BaseException:
         keep = True
@@ -813,7 +828,7 @@ def bench(url: str, args: argparse.Namespace, argv: list[str]) -> None:
         for setup in setups:
             setup.kill()
         cleanup_redis(run.record, prefix)
-        shutil.rmtree(workdir / "state", ignore_errors=True)
+        shutil.rmtree(run.state_dir, ignore_errors=True)
         if keep:
             log(f"worker logs kept in {workdir / 'logs'}")
         else:
