@@ -31,8 +31,10 @@ Workloads (a batch is one workload's tasks of one round):
 
 A batch is published while its workers are stopped (SIGSTOP, pool processes
 included), then the workers are resumed, and the batch takes from the resume to
-the end of its last task: the workers' throughput, not the producer's (its
-publish rate is reported on the side). Each task's end is taken in a
+the end of its last task: the workers' throughput, not the producer's
+(``publish_overhead.py`` measures that). The CPU time the workers' processes used
+meanwhile, per task, is reported too: on a machine with fewer cores than
+processes that is what throughput ends up costing. Each task's end is taken in a
 ``task_postrun`` handler, with the seconds since ``task_prerun`` (the task's time
 in the pool: "in-task" below); a thread of each worker process sends them to Redis
 on loopback every 10 ms, so no task waits for the bookkeeping. Results are ignored
@@ -41,9 +43,10 @@ on loopback every 10 ms, so no task waits for the bookkeeping. Results are ignor
 Networks: ``loopback`` is Redis on this machine; ``remote`` puts Redis behind a
 TCP proxy (``celery_sticky.testing.proxy``, in a process of its own) that adds
 ``--delay-ms`` each way, as a Redis on another machine would. In that mode
-everything the workers and the producer ask Redis goes through the proxy: the
-broker, the lease store and the stateless tasks' data; only the benchmark's own
-bookkeeping does not.
+everything the workers ask Redis goes through the proxy: the broker, the lease
+store and the stateless tasks' data. The producer publishes on loopback (while
+the workers are stopped, so it changes no figure, only the run's length), and
+the benchmark's own bookkeeping does not go through the proxy either.
 
 Targets (issue 16), reported, not enforced: sticky short tasks at least 0.95x
 plain with Redis on loopback; with Redis 0.5 ms away, a sticky step on a 100 MB
@@ -85,6 +88,7 @@ from typing import Any, NamedTuple, cast
 from urllib.parse import urlsplit
 
 import celery
+import psutil
 import redis
 from celery import Celery
 from celery.signals import task_postrun, task_prerun, worker_ready
@@ -331,7 +335,8 @@ class Workload:
     sticky: bool
     rates: list[float] = field(default_factory=list)
     in_task: list[float] = field(default_factory=list)  # per round: median seconds in the pool
-    publish: list[float] = field(default_factory=list)  # per round: tasks published per second
+    # Per round: CPU seconds per task of the workers' main processes, of their pool processes.
+    cpu: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -365,8 +370,22 @@ def pairs(size: int) -> tuple[tuple[str, str], ...]:
 
 class Batch(NamedTuple):
     seconds: float
-    publish_seconds: float
     in_task: float
+    cpu: tuple[float, float]  # CPU seconds of the main processes, of the pool processes
+
+
+def cpu_seconds(cluster: WorkerCluster) -> tuple[float, float]:
+    """CPU seconds used so far by the cluster's main processes, and by their pool processes
+    (none with the threads pool: its threads are the main process's)."""
+    main = pool = 0.0
+    for worker in cluster.workers.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process = psutil.Process(worker.pid)
+            main += sum(process.cpu_times()[:2])
+            for child in process.children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    pool += sum(child.cpu_times()[:2])
+    return main, pool
 
 
 @dataclass
@@ -404,7 +423,8 @@ class Setup:
         self.network = network
         self.args = args
         self.url = run.remote_url if network == "remote" else run.url
-        self.apps = make_apps(run.prefix, self.url, str(run.state_dir))
+        # The producer's side of the apps: it publishes on loopback whatever the network.
+        self.apps = make_apps(run.prefix, run.url, str(run.state_dir))
         self.names = _record_names(run.prefix)
         env = {
             f"{ENV}PREFIX": run.prefix,
@@ -513,10 +533,9 @@ class Setup:
         for name in workers:
             cluster.pause(name)
         try:
-            started = time.perf_counter()
             for args in messages:
                 signature.apply_async(args)
-            published = time.perf_counter() - started
+            cpu_before = cpu_seconds(cluster)
         finally:
             resumed = time.time()
             for name in workers:
@@ -535,9 +554,11 @@ class Setup:
                 f"{self.title}: {task}: {finished} of {len(messages)} task(s) ended "
                 f"in {timeout:g} s; failed: {failed or 'none'}\n{self.logs()}"
             )
+        cpu_after = cpu_seconds(cluster)
         times = [float(raw) for raw in record.lrange(names["times"], 0, -1)]
         ended = max(float(raw) for raw in record.lrange(names["ends"], 0, -1))
-        return Batch(ended - resumed, published, statistics.median(times))
+        cpu = (cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1])
+        return Batch(ended - resumed, statistics.median(times), cpu)
 
     def prepare(self) -> None:
         """Make sure the stateless tasks' data is in Redis and every sticky key's state on its
@@ -571,7 +592,7 @@ class Setup:
                 batch = self.batch(workload.sticky, workload.task, messages)
                 workload.rates.append(len(messages) / batch.seconds)
                 workload.in_task.append(batch.in_task)
-                workload.publish.append(len(messages) / batch.publish_seconds)
+                workload.cpu.append((batch.cpu[0] / len(messages), batch.cpu[1] / len(messages)))
             log(
                 f"{self.title}: round {number + 1}/{self.args.rounds}: "
                 + ", ".join(
@@ -667,16 +688,22 @@ def report(setups: list[Setup], run: Run, args: argparse.Namespace, argv: list[s
             )
             title = ""
     print()
-    print("publish rate while the workers were stopped (tasks/s, median of the rounds):")
+    print(
+        "CPU per task, ms (median of the rounds): the workers' main processes + their pool "
+        "processes (threads: all in the main process)"
+    )
     for setup in setups:
-        print(
-            f"  {setup.title:<28} "
-            + ", ".join(
-                f"{w.kind}{'' if w.size == SHORT else f' {w.size} MB'} "
-                f"{fmt_rate(statistics.median(w.publish))}"
+        title = setup.title
+        for size in (SHORT, *setup.args.sizes):
+            workload = "short tasks" if size == SHORT else f"{size} MB state"
+            cells = [
+                f"{w.label} "
+                + " + ".join(fmt_ms(statistics.median(part)) for part in zip(*w.cpu, strict=True))
                 for w in setup.workloads
-            )
-        )
+                if w.size == size
+            ]
+            print(f"  {title:<28} {workload:<12} {';  '.join(cells)}")
+            title = ""
     print()
     print("Targets (issue 16; reported, not enforced)")
     for setup in setups:
