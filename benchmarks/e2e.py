@@ -56,7 +56,7 @@ state at least 5x the stateless HGET + HSET and 300x the whole load.
         [--concurrency 2] [--pools prefork,threads] [--networks loopback,remote]
         [--delay-ms 0.5] [--sizes 1,100] [--state-tasks 300] [--plot PATH] [--keep-logs]
 
-``BENCH_REDIS_URL`` (default ``redis://127.0.0.1:6379/13``) is the broker and the
+``BENCH_REDIS_URL`` (default ``redis://127.0.0.1:6379/12``) is the broker and the
 lease store; when nothing answers there an embedded Redis is started. Every run
 uses its own key and queue prefix and temporary directories; its Redis keys, the
 workers' state and (unless ``--keep-logs`` or an error) their logs are deleted at
@@ -98,7 +98,7 @@ from celery_sticky import INJECTED, sticky_task
 from celery_sticky.testing import WorkerCluster
 from celery_sticky.testing.proxy import LatencyProxy
 
-DEFAULT_URL = "redis://127.0.0.1:6379/13"
+DEFAULT_URL = "redis://127.0.0.1:6379/12"
 HERE = Path(__file__).resolve().parent
 MB = 1_000_000
 ENTRY_BYTES = 1000
@@ -746,7 +746,7 @@ def plot(setups: list[Setup], path: str) -> None:
     networks = [n for n in ("loopback", "remote") if any(s.network == n for s in setups)]
     sizes: list[int] = setups[0].args.sizes
     panels = 1 + (len(networks) if sizes else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(5.4 * panels, 6.4), squeeze=False)
     styles = {"prefork": "-", "threads": "--"}
 
     def line(ax: Any, pool: str, network: str, pair: tuple[int, str, str], **style: Any) -> None:
@@ -766,7 +766,7 @@ def plot(setups: list[Setup], path: str) -> None:
     short.axhline(SHORT_TARGET, color="grey", linewidth=0.8, linestyle=":")
     short.set_title("short tasks: sticky / plain")
     short.set_ylabel("throughput ratio (tasks/s over tasks/s)")
-    short.legend(fontsize=7)
+    short.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     for ax, network in zip(axes[0][1:], networks, strict=False):
         for pool in pools:
             for size in sizes:
@@ -778,7 +778,7 @@ def plot(setups: list[Setup], path: str) -> None:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
         ax.set_title(f"state steps, Redis {network}: sticky / stateless")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     for ax in axes[0]:
         ax.set_xlabel("concurrency of each worker")
         ax.set_xticks(sorted({s.concurrency for s in setups}))
