@@ -24,10 +24,8 @@ Workloads (a batch is one workload's tasks of one round):
   concurrency`` keys: a sticky step reads and writes one entry of the key's local
   state (and commits); a stateless task does the same on a Redis hash (HGET +
   HSET), and another loads the whole state (GET the pickle, unpickle, change one
-  entry, pickle, SET). The stateless tasks run on the plain workers; each sticky
-  key's state is written once, by a task on its owner, before the first rounds
-  that need it: the sticky workers of every setup are the same nodes (names and
-  state directory), killed and restarted, which keep their keys and states.
+  entry, pickle, SET). The stateless tasks run on the plain workers; the sticky
+  keys' states are written by a task on their owners before the rounds.
 
 A batch is published while its workers are stopped (SIGSTOP, pool processes
 included), then the workers are resumed, and the batch takes from the resume to
@@ -60,8 +58,8 @@ state at least 5x the stateless HGET + HSET and 300x the whole load.
 lease store; when nothing answers there an embedded Redis is started. Every run
 uses its own key and queue prefix and temporary directories; its Redis keys, the
 workers' state and (unless ``--keep-logs`` or an error) their logs are deleted at
-the end, and every worker process it started is killed, also on an error or
-Ctrl-C. The exit status is 1 only when the benchmark itself fails.
+the end, and every worker process it started is killed, also on an error,
+Ctrl-C or SIGTERM. The exit status is 1 only when the benchmark itself fails.
 """
 
 from __future__ import annotations
@@ -75,6 +73,7 @@ import platform
 import random
 import shlex
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -151,11 +150,11 @@ def client_for(url: str) -> redis.Redis:
     return client
 
 
-def make_apps(prefix: str, url: str, state_dir: str) -> Apps:
-    """The plain app and the sticky app; every name they use in Redis holds ``prefix``.
+def make_apps(prefix: str, url: str, data_prefix: str, state_dir: str) -> Apps:
+    """The plain app and the sticky app of one setup; every name starts with ``prefix``.
 
     ``url`` is the broker, the lease store and the stateless tasks' Redis: loopback,
-    or the latency proxy.
+    or the latency proxy. The stateless tasks' data is the run's, under ``data_prefix``.
     """
     common: dict[str, Any] = {
         "task_ignore_result": True,
@@ -184,14 +183,14 @@ def make_apps(prefix: str, url: str, state_dir: str) -> Apps:
 
     def hash_step(key: str, entry: str) -> None:
         """One entry of the key's state, kept as a Redis hash: HGET it, HSET it."""
-        client, name = client_for(url), f"{prefix}:hash:{key}"
+        client, name = client_for(url), f"{data_prefix}:hash:{key}"
         value = client.hget(name, entry)
         assert value is not None, f"{name} has no {entry}"
         client.hset(name, entry, os.urandom(len(value)))
 
     def whole_step(key: str, entry: str) -> None:
         """The key's whole state, one pickle in Redis: GET, change one entry, SET."""
-        client, name = client_for(url), f"{prefix}:blob:{key}"
+        client, name = client_for(url), f"{data_prefix}:blob:{key}"
         blob = client.get(name)
         assert blob is not None, f"{name} is missing"
         state = pickle.loads(cast(bytes, blob))
@@ -314,6 +313,7 @@ def _apps_from_env() -> Apps:
     return make_apps(
         os.environ[f"{ENV}PREFIX"],
         os.environ[f"{ENV}URL"],
+        os.environ[f"{ENV}DATA_PREFIX"],
         os.environ[f"{ENV}STATE_DIR"],
     )
 
@@ -399,19 +399,15 @@ class Run:
     remote_url: str = ""
     rtt: tuple[float, float] = (0.0, 0.0)
     data_keys: dict[int, int] = field(default_factory=dict)  # size -> keys with data
-    filled: dict[int, int] = field(default_factory=dict)  # size -> sticky keys with state
-
-    @property
-    def state_dir(self) -> Path:
-        return self.workdir / "state"
 
 
 class Setup:
-    """One pool, concurrency and network: its apps, workers and workloads.
+    """One pool, concurrency and network: its apps, workers, keys and workloads.
 
-    Every setup of a run has the same key prefix, node names and state directory: the
-    sticky workers of the next setup are the same nodes restarted (after a kill), and
-    they keep their keys and the keys' states, as a restarted worker does.
+    Each setup starts from nothing: a key prefix and a state directory of its own. (The
+    same nodes restarted would keep their keys and states, but a restarted worker first
+    scans its whole local state, in its main process: with 100 MB states that takes
+    minutes of CPU, which the rounds would measure.)
     """
 
     def __init__(
@@ -422,20 +418,23 @@ class Setup:
         self.concurrency = concurrency
         self.network = network
         self.args = args
+        self.prefix = f"{run.prefix}-{pool}-c{concurrency}-{network}"
         self.url = run.remote_url if network == "remote" else run.url
+        self.state_dir = run.workdir / "state" / self.prefix
         # The producer's side of the apps: it publishes on loopback whatever the network.
-        self.apps = make_apps(run.prefix, run.url, str(run.state_dir))
-        self.names = _record_names(run.prefix)
+        self.apps = make_apps(self.prefix, run.url, run.prefix, str(self.state_dir))
+        self.names = _record_names(self.prefix)
         env = {
-            f"{ENV}PREFIX": run.prefix,
+            f"{ENV}PREFIX": self.prefix,
             f"{ENV}URL": self.url,
             f"{ENV}RECORD_URL": run.url,
-            f"{ENV}STATE_DIR": str(run.state_dir),
+            f"{ENV}DATA_PREFIX": run.prefix,
+            f"{ENV}STATE_DIR": str(self.state_dir),
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p
             ),
         }
-        logs = run.workdir / "logs" / f"{pool}-c{concurrency}-{network}"
+        logs = run.workdir / "logs" / self.prefix
         self.clusters = {
             False: WorkerCluster(self.apps.plain, "e2e:plain_app", logs, env=env, cwd=str(HERE)),
             True: WorkerCluster(self.apps.sticky, "e2e:sticky_app", logs, env=env, cwd=str(HERE)),
@@ -463,7 +462,7 @@ class Setup:
         """Start both sets of workers; wait until every one is ready."""
         self.run.record.delete(self.names["ready"])
         for sticky, cluster in self.clusters.items():
-            queue = f"{self.run.prefix}.{'sticky' if sticky else 'plain'}"
+            queue = f"{self.prefix}.{'sticky' if sticky else 'plain'}"
             for number in range(1, self.args.workers + 1):
                 cluster.start(
                     f"e2e-{'sticky' if sticky else 'plain'}-{number}@bench",
@@ -561,17 +560,13 @@ class Setup:
         return Batch(ended - resumed, statistics.median(times), cpu)
 
     def prepare(self) -> None:
-        """Make sure the stateless tasks' data is in Redis and every sticky key's state on its
-        owner (written by a task there, the first time a setup needs the key)."""
+        """Make sure the stateless tasks' data is in Redis; write each sticky key's state on
+        its owner."""
         for size in self.args.sizes:
             write_data(self.run, size, self.state_keys)
-            have = self.run.filled.get(size, 0)
-            if have >= self.state_keys:
-                continue
-            keys = [f"s{size}-{n}" for n in range(have, self.state_keys)]
+            keys = [f"s{size}-{n}" for n in range(self.state_keys)]
             started = time.monotonic()
             self.batch(True, "e2e_bench.fill", [(key, size) for key in keys])
-            self.run.filled[size] = self.state_keys
             log(
                 f"{self.title}: {len(keys)} sticky state(s) of {size} MB written in "
                 f"{time.monotonic() - started:.1f} s"
@@ -847,6 +842,7 @@ def bench(url: str, args: argparse.Namespace, argv: list[str]) -> None:
                             setup.measure()
                         finally:
                             setup.kill()
+                            shutil.rmtree(setup.state_dir, ignore_errors=True)
                         setups.append(setup)
     except BaseException:
         keep = True
@@ -855,7 +851,7 @@ def bench(url: str, args: argparse.Namespace, argv: list[str]) -> None:
         for setup in setups:
             setup.kill()
         cleanup_redis(run.record, prefix)
-        shutil.rmtree(run.state_dir, ignore_errors=True)
+        shutil.rmtree(workdir / "state", ignore_errors=True)
         if keep:
             log(f"worker logs kept in {workdir / 'logs'}")
         else:
@@ -932,6 +928,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--sizes: MB of state, 0 or more")
     args.sizes = sorted({size for size in args.sizes if size > 0})
     args.delay = args.delay_ms / 1e3
+    # A SIGTERM (``timeout``, a CI runner) unwinds like Ctrl-C: every worker is killed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     return against_redis(DEFAULT_URL, lambda url: bench(url, args, argv))
 
 
