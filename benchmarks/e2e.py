@@ -5,7 +5,7 @@ lease store); this one asks what a user sees: how many tasks per second a cluste
 of real ``celery worker`` processes gets through, with and without celery-sticky.
 Two sets of ``--workers`` workers run side by side, each worker a subprocess with
 its own node name: plain Celery workers (``e2e-plain-1@bench``, ...) of an app
-that never imports celery-sticky's worker side, and sticky workers
+with no sticky task (nothing of celery-sticky is installed on it), and sticky workers
 (``e2e-sticky-1@bench``, ...), both with the same pool, concurrency, prefetch and
 broker. For each pool (``--pools``), concurrency (``--concurrency``) and network
 (``--networks``) the workers start anew, then every workload runs ``--rounds``
@@ -48,7 +48,8 @@ the benchmark's own bookkeeping does not go through the proxy either.
 
 Targets (issue 16), reported, not enforced: sticky short tasks at least 0.95x
 plain with Redis on loopback; with Redis 0.5 ms away, a sticky step on a 100 MB
-state at least 5x the stateless HGET + HSET and 300x the whole load.
+state at least 5x the stateless HGET + HSET and 300x the whole load. ``--plot
+PATH`` draws the throughput ratios against the concurrency (needs matplotlib).
 
     python benchmarks/e2e.py [--rounds 3] [--tasks 3000] [--keys 300] [--workers 3]
         [--concurrency 2] [--pools prefork,threads] [--networks loopback,remote]
