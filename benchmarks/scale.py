@@ -27,7 +27,10 @@ No worker process runs. Every Redis key it writes carries a per-run prefix and i
 deleted at the end. The same script runs against an older checkout (``PYTHONPATH``
 pointing there) to compare before and after.
 
-    python benchmarks/scale.py [--keys 1000000] [--quick]
+    python benchmarks/scale.py [--keys 1000000] [--quick] [--plot PATH]
+
+``--plot`` writes a PNG (needs matplotlib): the heartbeat and the route of a key in
+use against the number of keys.
 
 ``BENCH_REDIS_URL`` (default ``redis://127.0.0.1:6379/10``) names the lease store
 and broker; when nothing answers there an embedded Redis is started.
@@ -183,6 +186,8 @@ def beat_all(store: LeaseStore, nodes: list[str], prefix: str) -> None:
 
 def bench(url: str, args: argparse.Namespace) -> None:
     nkeys = args.keys
+    # For the plot: (number of keys, seconds) per measure.
+    curves: dict[str, list[tuple[int, float]]] = {"heartbeat": [], "route": []}
     prefix = f"scale-{uuid.uuid4().hex[:8]}"
     app, task = make_app(url, prefix)
     store = lease_store(app)
@@ -208,6 +213,7 @@ def bench(url: str, args: argparse.Namespace) -> None:
                 timed(lambda: store.heartbeat(nodes[0], 1, f"{prefix}.{nodes[0]}"), 100)
                 for _ in range(5)
             ]
+            curves["heartbeat"].append((checkpoint, min(medians)))
             beats.append(
                 (
                     f"{checkpoint:,} keys ({owned:,} on the node)",
@@ -319,6 +325,7 @@ def bench(url: str, args: argparse.Namespace) -> None:
                     hot_times.append(clock() - start)
             finally:
                 counter.undo()
+            curves["route"].append((distinct, statistics.median(hot_times)))
             routes.append(
                 (
                     f"{distinct:,} distinct keys",
@@ -374,6 +381,9 @@ def bench(url: str, args: argparse.Namespace) -> None:
         cleanup(client, prefix)
         client.close()
     report(url, nkeys, rows)
+    if args.plot:
+        plot(curves, nkeys, args.plot)
+        log(f"plot written to {args.plot}")
 
 
 def cleanup(client: redis.Redis, prefix: str) -> None:
@@ -407,6 +417,38 @@ def report(url: str, nkeys: int, rows: dict[str, list[tuple[str, str]]]) -> None
             print(f"  {label:<{width}}  {value}")
 
 
+def plot(curves: dict[str, list[tuple[int, float]]], nkeys: int, path: str) -> None:
+    """The cost of a heartbeat and of routing a key in use, against the number of keys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {
+        "heartbeat": "heartbeat of a node (lowest of 5 medians of 100)",
+        "route": "route of a key in use (median), by distinct keys seen",
+    }
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, points in curves.items():
+        points = [(count, seconds) for count, seconds in points if count > 0]  # log axis
+        ax.plot(
+            [count for count, _ in points],
+            [seconds * 1e6 for _, seconds in points],
+            marker="o",
+            label=labels[name],
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"owned keys, of {nkeys:,} across {WORKERS} workers (route: distinct keys)")
+    ax.set_ylabel("µs")
+    ax.set_title("lease store: cost against the number of keys")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -422,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="20,000 keys: a check in well under a minute"
     )
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG plot (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.quick:
         args.keys = min(args.keys, 20_000)

@@ -78,7 +78,7 @@ from urllib.parse import urlsplit
 import diskcache
 import redis
 from celery import Celery
-from common import against_redis, positive
+from common import against_redis, calibrate_proxy, positive
 
 from celery_sticky.context import StickyContext
 from celery_sticky.handoff import LOG_FLOOR_BYTES
@@ -105,30 +105,6 @@ SECRET = "state-access-benchmark-secret"
 clock = time.perf_counter
 
 Step = Callable[[], float]  # runs one step, returns the seconds it took
-
-
-# -- the latency proxy (celery_sticky.testing.proxy) ---------------------------------
-
-
-def calibrate_proxy(
-    proxy: LatencyProxy, local: redis.Redis, remote: redis.Redis, each_way: float
-) -> tuple[float, float]:
-    """Set the proxy's sleep so a round trip through it gains ``2 * each_way`` in all.
-
-    Waking up for each delayed chunk and the extra loopback hops cost the proxy
-    itself a few hundred µs per round trip on a busy VM; the sleep is shortened by
-    that much. Returns the PING round trips, loopback and through the proxy.
-    """
-    sleep = each_way
-    for _ in range(5):
-        proxy.set_delay(sleep)
-        direct, via = ping_rtt(local, 500), ping_rtt(remote, 500)
-        excess = (via - direct) - 2 * each_way
-        if abs(excess) < 0.05 * 2 * each_way:
-            break
-        sleep = min(each_way, max(0.0, sleep - excess / 2))
-    proxy.set_delay(sleep)
-    return ping_rtt(local, 500), ping_rtt(remote, 500)
 
 
 # -- cases and rounds --------------------------------------------------------------
@@ -713,11 +689,6 @@ def fmt_ratio(ratio: float) -> str:
     if ratio >= 100:
         return f"{ratio:,.0f}x"
     return f"{ratio:.1f}x" if ratio >= 1 else f"{ratio:.2f}x"
-
-
-def ping_rtt(client: redis.Redis, count: int = 300) -> float:
-    client.ping()
-    return median_of(client.ping, count)
 
 
 def report_header(
