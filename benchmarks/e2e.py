@@ -361,12 +361,13 @@ LABELS = {
     "hash": "HGET + HSET",
     "whole": "whole GET + SET",
 }
-#: (workload, the one it is compared with) in the report, per size.
-PAIRS = {SHORT: (("bare", "plain"), ("noop", "plain")), -1: (("step", "hash"), ("step", "whole"))}
+#: (workload, the one it is compared with), in the report's order.
+SHORT_PAIRS = (("bare", "plain"), ("noop", "plain"))
+STATE_PAIRS = (("step", "hash"), ("step", "whole"))
 
 
 def pairs(size: int) -> tuple[tuple[str, str], ...]:
-    return PAIRS[SHORT] if size == SHORT else PAIRS[-1]
+    return SHORT_PAIRS if size == SHORT else STATE_PAIRS
 
 
 class Batch(NamedTuple):
