@@ -549,6 +549,13 @@ class StickyConfig:
     def direct_queue_name(self, nodename: str) -> str:
         return f"{self.queue_prefix}.{nodename}"
 
+    @property
+    def copy_holds_every_commit(self) -> bool:
+        """Every commit of a key reaches its copy (``sync`` replication with a
+        ``sticky_secret``): a key taken over without a copy never committed anything,
+        so nothing of it was lost."""
+        return self.state_replication == "sync" and bool(self.secret)
+
 
 def _redacted(text: str) -> str:
     """``text`` with URL passwords replaced by ``***``."""

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from celery_sticky.context import lease_store
+from celery_sticky.context import get_config, lease_store
 from celery_sticky.testing import WorkerCluster, wait_for
+from celery_sticky.worker.reaper import move_queue
 from tests.conftest import read_events, start_cluster, unique, wait_settled
 
 TTL = 3.0
@@ -253,6 +254,58 @@ def test_a_frozen_owner_commits_nothing_visible(run: Run, tmp_path: Path) -> Non
     # drops its connection, after two missed heartbeats (broker_heartbeat = 2 here).
     amqp = os.environ.get("STICKY_TEST_BROKER_URL", "").startswith("amqp")
     assert first_moved - stopped_at <= BOUND + 2 + (4.0 if amqp else 0.0), "failover bound"
+
+
+def ready_in(app: Any, queue: str) -> int:
+    """Messages waiting in ``queue`` (not taken by a consumer), on either broker."""
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        if connection.transport.driver_type == "redis":
+            return int(channel.client.llen(queue))  # passive declare: 404 once it is empty
+        _name, count, _consumers = channel.queue_declare(queue, passive=True)
+    return int(count)
+
+
+def test_a_key_taken_over_before_its_first_commit_keeps_order(run: Run) -> None:
+    """Its owner dies (fault point ``after_run:kill``) before the key's first commit;
+    another worker takes the key over with no copy, which under ``sync`` replication
+    means nothing was lost: not the state, and not which numbers ran (none). So a
+    second producer's step 3, routed to the new owner while its steps 1 and 2 are still
+    on their way (parked, as in a dead worker's queue a reaper has yet to move), waits
+    for them. (It ran first when a take-over without a copy was taken for lost state,
+    whose record runs a stream it does not know from its lowest arrival: seen in CI on
+    RabbitMQ as ``[3, 0, 1, 2, 4]``.)"""
+    from tests.cluster_app import make_app
+
+    victim = "f1@sticky-tests"
+    marker = run.logs.parent / "fault-marker"
+    cluster = run.start(
+        victim, STICKY_TEST_FAULT="after_run:kill", STICKY_TEST_FAULT_MARKER=str(marker)
+    )
+    cluster.start("f2@sticky-tests", queues=[f"{run.prefix}.default"])
+    key = unique("first")
+    first = run.step.delay(key, 0, 0.0)
+    wait_for(lambda: not cluster.workers[victim].running, timeout=30, message="no kill")
+    assert first.get(timeout=60) == [0]  # on f2, from the victim's restored in-flight list
+    producer = make_app(run.prefix, sticky_lease_ttl=TTL, sticky_state_replication="sync")
+    try:
+        producer.finalize()
+        step = producer.tasks["tests.cluster_app.record_step"]
+        parked = f"{run.prefix}.parked"  # nobody consumes it
+        for number in (1, 2):
+            step.apply_async((key, number, 0.0), queue=parked)
+        third = step.delay(key, 3, 0.0)
+        # Taken from f2's queue (its gate holds it, or ran it: Celery logs it received
+        # only when the gate lets it go).
+        owner_queue = get_config(run.app).direct_queue_name("f2@sticky-tests")
+        wait_for(lambda: ready_in(producer, owner_queue) == 0, timeout=30, message="not taken")
+        assert move_queue(producer, lease_store(producer), parked, restore=False) == 2
+        assert third.get(timeout=60) == [0, 1, 2, 3]
+    finally:
+        producer.close()
+    runs = run.applied_runs(key, crashed=[victim])  # step 0's body ran on f1 too
+    assert [e["step"] for e in runs] == [0, 1, 2, 3], runs
+    assert runs[0]["node"] == "f2@sticky-tests" and runs[0]["recovered"] is None, runs[0]
 
 
 @pytest.mark.parametrize("run", ["on_handoff"], indirect=True)

@@ -279,6 +279,16 @@ def adopt(
         )
         return True
     had_local = store.has_state(workflow, key)
+    if (
+        not had_local
+        and config.copy_holds_every_commit
+        and ctx.leases.copy_pointer(workflow, key) is None
+    ):
+        # No copy although every commit writes one: the key never committed (its
+        # owner died before its first commit did), so nothing was lost, and which
+        # numbers ran is known too: none (the gate waits for each stream's first).
+        store.reset_key(workflow, key, epoch)
+        return None
     info = ctx.leases.lookup(workflow, key)
     if not had_local and (info is None or info.origin != "taken_over"):
         store.reset_key(workflow, key, epoch)

@@ -417,12 +417,18 @@ class KeyGate:
         """
         workflow, key_ = key
         store = self.node.store
+        config = self.node.config
         try:
-            if self.node.config.state_replication != "off" and store.copy_pointer(*key):
+            if config.state_replication != "off" and store.copy_pointer(*key):
                 # The copy the first task adopts: its record was switched in with it.
                 streams = store.copy_streams(*key)
-                return StreamRecord.parse(streams) if streams else StreamRecord(complete=False)
+                if streams is None:
+                    return StreamRecord(complete=False)
+                return StreamRecord.parse(streams)
             if not self.node.state.has_state(workflow, key_):
+                if config.copy_holds_every_commit:
+                    # No copy, and every commit writes one: nothing ran here yet.
+                    return StreamRecord.parse(store.ended_streams(workflow, key_))
                 info = store.lookup(workflow, key_)
                 if info is None or info.origin != "taken_over":
                     return StreamRecord.parse(store.ended_streams(workflow, key_))
