@@ -176,14 +176,18 @@ def test_a_fenced_task_goes_to_the_keys_owner(run: Run) -> None:
     wait_for(expired, timeout=4 * TTL, message="the zombie never expired")
     run.step(key, 1).get(timeout=60)  # claims the key for the live worker
     assert run.owner(key) == "taker@fence-tests"
+    # The taker gets the step twice: moved from the dead zombie's queue, then re-sent by
+    # the fenced zombie (it finds it applied and answers with the stored result). On
+    # RabbitMQ the first comes only once the broker dropped the frozen connection (two
+    # missed heartbeats): resumed before that, the zombie would keep it and the taker
+    # would get it once.
+    received = f"Task tests.cluster_app.record_step[{result.id}] received"
+    taker_log = run.cluster.workers["taker@fence-tests"]
+    wait_for(lambda: received in taker_log.log(), timeout=30, message="never moved")
     run.cluster.resume("zombie@fence-tests")
     result.get(timeout=60)
     zombie_log = run.cluster.workers["zombie@fence-tests"]
     wait_for(lambda: "fenced key:" in zombie_log.log(), timeout=30, message="never fenced")
-    # The taker gets the step twice: moved from the dead zombie's queue, and re-sent by
-    # the fenced zombie (it finds it applied and answers with the stored result).
-    received = f"Task tests.cluster_app.record_step[{result.id}] received"
-    taker_log = run.cluster.workers["taker@fence-tests"]
     wait_for(lambda: taker_log.log().count(received) >= 2, timeout=30, message="not re-sent")
     steps = run.state(key)["state"]["steps"]
     assert sorted(steps) == [0, 1] and len(steps) == 2, steps
