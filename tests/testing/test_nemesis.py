@@ -23,6 +23,7 @@ from celery import Celery
 
 from celery_sticky.context import lease_store
 from celery_sticky.testing import (
+    FAULT_KINDS,
     Nemesis,
     NemesisConfig,
     Probe,
@@ -196,13 +197,6 @@ def test_a_frozen_idle_owner_does_not_reorder_its_key(scenario: Scenario) -> Non
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 14: on a loaded machine a step can reach its key's owner later than "
-    "sticky_gap_timeout (a worker killed and restarted again and again holds its keys' "
-    "steps until it is back), and then runs after its successors; the report prints the "
-    "seed to replay",
-)
 def test_a_short_seeded_nemesis_run(prefix: str, tmp_path: Path) -> None:
     """45-60 s of seeded faults over 3 workers and 2 producers; every invariant must hold."""
     from tests.cluster_app import make_app
@@ -218,6 +212,9 @@ def test_a_short_seeded_nemesis_run(prefix: str, tmp_path: Path) -> None:
         ttl=TTL,
         publish_interval=0.1,
         fault_interval=(2.0, 5.0),
+        # An empty lease store restart loses every hand-over copy (they live in it):
+        # state lost by design (docs/failure-modes.md), which the checker counts as lost.
+        faults=[kind for kind in FAULT_KINDS if kind != "lease_restart_empty"],
         settle_timeout=60.0,
         read_timeout=10.0,
     )
