@@ -351,7 +351,8 @@ class KeyGate:
             if not queue or queue[0].started:
                 return None
             head = queue[0]
-        lease = self.node.prove(head.header.workflow, head.header.key, head.header.affinity)
+        header = head.header
+        lease = self.node.prove(header.workflow, header.key, header.affinity, header.epoch)
         if lease is None or lease.owner != self.node.name or lease.status is ClaimStatus.MOVING:
             # Not ours (or no answer): _start forwards it or waits for the store. Moving
             # here: _start waits for the move to commit; its copy brings the record.
@@ -515,7 +516,7 @@ class KeyGate:
 
     def _start(self, entry: _Entry) -> _Outcome:
         header = entry.header
-        lease = self.node.prove(header.workflow, header.key, header.affinity)
+        lease = self.node.prove(header.workflow, header.key, header.affinity, header.epoch)
         if lease is None:
             return _Outcome.WAIT
         if lease.status is ClaimStatus.MOVING and lease.owner == self.node.name:
@@ -627,6 +628,8 @@ class KeyGate:
                 self._finish(entry)
 
         def failure(*args: Any, **kwargs: Any) -> Any:
+            # Fenced, failed or retried: the next task of the key proves it in the store.
+            self.node.known.forget(*entry.gate_key)
             exc = getattr(args[0] if args else None, "exception", None)
             if (
                 isinstance(exc, Retry)

@@ -1,10 +1,28 @@
 """The worker node's view of ownership: registration, heartbeats, proofs.
 
-A worker may run a key's task only while it can prove it owns the key. The proof
-is one claim-script round trip to the lease store, made right before each task
-of the key starts. It is not cached: a key can be released (its workflow ended,
-or an operator released it) and claimed elsewhere while this worker still
-remembers owning it, and a cached proof would then run a task in two places.
+A worker may run a key's task only while it can prove it owns the key. The first
+proof is a claim-script round trip to the lease store. After it the node knows
+the lease (:class:`KnownLeases`) until its heartbeat-based deadline: nobody can
+take a key from a live owner (the claim script takes over only from an owner whose
+heartbeat the server has not seen for a whole ``sticky_lease_ttl``), so a lease
+this node holds stays its own at least until ``TTL`` after its last heartbeat the
+store acknowledged, measured on this node's monotonic clock from when that
+heartbeat was *sent* (the leader-lease argument of Chubby and Raft's lease reads;
+the clocks may drift apart by :data:`CLOCK_DRIFT` at most). What this node did not
+do itself can still change a lease before that deadline, and each of those is
+seen locally:
+
+- its workflow ended, or the key moved away (its ``end_workflow`` or ``move_key``
+  task ran here, through the gate): the local state no longer carries the lease's
+  epoch, so a known lease is used only while it does;
+- a message carries a newer epoch (the router claimed the key again, say after the
+  lease store restarted empty): that message is proven in the store;
+- the node was reaped, superseded, or starts draining: it forgets every lease;
+- a task of the key was fenced, failed or retried: the gate forgets the key.
+
+This proof orders and routes; it is not the fence. The pool still checks the lease
+in the store before the local commit, and every shared effect is fenced where it
+lands, so a known lease that went stale costs a fenced run, never an effect.
 """
 
 from __future__ import annotations
@@ -13,7 +31,9 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from ..errors import ConfigurationError, LeaseStoreUnavailable
 from ..lease import ClaimStatus, Heartbeat, Lease, LeaseStore, instance_token
@@ -23,6 +43,78 @@ from ..settings import StickyConfig
 from .supervise import backoff
 
 logger = logging.getLogger(__name__)
+
+
+#: How far this node's monotonic clock may run slow against the lease store's clock
+#: over one lease TTL (NTP keeps it within a few parts per million; steps of the
+#: server's wall clock are not covered: the lease store must not jump forward).
+CLOCK_DRIFT = 0.01
+
+
+class _Known(NamedTuple):
+    epoch: int
+
+
+class KnownLeases:
+    """The leases this node proved, trusted without the store until ``deadline``.
+
+    The deadline is set from each acknowledged heartbeat: sent at ``t`` on the
+    monotonic clock, the store saw it at or after ``t``, so no other worker can take
+    this node's keys before ``t + TTL`` (slowed by :data:`CLOCK_DRIFT`).
+    """
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.deadline = 0.0
+        self.enabled = True
+        #: When the current chain of heartbeats began: a proof older than that may
+        #: have been made before a pause, and is not remembered.
+        self.since = 0.0
+        self._leases: dict[tuple[str, str], _Known] = {}
+        self._lock = threading.Lock()
+
+    def renewed(self, sent_at: float) -> None:
+        """A heartbeat sent at ``sent_at`` (monotonic) was acknowledged.
+
+        Sent after the deadline had passed (the process was paused, or heartbeats
+        failed), it extends nothing that was known: the store may have counted this
+        node dead meanwhile and given its keys to others, so each is proven again.
+        """
+        with self._lock:
+            if sent_at >= self.deadline:
+                self._leases.clear()
+                self.since = sent_at
+            self.deadline = max(self.deadline, sent_at + self.ttl * (1 - CLOCK_DRIFT))
+
+    def get(self, workflow: str, key: str) -> int | None:
+        """The epoch this node holds ``workflow:key`` under, if still known."""
+        if time.monotonic() >= self.deadline:
+            return None
+        known = self._leases.get((workflow, key))
+        return None if known is None else known.epoch
+
+    def remember(self, workflow: str, key: str, epoch: int, proven_at: float) -> None:
+        """``workflow:key`` is this node's under ``epoch``, as a claim sent at
+        ``proven_at`` (monotonic) answered."""
+        with self._lock:
+            if self.enabled and proven_at >= self.since:
+                self._leases[(workflow, key)] = _Known(epoch)
+
+    def forget(self, workflow: str, key: str) -> None:
+        self._leases.pop((workflow, key), None)
+
+    def clear(self, *, disable: bool = False) -> None:
+        """Forget every lease (reaped, superseded); ``disable``: and learn none again
+        (draining: every proof goes to the store)."""
+        with self._lock:
+            if disable:
+                self.enabled = False
+            self.deadline = 0.0
+            self.since = time.monotonic()
+            self._leases.clear()
+
+    def __len__(self) -> int:
+        return len(self._leases)
 
 
 class StickyNode:
@@ -56,6 +148,8 @@ class StickyNode:
         self.superseded = False
         #: Called (from the heartbeat thread) once this process is superseded.
         self.on_superseded: Callable[[], None] = lambda: None
+        #: Leases proven here, known without the store until the heartbeat deadline.
+        self.known = KnownLeases(config.lease_ttl)
         #: Called (from the heartbeat thread) while rejoining, before registering again.
         self.on_rejoin: Callable[[], None] = lambda: None
 
@@ -68,10 +162,14 @@ class StickyNode:
 
     def beat(self, register: bool = False) -> None:
         """One heartbeat (or registration); acts on what the lease store answers."""
+        sent_at = time.monotonic()
         reply = self._heartbeat(register)
         if reply.status == "taken" and _gone(reply.instance):
             # A crashed earlier process of this node on this host: its name is free.
+            sent_at = time.monotonic()
             reply = self._heartbeat(register, force=True)
+        if reply.status != "ok":
+            self.known.clear()
         if reply.status == "taken":
             # Not this process's name: nothing it does on the way out (marking the
             # node draining, draining it, deregistering) may touch the other's.
@@ -88,6 +186,8 @@ class StickyNode:
             self._rejoin()
             return
         self._registered = True
+        if not self.rejoining:
+            self.known.renewed(sent_at)
 
     def _heartbeat(self, register: bool, force: bool = False) -> Heartbeat:
         return self.store.heartbeat(
@@ -181,8 +281,11 @@ class StickyNode:
 
     # -- ownership -------------------------------------------------------------
 
-    def prove(self, workflow: str, key: str, affinity: str = "") -> Lease | None:
+    def prove(self, workflow: str, key: str, affinity: str = "", epoch: int = 0) -> Lease | None:
         """The key's lease, claimed for this node when nobody valid holds it.
+
+        A lease this node knows (:class:`KnownLeases`) is answered without the store,
+        unless the message carries a newer ``epoch`` than the known one.
 
         When this node may not take the key (it lacks a tag of ``affinity``, or is
         at its key limit while another is not), the key is claimed for the worker
@@ -197,6 +300,10 @@ class StickyNode:
         """
         if self.rejoining or self.superseded:
             return None
+        known = self.known.get(workflow, key)
+        if known is not None and epoch <= known and self.state.epoch(workflow, key) == known:
+            return Lease(self.name, known, ClaimStatus.OWNED)
+        sent_at = time.monotonic()
         try:
             lease = self.store.claim(
                 workflow, key, candidate=self.name, policy=self.fallback_policy, affinity=affinity
@@ -210,9 +317,16 @@ class StickyNode:
             return None
         if lease.owner == self.name and lease.status is ClaimStatus.PENDING:
             return None  # the registry counts this node dead: it must not run the key
+        if lease.owner == self.name and lease.status in _HELD:
+            self.known.remember(workflow, key, lease.epoch, sent_at)
+        else:
+            self.known.forget(workflow, key)
         # MOVING with this node as the owner: the key is on its way here while its
         # old owner runs what it has; the caller holds the task (and asks again soon).
         return lease
+
+
+_HELD = (ClaimStatus.OWNED, ClaimStatus.CLAIMED, ClaimStatus.TAKEN_OVER)
 
 
 class NodeNameInUse(ConfigurationError):

@@ -3,14 +3,17 @@ was presumed dead while it was only paused rejoining before it takes work again.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from celery_sticky.context import lease_store
 from celery_sticky.testing import wait_for
@@ -97,3 +100,86 @@ def test_a_worker_reaped_while_paused_rejoins_before_it_takes_work(run: Run) -> 
     )
     log = cluster.workers["paused@node-tests"].log()
     assert "was presumed dead" in log and "rejoined" in log
+
+
+def _commands(url: str, sha: str, member: str, body: Callable[[], None]) -> int:
+    """How many ``EVALSHA sha`` naming ``member`` reach the Redis at ``url`` while
+    ``body`` runs (seen with MONITOR, from any client)."""
+    end = f"end-of-count-{uuid.uuid4().hex}"
+    seen: list[str] = []
+    client = redis.Redis.from_url(url)
+    with client.monitor() as monitor:
+        thread = threading.Thread(
+            target=lambda: seen.extend(
+                itertools.takewhile(
+                    lambda c: end not in c, (e["command"] for e in monitor.listen())
+                )
+            ),
+            daemon=True,
+        )
+        thread.start()
+        body()
+        client.echo(end)
+        thread.join(timeout=30)
+    assert not thread.is_alive(), "MONITOR never saw the end of the count"
+    return sum(1 for c in seen if c.startswith(f"EVALSHA {sha}") and member in c)
+
+
+def test_an_owned_key_is_proven_from_the_heartbeat_not_per_task(run: Run) -> None:
+    """Once a worker proved a key, its next tasks start without a claim round trip to
+    the lease store (the lease is known until the heartbeat deadline); the pool still
+    checks the lease before each commit (the fence). Before: a claim per task."""
+    run.start("owner@node-tests")
+    key = f"known-{uuid.uuid4().hex[:8]}"
+    assert run.step(key, 0).get(timeout=30) == [0]  # the first task claims the key
+    store = lease_store(run.app)
+    url = os.environ["STICKY_TEST_REDIS_URL"]
+
+    def ten_steps() -> None:
+        for step in range(1, 11):
+            run.step(key, step).get(timeout=30)
+
+    member = f"key:{key}"
+    claims = _commands(url, store._claim.sha, member, ten_steps)
+    assert claims == 0, f"{claims} claims for 10 tasks of a key the worker holds"
+    assert run.state(key)["state"]["steps"] == list(range(11))
+    lookups = _commands(url, store._lookup.sha, member, lambda: run.step(key, 11).get(30))
+    assert lookups == 1, "the fence asks the store before every commit"
+
+
+def test_known_leases_last_until_the_heartbeat_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lease is known from an acknowledged heartbeat until TTL (less the drift) after
+    that heartbeat was sent; clearing forgets, and a disabled record learns nothing."""
+    from celery_sticky.worker import node as node_module
+
+    now = [100.0]
+    monkeypatch.setattr("celery_sticky.worker.node.time.monotonic", lambda: now[0])
+    known = node_module.KnownLeases(ttl=10.0)
+    known.remember("wf", "k", 7, now[0])
+    assert known.get("wf", "k") is None, "no heartbeat acknowledged yet"
+    known.renewed(sent_at=100.0)
+    assert known.get("wf", "k") is None, "proven before the chain of heartbeats began"
+    known.remember("wf", "k", 7, now[0])
+    assert known.get("wf", "k") == 7
+    now[0] = 100.0 + 10.0 * (1 - node_module.CLOCK_DRIFT) - 0.001
+    assert known.get("wf", "k") == 7
+    now[0] += 0.002
+    assert known.get("wf", "k") is None, "past the deadline the store must be asked"
+    known.remember("wf", "k", 7, now[0])
+    known.renewed(sent_at=now[0])
+    assert known.get("wf", "k") is None, "a heartbeat sent past the deadline renews nothing known"
+    known.remember("wf", "k", 6, now[0] - 1)  # a claim sent before the chain began
+    assert known.get("wf", "k") is None, "a proof from before a pause is not remembered"
+    known.remember("wf", "k", 7, now[0])
+    now[0] += 5
+    known.renewed(sent_at=now[0])  # within the deadline: the chain holds
+    known.renewed(sent_at=now[0] - 5)  # a late answer to an older heartbeat: no step back
+    assert known.deadline == now[0] + 10.0 * (1 - node_module.CLOCK_DRIFT)
+    assert known.get("wf", "k") == 7
+    known.forget("wf", "k")
+    assert known.get("wf", "k") is None
+    known.remember("wf", "k", 8, now[0])
+    known.clear(disable=True)
+    known.renewed(sent_at=now[0])
+    known.remember("wf", "k", 9, now[0])
+    assert known.get("wf", "k") is None and len(known) == 0
