@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from celery.exceptions import ImproperlyConfigured
+from celery.exceptions import Ignore, ImproperlyConfigured
 
 
 class StickyError(Exception):
@@ -23,6 +23,16 @@ class InvalidHeaderError(StickyError, ValueError):
 
 class LeaseStoreUnavailable(StickyError, ConnectionError):
     """The lease store (Redis, URL in the message) does not answer."""
+
+
+class Fenced(Ignore):  # type: ignore[misc]
+    """A task's run ended at the fence (this worker no longer holds its key): nothing
+    was committed and the task was sent again, to the key's owner or its router.
+
+    Celery treats it as :class:`~celery.exceptions.Ignore`; the gate tells it apart,
+    so that a copy of the task that arrived meanwhile (the one sent again, when the
+    key is still this worker's) runs instead of being acknowledged as a duplicate.
+    """
 
 
 class ForwardingError(StickyError):

@@ -41,7 +41,7 @@ from kombu.utils.functional import retry_over_time
 
 from .. import faults
 from ..context import StickyContext, context
-from ..errors import LeaseStoreUnavailable
+from ..errors import Fenced, LeaseStoreUnavailable
 from ..events import ownership_changed
 from ..handoff import Appended
 from ..lease import LeaseInfo
@@ -243,7 +243,7 @@ def fence(
         # delivery_info would send it (Celery's signature_from_request).
         again.set(queue=ctx.config.direct_queue_name(lease.owner))
     again.apply_async()
-    raise Ignore()
+    raise Fenced()
 
 
 def adopt(

@@ -41,7 +41,13 @@ from celery.worker.strategy import default as default_strategy
 from kombu.message import Message
 
 from .. import faults, metrics
-from ..errors import ConfigurationError, ForwardingError, InvalidHeaderError, InvalidKeyError
+from ..errors import (
+    ConfigurationError,
+    Fenced,
+    ForwardingError,
+    InvalidHeaderError,
+    InvalidKeyError,
+)
 from ..events import dispatcher_send, ownership_changed, sequence_gap
 from ..lease import ClaimStatus
 from ..placement import affinity_queue_name
@@ -70,6 +76,7 @@ class _Entry:
         "copies",
         "created",
         "dispatch",
+        "fenced",
         "finished",
         "header",
         "held",
@@ -107,6 +114,7 @@ class _Entry:
             f"{headers['id']}/{headers.get('retries') or 0}" if headers.get("id") else None
         )
         self.copies: list[Message] = []  # duplicates, acked once this entry is done
+        self.fenced = False  # its run ended at the fence: its copies run instead
 
     @property
     def gate_key(self) -> GateKey:
@@ -511,7 +519,15 @@ class KeyGate:
             # A task without a state handle commits nothing: its number is done here.
             self._consume(key, entry.stream, entry.seq)
         for copy in entry.copies:
-            if not copy.acknowledged:
+            if copy.acknowledged:
+                continue
+            if entry.fenced:
+                # The fence sent the task again and it came back here (the key is
+                # still this worker's: the lease store had counted it dead for a
+                # moment, say during a failover): this copy is the task now. It goes
+                # back to its queue's head and comes in again, as a task of its own.
+                copy.requeue()  # type: ignore[no-untyped-call]
+            else:
                 copy.ack()  # type: ignore[no-untyped-call]
 
     def _start(self, entry: _Entry) -> _Outcome:
@@ -631,6 +647,7 @@ class KeyGate:
             # Fenced, failed or retried: the next task of the key proves it in the store.
             self.node.known.forget(*entry.gate_key)
             exc = getattr(args[0] if args else None, "exception", None)
+            entry.fenced = isinstance(exc, Fenced)
             if (
                 isinstance(exc, Retry)
                 and entry.seq

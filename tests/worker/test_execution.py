@@ -195,6 +195,38 @@ def test_a_fenced_task_goes_to_the_keys_owner(run: Run) -> None:
     assert f"[{result.id}] of key:{key} to" not in zombie_log.log()
 
 
+def test_a_task_fenced_on_a_worker_that_keeps_its_key_runs_there(run: Run) -> None:
+    """The only worker is frozen (whole group) after a step's body, past the TTL: its
+    fence then finds it dead, commits nothing and sends the step again, which comes
+    back to it (it is alive again and still holds the key). That copy must run: it used
+    to be taken for a duplicate of the fenced run and acknowledged with it, and the step
+    was lost (seen in the Sentinel failover test, where the fence saw the worker dead
+    for a moment)."""
+    marker = run.logs.parent / "fault-marker"
+    run.start(
+        "alone@fence-tests",
+        STICKY_TEST_FAULT="after_run:stop",
+        STICKY_TEST_FAULT_MARKER=str(marker),
+    )
+    key = f"alone-{uuid.uuid4().hex[:8]}"
+    result = run.step(key, 0)
+    wait_for(marker.exists, timeout=30, message="the worker never reached after_run")
+    assert run.cluster is not None
+    run.cluster.workers["alone@fence-tests"].paused = True
+
+    def dead() -> bool:
+        info = lease_store(run.app).lookup("key", key)
+        return info is not None and not info.alive
+
+    wait_for(dead, timeout=4 * TTL, message="the frozen worker never expired")
+    run.cluster.resume("alone@fence-tests")
+    log = run.cluster.workers["alone@fence-tests"]
+    wait_for(lambda: "fenced key:" in log.log(), timeout=30, message="never fenced")
+    assert result.get(timeout=30) == [0]
+    assert run.step(key, 1).get(timeout=30) == [0, 1]
+    assert run.state(key)["state"]["steps"] == [0, 1]
+
+
 def test_a_zombies_outbox_and_the_new_owners_rerun_apply_once(run: Run) -> None:
     """The owner of ``A`` commits a task that published three steps of ``B`` and is
     frozen (whole group) before it sends them (``after_replicate:stop``). The key is
