@@ -24,12 +24,19 @@
 -- ARGV[5] tags ('name=value,...' sorted)      ARGV[6] most keys it takes ('' for no limit)
 -- ARGV[7] instance token  ARGV[8] lease TTL (s)   ARGV[9] '1' to register over a live token
 --
--- Returns {status, server time, the registered instance token}: status 'ok', 'taken',
--- 'superseded' or 'reaped'. Every liveness decision is measured against this clock.
+-- A heartbeat (not a registration) that finds no registration at all means the store
+-- lost its data (restarted empty, or failed over to a replica that had not seen it):
+-- it registers the worker again and answers forgotten = '1', and the worker stops
+-- trusting the leases it knew (worker/node.py, KnownLeases).
+--
+-- Returns {status, server time, the registered instance token, forgotten ('1'/'0')}:
+-- status 'ok', 'taken', 'superseded' or 'reaped'. Every liveness decision is measured
+-- against this clock.
 local now = redis.call('TIME')
 now = tonumber(now[1]) + tonumber(now[2]) / 1000000
 local info = redis.call('HMGET', KEYS[2], 'instance', 'reaped', 'tags')
 local registered = info[1]
+local forgotten = ARGV[4] ~= '1' and not registered
 if registered and registered ~= ARGV[7] then
   if ARGV[4] ~= '1' then
     return {'superseded', tostring(now), registered}
@@ -45,7 +52,7 @@ end
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 local fresh = ARGV[4] == '1' or not info[3]
 redis.call('HSET', KEYS[2], 'capacity', ARGV[2], 'queue', ARGV[3], 'heartbeat', tostring(now))
-if ARGV[4] == '1' then
+if ARGV[4] == '1' or forgotten then
   redis.call('HDEL', KEYS[2], 'reaped', 'reaped_at', 'draining')
   redis.call('HSET', KEYS[2], 'instance', ARGV[7])
 end
@@ -69,4 +76,4 @@ if fresh then
     redis.call('HSET', KEYS[2], 'max_keys', ARGV[6])
   end
 end
-return {'ok', tostring(now), ARGV[7]}
+return {'ok', tostring(now), ARGV[7], forgotten and '1' or '0'}

@@ -77,11 +77,14 @@ class Reaped(NamedTuple):
 class Heartbeat(NamedTuple):
     """A heartbeat's answer: ``status`` is ``ok``, ``taken`` (another live process
     registered the name), ``superseded`` (this process is no longer the registered
-    one) or ``reaped`` (register again to rejoin); ``instance`` is the registered token."""
+    one) or ``reaped`` (register again to rejoin); ``instance`` is the registered token;
+    ``forgotten``: the store had no registration of the node (it lost its data) and
+    registered it again."""
 
     status: str
     server_time: float
     instance: str
+    forgotten: bool = False
 
     @property
     def ok(self) -> bool:
@@ -500,7 +503,7 @@ class LeaseStore:
         """Renew ``node``'s heartbeat (``register``: at start, with its ``tags``,
         key limit and ``instance`` token; ``force``: over a live token whose process
         is known to be gone). See heartbeat.lua for the statuses."""
-        status, now, registered = self._call(
+        status, now, registered, *rest = self._call(
             self._heartbeat,
             keys=[self.workers_key, self.worker_key(node), self.tagsets_key],
             args=[
@@ -515,7 +518,8 @@ class LeaseStore:
                 "1" if force else "",
             ],
         )
-        return Heartbeat(str(status), float(now), str(registered))
+        forgotten = bool(rest) and str(rest[0]) == "1"
+        return Heartbeat(str(status), float(now), str(registered), forgotten)
 
     def begin_move(
         self, workflow: str, key: str, target: str, owner: str = "", *, deadline: float = 60.0

@@ -168,7 +168,8 @@ class StickyNode:
             # A crashed earlier process of this node on this host: its name is free.
             sent_at = time.monotonic()
             reply = self._heartbeat(register, force=True)
-        if reply.status != "ok":
+        if reply.status != "ok" or reply.forgotten:
+            # Not (or no longer) this node's view: a lease it knew may be gone.
             self.known.clear()
         if reply.status == "taken":
             # Not this process's name: nothing it does on the way out (marking the
@@ -186,7 +187,7 @@ class StickyNode:
             self._rejoin()
             return
         self._registered = True
-        if not self.rejoining:
+        if not self.rejoining and not reply.forgotten:
             self.known.renewed(sent_at)
 
     def _heartbeat(self, register: bool, force: bool = False) -> Heartbeat:

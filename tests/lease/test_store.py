@@ -85,6 +85,19 @@ def test_epochs_survive_a_store_that_forgot_everything(store: LeaseStore) -> Non
     assert store.claim("order", "1", candidate="a").epoch > before
 
 
+def test_a_heartbeat_says_when_the_store_forgot_the_worker(store: LeaseStore) -> None:
+    """A heartbeat that finds no registration (the store lost its data) registers the
+    worker again and says so: its known leases are void (worker/node.py)."""
+    assert store.heartbeat("a", 1, "q.a", register=True).forgotten is False
+    assert store.heartbeat("a", 1, "q.a").forgotten is False
+    for name in store.redis.scan_iter(f"{store.prefix}*"):  # a restart without its data
+        store.redis.delete(name)
+    reply = store.heartbeat("a", 1, "q.a")
+    assert reply.ok and reply.forgotten
+    assert store.heartbeat("a", 1, "q.a").forgotten is False, "registered again"
+    assert [w.name for w in store.workers() if w.alive] == ["a"]
+
+
 def _commands(client: Any) -> int:
     return sum(
         int(v["calls"])
