@@ -17,7 +17,9 @@ seen locally:
   epoch, so a known lease is used only while it does;
 - a message carries a newer epoch (the router claimed the key again, say after the
   lease store restarted empty): that message is proven in the store;
-- the node was reaped, superseded, or starts draining: it forgets every lease;
+- the node was reaped, superseded, or starts draining, or its heartbeat finds the
+  store forgot it (lost its data): it forgets every lease; a heartbeat sent after
+  the deadline had passed (a pause) renews nothing it knew;
 - a task of the key was fenced, failed or retried: the gate forgets the key.
 
 This proof orders and routes; it is not the fence. The pool still checks the lease
@@ -33,7 +35,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 
 from ..errors import ConfigurationError, LeaseStoreUnavailable
 from ..lease import ClaimStatus, Heartbeat, Lease, LeaseStore, instance_token
@@ -51,10 +52,6 @@ logger = logging.getLogger(__name__)
 CLOCK_DRIFT = 0.01
 
 
-class _Known(NamedTuple):
-    epoch: int
-
-
 class KnownLeases:
     """The leases this node proved, trusted without the store until ``deadline``.
 
@@ -70,7 +67,7 @@ class KnownLeases:
         #: When the current chain of heartbeats began: a proof older than that may
         #: have been made before a pause, and is not remembered.
         self.since = 0.0
-        self._leases: dict[tuple[str, str], _Known] = {}
+        self._leases: dict[tuple[str, str], int] = {}  # (workflow, key) -> epoch
         self._lock = threading.Lock()
 
     def renewed(self, sent_at: float) -> None:
@@ -90,15 +87,14 @@ class KnownLeases:
         """The epoch this node holds ``workflow:key`` under, if still known."""
         if time.monotonic() >= self.deadline:
             return None
-        known = self._leases.get((workflow, key))
-        return None if known is None else known.epoch
+        return self._leases.get((workflow, key))
 
     def remember(self, workflow: str, key: str, epoch: int, proven_at: float) -> None:
         """``workflow:key`` is this node's under ``epoch``, as a claim sent at
         ``proven_at`` (monotonic) answered."""
         with self._lock:
             if self.enabled and proven_at >= self.since:
-                self._leases[(workflow, key)] = _Known(epoch)
+                self._leases[(workflow, key)] = epoch
 
     def forget(self, workflow: str, key: str) -> None:
         self._leases.pop((workflow, key), None)
