@@ -196,6 +196,39 @@ def test_a_frozen_idle_owner_does_not_reorder_its_key(scenario: Scenario) -> Non
     assert report.ok, report.describe()
 
 
+def test_a_worker_frozen_after_its_copy_is_written_overlaps_nothing(scenario: Scenario) -> None:
+    """The owner commits step 0, writes it to the hand-over copy, and its whole group is
+    frozen before the task reports success (``after_replicate:stop``). Another worker
+    takes the key over, adopts the copy (step 0 in it) and runs steps 1 and 2; then the
+    owner resumes and reports success.
+
+    The steps ran one after another: the checker must not see step 0 overlapping step 1.
+    It did when it stamped a run's commit at the success report (seen in CI, a step that
+    "succeeded in 4.26 s" across a 4.2 s SIGSTOP); the commit is stamped where it
+    happens now (fault point ``after_commit``)."""
+    marker = scenario.tmp_path / "fault-marker"
+    frozen = "f1@nemesis"
+    scenario.start(
+        frozen, STICKY_TEST_FAULT="after_replicate:stop", STICKY_TEST_FAULT_MARKER=str(marker)
+    )
+    scenario.cluster.wait_registered([frozen], timeout=60)
+    key = f"copied-{uuid.uuid4().hex[:8]}"
+    first = scenario.publish(key, 0, 0.0)
+    wait_for(marker.exists, timeout=30, message="the owner never reached after_replicate")
+    scenario.cluster.workers[frozen].paused = True  # the fault point froze its group
+    scenario.start("n2@nemesis")
+    scenario.cluster.wait_registered(["n2@nemesis"], timeout=60)
+    wait_for(lambda: scenario.dead(frozen), timeout=4 * TTL, message="the owner never expired")
+    for seq in (1, 2):
+        scenario.publish(key, seq, 0.0).get(timeout=60)
+    assert scenario.owner(key) == ("n2@nemesis", True)
+    scenario.cluster.resume(frozen)
+    first.get(timeout=60)
+    report = scenario.check()
+    print(report.describe())
+    assert report.ok, report.describe()
+
+
 @pytest.mark.timeout(420)
 def test_a_short_seeded_nemesis_run(prefix: str, tmp_path: Path) -> None:
     """45-60 s of seeded faults over 3 workers and 2 producers; every invariant must hold."""
