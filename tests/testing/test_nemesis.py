@@ -129,7 +129,7 @@ def test_a_zombie_that_passed_its_fence(scenario: Scenario, fenced: bool) -> Non
     )
     scenario.cluster.wait_registered([zombie], timeout=60)
     key = f"zombie-{uuid.uuid4().hex[:8]}"
-    scenario.publish(key, 0, 0.0)
+    first = scenario.publish(key, 0, 0.0)
     wait_for(marker.exists, timeout=30, message="the owner never reached after_fence")
     scenario.cluster.workers[zombie].paused = True  # the fault point froze its group
     scenario.start("n2@nemesis")
@@ -147,13 +147,20 @@ def test_a_zombie_that_passed_its_fence(scenario: Scenario, fenced: bool) -> Non
         timeout=30,
         message="step 0 never ran again on the new owner",
     )
+    zombie_log = scenario.cluster.workers[zombie]
+    before = len(zombie_log.log())
     scenario.cluster.resume(zombie)
-    # The zombie's local commit (and its attempt at the copy) is done when its task
-    # reports success.
+    # The zombie's local commit, then its attempt at the copy: both are done when its
+    # task ends (its commit alone is recorded earlier, where it happens).
     wait_for(
         lambda: any(r.node == zombie and r.committed for r in scenario.nemesis.records()),
         timeout=30,
         message="the zombie never committed",
+    )
+    wait_for(
+        lambda: f"[{first.id}] succeeded" in zombie_log.log()[before:],
+        timeout=30,
+        message="the zombie's task never ended",
     )
     pointer = lease_store(scenario.app).copy_pointer("nemesis", key) or ""
     if fenced:
