@@ -48,9 +48,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from celery import Celery, current_task
+from celery import Celery
+from celery.signals import task_success
 
-from .. import faults
 from .checker import Published, Report, RunRecord, check
 from .cluster import WorkerCluster, wait_for
 from .proxy import TcpProxy
@@ -127,7 +127,7 @@ def record_step(task: Any, state: Any, key: str | None = None) -> Iterator[None]
 
     On entry, appends ``[producer, seq, run_id]`` to ``state[LOG_FIELD]``; when the
     body returns, records the run (key, step, node, pid, start, end, epoch, task id)
-    and, right after its local commit, the commit time. Outside
+    and, once the task reports success (after its commit), the commit time. Outside
     a nemesis run (no tag in the message headers) it does nothing, so instrumented
     tasks can stay instrumented. ``key`` defaults to the state handle's key.
     """
@@ -158,23 +158,15 @@ def record_step(task: Any, state: Any, key: str | None = None) -> Iterator[None]
     )
 
 
-def _on_commit() -> None:
-    """Right after a recorded task's local commit (fault point ``after_commit``): record
-    when its effects were committed.
-
-    Not when the task reports success: that comes after replication and the outbox,
-    and a worker paused in between (its copy already written, its key taken over by a
-    worker that adopted that copy and ran the next step) made the checker see the two
-    runs overlap (seen in CI: a step "succeeded in 4.26 s" across a 4.2 s SIGSTOP).
-    """
-    task = current_task
-    request = getattr(task, "request", None) if task is not None else None
+def _on_success(sender: Any = None, **_: Any) -> None:
+    """After a recorded task's commit: record when its effects were committed."""
+    request = getattr(sender, "request", None)
     run_id = _pending_commits.pop(str(getattr(request, "id", "") or ""), None)
     if run_id is not None:
         _record({"commit": run_id, "time": time.time()})
 
 
-faults.observe("after_commit", _on_commit)
+task_success.connect(_on_success, weak=False)
 
 
 def applied_log(state: Any) -> list[list[Any]]:
