@@ -60,6 +60,29 @@ from .outbox import send_outbox
 logger = logging.getLogger(__name__)
 
 
+def _answer_applied(
+    task: Any,
+    store: NodeState,
+    workflow: str,
+    key: str,
+    task_id: str,
+    stream: str,
+    seq: int,
+    result: Any,
+) -> Any:
+    """A copy of a task already applied: its stored result, its outbox sent again.
+
+    The copy's own number is done too. A task published again under its id (a
+    caller's retry after a lost reply, a copy re-sent by hand) draws a new number,
+    which no commit records: left open, the key's next message waited
+    ``sticky_gap_timeout`` for it.
+    """
+    if seq:
+        store.consume(workflow, key, stream, seq)
+    send_outbox(task.app, store, workflow, key, task_id)
+    return result
+
+
 def execute(
     task: Any, run: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
@@ -82,8 +105,7 @@ def execute(
     applied, result = store.applied(workflow, key, task_id)
     if applied:
         logger.info("sticky: task %s was already applied to %s:%s", task_id, workflow, key)
-        send_outbox(task.app, store, workflow, key, task_id)
-        return result
+        return _answer_applied(task, store, workflow, key, task_id, stream, seq, result)
 
     # 2. adopt
     recovered = None
@@ -103,8 +125,7 @@ def execute(
                 logger.info(
                     "sticky: task %s was applied to %s:%s before it moved", task_id, workflow, key
                 )
-                send_outbox(task.app, store, workflow, key, task_id)
-                return result
+                return _answer_applied(task, store, workflow, key, task_id, stream, seq, result)
 
     # 3. run
     state = StateHandle(store, workflow, key, task_id=task_id, epoch=epoch, recovered=recovered)

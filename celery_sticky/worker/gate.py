@@ -143,6 +143,13 @@ class KeyGate:
         self._gap_timers: set[GateKey] = set()
         #: Keys whose every waiting entry waits for a missing number.
         self._gap_waiting: set[GateKey] = set()
+        #: key -> stream -> since when (monotonic) the stream's next message is
+        #: missing while the key could otherwise run. The gap timeout counts from
+        #: there, not from a message's arrival: a message held behind a busy key
+        #: for longer than ``sticky_gap_timeout`` must still wait for its
+        #: predecessor once the key is free (seen in the nemesis: thousands of
+        #: steps held behind slow keys ran past gaps at once, out of order).
+        self._gap_since: dict[GateKey, dict[str, float]] = {}
         self._lock = threading.RLock()
         self._local = threading.local()
 
@@ -244,6 +251,7 @@ class KeyGate:
                 else:
                     del self._queues[key]
             self._gap_waiting.intersection_update(self._queues)
+            self._gap_since = {k: v for k, v in self._gap_since.items() if k in self._queues}
             self._task_ids = {
                 e.task_id: e
                 for q in self._queues.values()
@@ -279,6 +287,11 @@ class KeyGate:
     def _begin(self, entry: _Entry) -> None:
         """Mark the key's chosen entry started (called holding the lock)."""
         entry.started = True
+        since = self._gap_since.get(entry.gate_key)
+        if since is not None:
+            since.pop(entry.stream, None)  # its stream goes on: no gap held any more
+            if not since:
+                del self._gap_since[entry.gate_key]
         if entry.held:
             entry.held = False
             self._qos("decrement_eventually")
@@ -302,16 +315,17 @@ class KeyGate:
 
         ``record`` is the key's record of applied numbers (default: the one in
         the local state). With ``now``, an entry that waited ``sticky_gap_timeout``
-        may run past its gap.
+        may run past its gap (counted from when the key first waited for it).
         """
         record = self._record(key) if record is None else record
         reserved = self._reserved.get(key, {})
+        gap_since = self._gap_since.get(key, {})
         lowest: dict[str, int] = {}
         for entry in queue:
             if entry.seq and entry.seq < lowest.get(entry.stream, entry.seq + 1):
                 lowest[entry.stream] = entry.seq
         for entry in queue:
-            if self._ready(entry, record, reserved, lowest, now):
+            if self._ready(entry, record, reserved, lowest, gap_since, now):
                 if entry is not queue[0]:
                     displaced = queue[0]
                     queue.remove(entry)
@@ -328,6 +342,7 @@ class KeyGate:
         record: StreamRecord,
         reserved: dict[str, tuple[int, float]],
         lowest: dict[str, int],
+        gap_since: dict[str, float],
         now: float | None,
     ) -> bool:
         if not entry.seq:
@@ -341,7 +356,10 @@ class KeyGate:
             return entry.seq == lowest[entry.stream]
         if entry.seq <= expected:
             return True  # next, or done already (a copy: the task's dedup answers it)
-        timed_out = now is not None and now - entry.created >= self.node.config.gap_timeout
+        since = gap_since.get(entry.stream)
+        timed_out = (
+            now is not None and since is not None and now - since >= self.node.config.gap_timeout
+        )
         return timed_out and entry.seq == lowest[entry.stream]
 
     def _past_gap(self, key: GateKey) -> _Entry | None:
@@ -379,6 +397,10 @@ class KeyGate:
             if not queue or queue[0].started:
                 return None
             now = time.monotonic()
+            since = self._gap_since.setdefault(key, {})
+            for waiting in queue:
+                if waiting.seq:
+                    since.setdefault(waiting.stream, now)  # the key waits from now
             entry = self._choose(key, queue, record, now=now)
             if entry is not None:
                 self._gap_waiting.discard(key)
@@ -398,7 +420,7 @@ class KeyGate:
             deadlines = [
                 reserved[e.stream][1]
                 if e.stream in reserved
-                else e.created + self.node.config.gap_timeout
+                else since[e.stream] + self.node.config.gap_timeout
                 for e in queue
                 if e.seq
             ]
@@ -507,6 +529,7 @@ class KeyGate:
             if not queue:
                 del self._queues[key]
                 self._gap_waiting.discard(key)
+                self._gap_since.pop(key, None)
                 if self._track_idle:
                     if _is_own_task(entry.message):
                         # end_workflow ended the key, move_key moved it away: neither

@@ -11,6 +11,7 @@ task re-sent to the key's owner. The zombie that commits after its fence is in
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -277,9 +278,12 @@ def test_a_task_the_copy_shows_applied_does_not_run_again(run: Run) -> None:
     run.start("new@fence-tests")
     assert run.cluster is not None
     assert run.cluster.stop("old@fence-tests", timeout=60) == 0  # drains: hands the state over
+    sent = time.monotonic()
     run.step(key, 1, task_id=first.id)  # the same message again (its result is stored)
     # The key's next step runs after it, in order: once it is done, so is the copy.
-    assert run.step(key, 2).get(timeout=30) == [0, 1, 2]
+    assert run.step(key, 2).get(timeout=60) == [0, 1, 2]
+    # The copy drew a number of its own, done with it (not a gap of 30 s).
+    assert time.monotonic() - sent < 15, "the key's next step waited for the copy's number"
     assert run.owner(key) == "new@fence-tests"
     runs = [(e["step"], e["node"]) for e in run.events(key)]
     assert runs == [(0, "old@fence-tests"), (1, "old@fence-tests"), (2, "new@fence-tests")]
