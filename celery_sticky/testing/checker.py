@@ -49,7 +49,7 @@ class RunRecord:
     epoch: int
     task_id: str
     run_id: str
-    #: When the task reported success in its process (after its commit), if seen.
+    #: When the run's commit was shared (after its copy write), if seen.
     committed: float | None = None
 
     @classmethod

@@ -48,9 +48,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from celery import Celery
-from celery.signals import task_success
+from celery import Celery, current_task
 
+from .. import faults
 from .checker import Published, Report, RunRecord, check
 from .cluster import WorkerCluster, wait_for
 from .proxy import TcpProxy
@@ -85,7 +85,7 @@ FAULT_KINDS = (
 
 
 _recorder: redis.Redis | None = None
-_pending_commits: dict[str, str] = {}  # task id -> run id, until the task reports success
+_pending_commits: dict[str, str] = {}  # task id -> run id, until its commit is shared
 
 
 def _record(payload: Mapping[str, Any]) -> None:
@@ -127,7 +127,7 @@ def record_step(task: Any, state: Any, key: str | None = None) -> Iterator[None]
 
     On entry, appends ``[producer, seq, run_id]`` to ``state[LOG_FIELD]``; when the
     body returns, records the run (key, step, node, pid, start, end, epoch, task id)
-    and, once the task reports success (after its commit), the commit time. Outside
+    and, once its commit is shared (fault point ``after_replicate``), the commit time. Outside
     a nemesis run (no tag in the message headers) it does nothing, so instrumented
     tasks can stay instrumented. ``key`` defaults to the state handle's key.
     """
@@ -158,15 +158,27 @@ def record_step(task: Any, state: Any, key: str | None = None) -> Iterator[None]
     )
 
 
-def _on_success(sender: Any = None, **_: Any) -> None:
-    """After a recorded task's commit: record when its effects were committed."""
-    request = getattr(sender, "request", None)
+def _on_shared() -> None:
+    """Right after a recorded task's commit was shared (fault point ``after_replicate``:
+    local commit, then the fenced copy write): record when its effects became visible.
+
+    Not when the task reports success: that comes after the outbox, and a worker
+    paused in between (its copy already written, its key taken over by a worker that
+    adopted that copy and ran the next step) made the checker see two runs overlap
+    (seen in CI: a step "succeeded in 4.26 s" across a 4.2 s SIGSTOP). Not at the
+    local commit either: the copy write comes after it, and a zombie's stale copy
+    write is the very effect the checker is there to see (an unfenced zombie stamped
+    there let ``test_a_zombie_that_passed_its_fence[unfenced]`` kill the new owner
+    before the zombie's copy landed, so nobody adopted it).
+    """
+    task = current_task
+    request = getattr(task, "request", None) if task is not None else None
     run_id = _pending_commits.pop(str(getattr(request, "id", "") or ""), None)
     if run_id is not None:
         _record({"commit": run_id, "time": time.time()})
 
 
-task_success.connect(_on_success, weak=False)
+faults.observe("after_replicate", _on_shared)
 
 
 def applied_log(state: Any) -> list[list[Any]]:

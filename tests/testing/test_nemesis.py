@@ -148,8 +148,8 @@ def test_a_zombie_that_passed_its_fence(scenario: Scenario, fenced: bool) -> Non
         message="step 0 never ran again on the new owner",
     )
     scenario.cluster.resume(zombie)
-    # The zombie's local commit (and its attempt at the copy) is done when its task
-    # reports success.
+    # The zombie's local commit and its attempt at the copy are done when its commit is
+    # stamped (after_replicate).
     wait_for(
         lambda: any(r.node == zombie and r.committed for r in scenario.nemesis.records()),
         timeout=30,
@@ -196,12 +196,6 @@ def test_a_frozen_idle_owner_does_not_reorder_its_key(scenario: Scenario) -> Non
     assert report.ok, report.describe()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14: the nemesis stamps a run's commit when the task reports success, "
-    "so a worker paused after its copy was written is seen overlapping the next owner's "
-    "run (a false positive of the checker)",
-)
 def test_a_worker_frozen_after_its_copy_is_written_overlaps_nothing(scenario: Scenario) -> None:
     """The owner commits step 0, writes it to the hand-over copy, and its whole group is
     frozen before the task reports success (``after_replicate:stop``). Another worker
@@ -209,9 +203,9 @@ def test_a_worker_frozen_after_its_copy_is_written_overlaps_nothing(scenario: Sc
     owner resumes and reports success.
 
     The steps ran one after another: the checker must not see step 0 overlapping step 1.
-    It does: it stamps a run's commit at the success report (seen in CI, a step that
-    "succeeded in 4.26 s" across a 4.2 s SIGSTOP); stamping the commit where it
-    happens now (fault point ``after_commit``)."""
+    It did while it stamped a run's commit at the success report (seen in CI, a step
+    that "succeeded in 4.26 s" across a 4.2 s SIGSTOP); it stamps it where the commit
+    is shared now (fault point ``after_replicate``, observed before the fault fires)."""
     marker = scenario.tmp_path / "fault-marker"
     frozen = "f1@nemesis"
     scenario.start(
