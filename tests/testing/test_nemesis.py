@@ -229,11 +229,6 @@ def test_a_worker_frozen_after_its_copy_is_written_overlaps_nothing(scenario: Sc
     assert report.ok, report.describe()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 14: a worker paused between its commit and its success report is seen "
-    "overlapping the next owner's run (the checker's commit stamp; seen in CI with seed 3)",
-)
 @pytest.mark.timeout(420)
 def test_a_short_seeded_nemesis_run(prefix: str, tmp_path: Path) -> None:
     """45-60 s of seeded faults over 3 workers and 2 producers; every invariant must hold."""
