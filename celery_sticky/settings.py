@@ -305,7 +305,9 @@ SETTINGS: tuple[Setting, ...] = (
         "gap_timeout",
         30.0,
         "Seconds a key's owner holds a producer's later messages of the key while an "
-        "earlier one (by its sequence number) has not arrived. Then it goes on without "
+        "earlier one (by its sequence number) has not arrived, counted from when the key "
+        "could otherwise run (not while they wait behind a running task of the key). "
+        "Then it goes on without "
         "it, with an ERROR log, the `sticky_sequence_gaps_total` metric and a "
         "`sticky-gap` event naming the key and the missing number. Longer than a "
         "message can take to reach the owner: a forward, or a reap (`sticky_lease_ttl` "
