@@ -30,7 +30,7 @@ from ..context import context
 from ..errors import LeaseStoreUnavailable
 from ..events import app_sender, ownership_changed
 from ..local.node_state import NodeState
-from .delivery import restore_shared
+from .delivery import forget_shared
 from .node import StickyNode
 from .reaper import move_queue
 
@@ -99,8 +99,10 @@ def drain_node(app: Celery, node: StickyNode, directory: str) -> None:
             store.close()
     node.stop(deregister=True)
     with app.connection_for_write() as connection:
-        # What its channels could not give back when they closed (the broker was away).
-        restore_shared(connection.default_channel, node.name)
+        # What its channels could not give back when they closed (the broker was away),
+        # then its record of shared queues: a drained node is no longer registered, so
+        # no reaper would ever delete it (a restart under its name writes it again).
+        forget_shared(connection.default_channel, node.name)
     leases.mark_reaped(node.name)
     time.sleep(0.1)  # publishes that looked a lease up just before
     moved += move_queue(app, leases, node.queue, restore=False, where="drain")

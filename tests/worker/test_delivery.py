@@ -294,6 +294,28 @@ def test_kill_9_with_a_shared_queue_message_in_the_socket(
     assert redis_client.llen(f"_sticky.inflight.{shared}|{VICTIM}") == 0
 
 
+def test_a_drained_worker_leaves_no_record_of_its_shared_queues(
+    shared_run: Run, redis_client: redis.Redis
+) -> None:
+    """A worker that took the shared queue with ``BLMOVE`` and drained leaves neither
+    its set of shared queues (``_sticky.taken.<node>``) nor an in-flight list behind:
+    it is no longer registered, so no reaper would ever delete them (seen after every
+    nemesis run)."""
+    run = shared_run
+    cluster = run.start(VICTIM)
+    key = unique("drained")
+    assert run.step.delay(key, 0, 0.0).get(timeout=30) == [0]
+    taken = f"_sticky.taken.{VICTIM}"
+    assert redis_client.exists(taken), "the worker did not record its shared queue"
+    assert cluster.stop(VICTIM, timeout=60) == 0
+    leftovers = [
+        k
+        for k in (taken, f"_sticky.inflight.{run.prefix}.default|{VICTIM}")
+        if redis_client.exists(k)
+    ]
+    assert not leftovers, f"the drained worker left {leftovers}"
+
+
 def test_sigstop_with_a_message_in_the_socket(run: Run, redis_client: redis.Redis) -> None:
     """A frozen worker holds a message in its socket; it is reaped past its TTL; the
     message runs on the key's new owner in its place; once resumed, the old worker
