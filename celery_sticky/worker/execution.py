@@ -13,14 +13,20 @@ from :class:`~celery_sticky.producer.task.StickyTask`), which passes through:
 3. **run**: the task's body, with a :class:`~celery_sticky.local.StateHandle`
    that buffers its writes;
 4. **fence**: does this worker still hold the key, live, under the message's
-   epoch? If not, nothing is committed and the task goes to the key's owner;
+   epoch? If not, nothing is committed and the task goes to the key's owner. With
+   ``sync`` replication (and a ``sticky_secret``) this lookup is skipped: the copy
+   write of phase 6 is the fence, atomic where the effect lands, and the task's
+   one Redis call;
 5. **commit**: the buffered writes, the applied record and the outbox, in one
    local transaction. It is private to this worker: a worker paused between the
    fence and here commits to its own disk only, and that state is dropped when
    the worker next sees the key under a newer epoch (phase 2);
 6. **replicate**: with ``sticky_state_replication = "sync"``, append the commit's
    changes to the key's hand-over copy (or write it whole, now and then), fenced
-   again where they land (:mod:`celery_sticky.handoff`);
+   where they land (:mod:`celery_sticky.handoff`). A refused write means this
+   worker no longer holds the key: its private commit is dropped and the task goes
+   to the key's owner, as at the fence. A write that failed otherwise is proven
+   with the fence's lookup after all;
 7. **send outbox**: the messages the task published, now that it committed;
 8. **end**: a task that finished its workflow releases the key.
 
@@ -140,9 +146,14 @@ def execute(
             store.consume(workflow, key, stream, seq)
         raise
     faults.reach("after_run")
+    finish = state.finishing or task.ends_workflow
+    # With sync replication the copy write (phase 6) is the fence.
+    copy_fences = (
+        bool(epoch) and ctx.config.state_replication == "sync" and ctx.copies.enabled and not finish
+    )
 
     # 4. fence
-    if epoch and not faults.UNFENCED:
+    if epoch and not faults.UNFENCED and not copy_fences:
         lease = current_lease(ctx, workflow, key)
         if not holds(lease, nodename, epoch):
             state.discard()
@@ -150,7 +161,6 @@ def execute(
     faults.reach("after_fence")
 
     # 5. commit: local and private to this worker until a later phase shares it
-    finish = state.finishing or task.ends_workflow
     ended: dict[str, int] | None = None
     if finish:
         # The commit drops the key's local state; its producer numbers are left
@@ -174,7 +184,7 @@ def execute(
             # Through a lease store outage, as the fence waits: a copy left stale
             # loses this commit (and holds the key's next owner for the gap) if
             # this worker dies before its next commit.
-            retry_over_time(  # type: ignore[no-untyped-call]
+            written = retry_over_time(  # type: ignore[no-untyped-call]
                 replicate,
                 LeaseStoreUnavailable,
                 args=(ctx, store, workflow, key, nodename, epoch, change),
@@ -184,6 +194,19 @@ def execute(
                 timeout=60,
             )
         except Exception:
+            if copy_fences:
+                # The copy write proved nothing: the fence's lookup proves the commit
+                # now. A store still away after it waited drops the commit and fails
+                # the task, as the lookup before the commit would have (the copy has
+                # every commit before it, which the key's next task adopts).
+                try:
+                    lease = current_lease(ctx, workflow, key)
+                except LeaseStoreUnavailable:
+                    store.delete_key(workflow, key)
+                    raise
+                if not holds(lease, nodename, epoch):
+                    store.delete_key(workflow, key)
+                    fence(task, ctx, workflow, key, nodename, epoch, lease)
             logger.exception(
                 "sticky: task %s committed to %s:%s but its copy was not refreshed; the "
                 "next commit refreshes it",
@@ -191,6 +214,15 @@ def execute(
                 workflow,
                 key,
             )
+        else:
+            if copy_fences and not written:
+                # Refused: another worker holds the key now (this one was paused or cut
+                # off past the TTL). The commit stays private and is dropped; the
+                # key's owner runs the task.
+                store.delete_key(workflow, key)
+                fence(
+                    task, ctx, workflow, key, nodename, epoch, _lookup_quietly(ctx, workflow, key)
+                )
     faults.reach("after_replicate")
 
     # 7. send outbox
@@ -235,6 +267,14 @@ def current_lease(ctx: StickyContext, workflow: str, key: str) -> LeaseInfo | No
         timeout=60,
     )
     return lease
+
+
+def _lookup_quietly(ctx: StickyContext, workflow: str, key: str) -> LeaseInfo | None:
+    """The key's lease, or None when the store does not answer (the router places it)."""
+    try:
+        return ctx.leases.lookup(workflow, key)
+    except LeaseStoreUnavailable:
+        return None
 
 
 def holds(lease: LeaseInfo | None, node: str, epoch: int) -> bool:

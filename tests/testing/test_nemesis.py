@@ -148,13 +148,22 @@ def test_a_zombie_that_passed_its_fence(scenario: Scenario, fenced: bool) -> Non
         message="step 0 never ran again on the new owner",
     )
     scenario.cluster.resume(zombie)
-    # The zombie's local commit and its attempt at the copy are done when its commit is
-    # stamped (after_replicate).
-    wait_for(
-        lambda: any(r.node == zombie and r.committed for r in scenario.nemesis.records()),
-        timeout=30,
-        message="the zombie never committed",
-    )
+    if fenced:
+        # Its copy write (the fence, with sync replication) is refused: the zombie's
+        # private commit is dropped and its task goes to the key's owner.
+        wait_for(
+            lambda: "no longer holds" in scenario.cluster.workers[zombie].log(),
+            timeout=30,
+            message="the zombie's copy write was never refused",
+        )
+    else:
+        # Its local commit and its copy write are done when its commit is stamped
+        # (after_replicate).
+        wait_for(
+            lambda: any(r.node == zombie and r.committed for r in scenario.nemesis.records()),
+            timeout=30,
+            message="the zombie never committed",
+        )
     pointer = lease_store(scenario.app).copy_pointer("nemesis", key) or ""
     if fenced:
         assert f"@{new_epoch}." in pointer, f"the copy is not the new owner's: {pointer}"

@@ -147,6 +147,34 @@ def test_an_owned_key_is_proven_from_the_heartbeat_not_per_task(run: Run) -> Non
     assert lookups == 1, "the fence asks the store before every commit"
 
 
+def test_with_sync_replication_a_task_makes_one_lease_store_call(
+    prefix: str, tmp_path: Path
+) -> None:
+    """With ``sync`` replication the fenced copy write is the fence: a task of a key
+    the worker holds makes that one call to the lease store (no claim, no lookup).
+    Before: a lookup before the commit, then the copy write."""
+    this = Run(f"{prefix}s{uuid.uuid4().hex[:5]}", tmp_path, STICKY_TEST_REPLICATION="sync")
+    try:
+        this.start("synced@node-tests")
+        key = f"synced-{uuid.uuid4().hex[:8]}"
+        assert this.step(key, 0).get(timeout=30) == [0]
+        store = lease_store(this.app)
+        url = os.environ["STICKY_TEST_REDIS_URL"]
+        member = f"key:{key}"
+        scripts = {"claim": store._claim, "lookup": store._lookup, "append": store._copy_append}
+        counts: dict[str, int] = {}
+        for name, script in scripts.items():
+            step = len(counts) + 1
+            counts[name] = _commands(
+                url, script.sha, member, lambda s=step: this.step(key, s).get(timeout=30)
+            )
+        assert counts == {"claim": 0, "lookup": 0, "append": 1}, counts
+        assert this.state(key)["state"]["steps"] == [0, 1, 2, 3]
+    finally:
+        if this.cluster is not None:
+            this.cluster.stop_all()
+
+
 def test_known_leases_last_until_the_heartbeat_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     """A lease is known from an acknowledged heartbeat until TTL (less the drift) after
     that heartbeat was sent; clearing forgets, and a disabled record learns nothing."""
