@@ -38,6 +38,7 @@ FAULT_POINTS = (
     "after_fence",  # pool: the fence passed, before the local commit
     "after_commit",  # pool: committed locally, before replication
     "after_replicate",  # pool: replicated, before the outbox is sent
+    "before_drain",  # worker main process: warm shutdown, pool done, before the drain
 )
 
 _ACTIONS = {"stop": signal.SIGSTOP, "kill": signal.SIGKILL}

@@ -443,6 +443,14 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_float,
     ),
     Setting(
+        "drain_timeout",
+        30.0,
+        "Seconds a drain (warm shutdown) keeps trying through lease store or broker "
+        "outages before it gives up; whatever it has not moved by then waits for the "
+        "reaper, which moves a dead worker's queue once its lease expired.",
+        _positive_float,
+    ),
+    Setting(
         "reliable_delivery",
         True,
         "On a Redis broker, take each task of a worker's queues (its direct queue and the "
@@ -499,6 +507,7 @@ class StickyConfig:
     metrics_port: int | None
     metrics_address: str
     proof_retry_max: float
+    drain_timeout: float
     reliable_delivery: bool
     gap_timeout: float
     #: Newest first; empty when none is configured. Not shown in the repr.

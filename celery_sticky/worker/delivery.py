@@ -394,6 +394,41 @@ class ReliableChannel(_RedisChannel):  # type: ignore[misc]
             self._taken.setdefault(tag, []).append(item)
         self.connection._deliver(payload, queue)
 
+    # -- taking one message (a queue move: the reaper, the drain) -----------------
+
+    def _get(self, queue: str, timeout: Any = None) -> Any:
+        """``basic_get`` of the channel's queue: ``LMOVE`` into its in-flight list.
+
+        A queue move (:func:`celery_sticky.worker.reaper.move_queue`) takes a dead or
+        drained worker's whole queue before it republishes it. With kombu's ``get``
+        (``RPOP``, then kombu's unacked hash) a mover that died or lost the broker
+        midway left what it had taken in that hash, where Redis gives it back only
+        after ``visibility_timeout`` (an hour by default), and the queue's owner,
+        restarted meanwhile, never looks (seen in the nemesis: 7,151 messages of a
+        restarted worker's queue stranded there). In the queue's in-flight list they
+        go back to the queue's head with the owner's next start, the next reaper
+        pass, or this channel's close.
+        """
+        if queue != self.reliable_queue:
+            return super()._get(queue, timeout)
+        self._maybe_fold(queue)
+        while True:
+            item = self.control.lmove(queue, self.inflight, "RIGHT", "LEFT")
+            if item is None:
+                raise Empty()
+            try:
+                payload = loads(bytes_to_str(item))
+                tag = str(payload["properties"]["delivery_tag"])
+            except Exception:
+                logger.error(
+                    "sticky: dropped an unreadable message from %s: %r", queue, bytes(item[:500])
+                )
+                self.control.lrem(self.inflight, -1, item)
+                continue
+            with self._taken_lock:
+                self._taken.setdefault(tag, []).append(item)
+            return payload
+
     def _maybe_fold(self, queue: str) -> None:
         """Move the queue's priority sub-lists onto it (at most every FOLD_INTERVAL s)."""
         now = time.monotonic()

@@ -33,7 +33,15 @@ from ..placement import affinity_queue_name, fallback_policy
 from ..producer.queues import queue_size
 from ..wire import StickyHeader, direct_queue, inflight_key
 from .deadletter import dead_letter
-from .delivery import forget_shared, is_redis_channel, restore_inflight, restore_shared
+from .delivery import (
+    forget_shared,
+    is_redis_channel,
+    open_channel,
+    reliable_delivery_enabled,
+    restore_inflight,
+    restore_shared,
+    take_shared,
+)
 from .forwarding import republish
 from .supervise import supervise
 
@@ -123,6 +131,7 @@ def move_queue(
     restore: bool = True,
     before_move: Callable[[list[tuple[str, str]]], None] | None = None,
     where: str = "reaper",
+    mover: str = "",
 ) -> int:
     """Move every message of ``queue`` to its key's owner; returns how many moved.
 
@@ -132,7 +141,10 @@ def move_queue(
     order, once the messages are taken and before any is republished (a drain
     hands those keys over first, so their tasks wait for nothing else).
     A message with a malformed sticky header goes to the dead-letter queue
-    (``where`` labels the metric); the others still move.
+    (``where`` labels the metric); the others still move. ``mover``: the node doing
+    the move (its in-flight list holds what it took until each is republished);
+    empty for a process that is no node (``celery sticky reap``), which takes into
+    the queue's own in-flight list.
     """
     moved = 0
     policy = fallback_policy(store.config.placement)
@@ -140,6 +152,17 @@ def move_queue(
         channel = connection.default_channel
         if restore:
             restore_unacked(channel, queue)
+        if reliable_delivery_enabled(store.config, connection):
+            # Taken into an in-flight list, not kombu's unacked hash (see
+            # ReliableChannel._get): the mover's own list of this queue, recorded like
+            # a shared queue it takes, so that if the mover dies midway whoever reaps
+            # it (or its restart) gives what it held back to the queue's head. Closed
+            # with the connection: what was not acknowledged goes back at once.
+            if mover:
+                take_shared(channel, mover, queue)
+                # What an earlier attempt of this mover took and could not give back.
+                restore_inflight(channel, queue, mover)
+            channel = open_channel(connection, queue, mover)
         messages = in_publish_order(take_all(channel, queue))
         if before_move is not None:
             keys: dict[tuple[str, str], None] = {}
@@ -184,7 +207,9 @@ def move_queue(
     return moved
 
 
-def reap(app: Celery, store: LeaseStore, node: str, reaped_at: float | None = None) -> int:
+def reap(
+    app: Celery, store: LeaseStore, node: str, reaped_at: float | None = None, mover: str = ""
+) -> int:
     """Move a dead worker's queue on and mark it reaped; hand its keys over and forget
     it when long dead.
 
@@ -200,6 +225,7 @@ def reap(app: Celery, store: LeaseStore, node: str, reaped_at: float | None = No
     back: every key it still holds goes to a live worker (a take-over, as its next
     task would do, about a thousand keys per Lua call: O(its keys), never a scan of
     every key), then its queue, in-flight list and registry entries are deleted.
+    ``mover``: the reaping node (see :func:`move_queue`).
     """
     queue = store.config.direct_queue_name(node)
     with app.connection_for_write() as connection:
@@ -208,18 +234,18 @@ def reap(app: Celery, store: LeaseStore, node: str, reaped_at: float | None = No
     if shared:
         logger.info("sticky: gave back %d shared-queue message(s) of dead worker %s", shared, node)
     if reaped_at is None:
-        moved = move_queue(app, store, queue)
+        moved = move_queue(app, store, queue, mover=mover)
         reaped_at = store.mark_reaped(node)
         if reaped_at is None:
             logger.info("sticky: %s came back while being reaped", node)
             return moved
         time.sleep(0.1)  # publishes that looked the lease up before it was marked
-        moved += move_queue(app, store, queue, restore=False)
+        moved += move_queue(app, store, queue, restore=False, mover=mover)
     else:
         with app.connection_for_write() as connection:
             restored = restore_inflight(connection.default_channel, queue)
         moved = (
-            move_queue(app, store, queue, restore=False)
+            move_queue(app, store, queue, restore=False, mover=mover)
             if restored or queue_size(app, queue)
             else 0
         )
@@ -292,7 +318,7 @@ class Reaper:
             if not self.store.try_lock_reaping(info.name, self.node, 120):
                 continue
             try:
-                moved += reap(self.app, self.store, info.name, info.reaped_at)
+                moved += reap(self.app, self.store, info.name, info.reaped_at, mover=self.node)
             finally:
                 self.store.unlock_reaping(info.name)
         return moved

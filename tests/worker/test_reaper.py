@@ -27,3 +27,73 @@ def test_a_producer_whose_clock_stepped_back_keeps_its_order() -> None:
 def test_unnumbered_messages_keep_publish_time_order() -> None:
     plain = [Message(body=b"", headers={"sticky": ["w", "k", 0, 0, t]}) for t in (3, 1, 2)]  # type: ignore[no-untyped-call]
     assert [m.headers["sticky"][4] for m in in_publish_order(plain)] == [1, 2, 3]
+
+
+_MOVER = """
+import inspect, os, signal, sys
+from tests.cluster_app import make_app
+from celery_sticky.context import lease_store
+from celery_sticky.worker.reaper import move_queue
+
+app = make_app(sys.argv[1])
+app.finalize()
+options = {"mover": sys.argv[3]} if "mover" in inspect.signature(move_queue).parameters else {}
+
+def die(keys):  # every message taken, none republished: a kill -9 right there
+    os.kill(os.getpid(), signal.SIGKILL)
+
+move_queue(app, lease_store(app), sys.argv[2], before_move=die, **options)
+"""
+
+
+def test_a_mover_killed_midway_leaves_the_queue_whole(prefix: str) -> None:
+    """A reaper (or a drain) is killed with the whole queue it moves taken and none of
+    it republished. Whoever reaps the mover gives every message back to the queue's
+    head, in order (what ``reap`` does first: ``restore_shared`` of the dead node).
+
+    Before, the mover took them with kombu's ``get``: they sat in kombu's unacked
+    hash, which only a reap of the *queue's* dead owner or its restart looks into;
+    its owner restarted meanwhile left them there for ``visibility_timeout`` (an hour).
+    Seen in the nemesis: 7,151 messages of a restarted worker's queue stranded so."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    import pytest
+
+    from celery_sticky.worker.delivery import restore_shared
+    from tests.cluster_app import make_app
+    from tests.conftest import REPO
+    from tests.hostile import broker_client, publish_raw, raw_messages
+
+    if os.environ.get("STICKY_TEST_BROKER_URL", "").startswith("amqp"):
+        pytest.skip("RabbitMQ requeues what a killed consumer had not acknowledged")
+    sub = f"{prefix}mk{uuid.uuid4().hex[:4]}"
+    app = make_app(sub)
+    queue, mover = f"{sub}.gone@sticky-tests", "mover@sticky-tests"
+    ids = [
+        publish_raw(app, queue, ["k", step], sticky=["key", "k", 0, 0, step, "", "s", step + 1])
+        for step in range(20)
+    ]
+    assert [m["headers"]["id"] for m in raw_messages(app, queue)] == ids
+    done = subprocess.run(
+        [sys.executable, "-c", _MOVER, sub, queue, mover],
+        cwd=REPO,
+        env={**os.environ, "STICKY_TEST_PREFIX": sub},
+        timeout=60,
+        capture_output=True,
+    )
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    client = broker_client(app)
+    assert client.llen(queue) == 0, "the mover took nothing"
+    with app.connection_for_write() as connection:
+        restore_shared(connection.default_channel, mover)
+    stranded = [
+        json.loads(raw)[0]["headers"]["id"]
+        for raw in client.hvals("unacked")
+        if json.loads(raw)[2] == queue
+    ]
+    back = [m["headers"]["id"] for m in raw_messages(app, queue)]
+    assert back == ids, f"{len(back)} of {len(ids)} back; {len(stranded)} in kombu's unacked hash"
