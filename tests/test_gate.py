@@ -235,6 +235,33 @@ def test_a_gap_is_timed_from_when_the_key_waits_not_from_arrival(
         assert second.get(timeout=10) == [1, 2]
 
 
+def test_a_gap_waits_while_the_missing_number_may_be_in_the_owners_queue(
+    sticky_app: Any, prefix: str, redis_client: Any
+) -> None:
+    """Number 3 of a key waits for 2, which joins the owner's queue behind a backlog of
+    other keys' tasks that takes longer than ``sticky_gap_timeout`` (2 s here) to work
+    off (a forward, or a moved queue, lands at the tail like this). 3 waits until the
+    queue is worked off and 2 arrives. (Timed out at 2 s, it ran before 2: seen in the
+    nemesis as gaps declared while the missing steps sat in the owner's own queue.)"""
+    from tests.cluster_app import make_app
+
+    sub = f"{prefix}gapq"
+    app = make_app(sub)
+    app.finalize()
+    task = app.tasks["tests.cluster_app.record_step"]
+    env = {"STICKY_TEST_PREFIX": sub, "STICKY_TEST_GAP_TIMEOUT": "2", "STICKY_TEST_PREFETCH": "1"}
+    spec = {"queues": [f"{sub}.default"], "concurrency": 1}
+    with start_cluster(app, {"gapq1@sticky-tests": spec}, env=env):
+        key, stream = unique("gapq"), f"test.{uuid.uuid4().hex[:8]}"
+        assert task.apply_async((key, 1), headers=_numbered(key, stream, 1)).get(timeout=30) == [1]
+        third = task.apply_async((key, 3), headers=_numbered(key, stream, 3))
+        backlog = [task.delay(unique("busy"), 0, 0.25) for _ in range(24)]  # about 6 s
+        second = task.apply_async((key, 2), headers=_numbered(key, stream, 2))
+        assert third.get(timeout=60) == [1, 2, 3], "3 ran before 2 arrived from the queue"
+        assert second.get(timeout=10) == [1, 2]
+        assert all(r.get(timeout=30) == [0] for r in backlog)
+
+
 def test_first_come_with_two_workers_keeps_each_keys_order(
     sticky_app: Any, prefix: str, redis_client: Any
 ) -> None:

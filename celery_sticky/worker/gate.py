@@ -52,6 +52,7 @@ from ..events import dispatcher_send, ownership_changed, sequence_gap
 from ..lease import ClaimStatus
 from ..placement import affinity_queue_name
 from ..producer.own_tasks import END_WORKFLOW, MOVE_KEY
+from ..producer.queues import queue_size
 from ..sequence import StreamRecord
 from ..wire import HEADER, StickyHeader, check_task_body
 from .deadletter import dead_letter
@@ -61,6 +62,10 @@ from .node import StickyNode
 logger = logging.getLogger(__name__)
 
 GateKey = tuple[str, str]
+
+#: A gap whose missing number may still be in this worker's own queue waits for at
+#: most this many ``sticky_gap_timeout`` in all (see ``KeyGate._gap_expired``).
+GAP_BACKLOG_FACTOR = 10
 
 
 class _Outcome(enum.Enum):
@@ -150,6 +155,9 @@ class KeyGate:
         #: predecessor once the key is free (seen in the nemesis: thousands of
         #: steps held behind slow keys ran past gaps at once, out of order).
         self._gap_since: dict[GateKey, dict[str, float]] = {}
+        #: Whether this worker's direct queue held messages, and when it was asked.
+        self._backlog = False
+        self._backlog_asked = float("-inf")
         self._lock = threading.RLock()
         self._local = threading.local()
 
@@ -357,10 +365,37 @@ class KeyGate:
         if entry.seq <= expected:
             return True  # next, or done already (a copy: the task's dedup answers it)
         since = gap_since.get(entry.stream)
-        timed_out = (
-            now is not None and since is not None and now - since >= self.node.config.gap_timeout
-        )
+        timed_out = now is not None and since is not None and self._gap_expired(since, now)
         return timed_out and entry.seq == lowest[entry.stream]
+
+    def _gap_expired(self, since: float, now: float) -> bool:
+        """Whether a key that has waited for a missing number since ``since`` goes on.
+
+        After ``sticky_gap_timeout``, unless messages still wait in this worker's own
+        queue: the missing one may be among them (a forward or a moved backlog joins
+        the queue's tail, behind everything queued before it; seen in the nemesis:
+        forwarded steps reached a busy owner two minutes after they were sent, and 58
+        gaps were declared meanwhile). Then the key waits on, for at most
+        ``GAP_BACKLOG_FACTOR`` timeouts in all, so that a lost message stops its key
+        for a bounded time on a worker that never catches up.
+        """
+        waited, timeout = now - since, self.node.config.gap_timeout
+        if waited < timeout:
+            return False
+        return waited >= timeout * GAP_BACKLOG_FACTOR or not self._own_backlog(now)
+
+    def _own_backlog(self, now: float) -> bool:
+        """Whether messages wait in this worker's direct queue (asked at most once a
+        second; asked only when a gap would otherwise end). Unknown counts as yes."""
+        if now - self._backlog_asked < 1.0:
+            return self._backlog
+        self._backlog_asked = now
+        try:
+            self._backlog = queue_size(self.app, self.node.queue) > 0
+        except Exception:
+            logger.debug("sticky: could not read the length of %s", self.node.queue, exc_info=True)
+            self._backlog = True
+        return self._backlog
 
     def _past_gap(self, key: GateKey) -> _Entry | None:
         """Every waiting entry of the key waits for an earlier number.
@@ -417,10 +452,16 @@ class KeyGate:
                     )
                 return entry
             reserved = self._reserved.get(key, {})
+            timeout = self.node.config.gap_timeout
             deadlines = [
                 reserved[e.stream][1]
                 if e.stream in reserved
-                else since[e.stream] + self.node.config.gap_timeout
+                # Past its timeout, the gap waits for this worker's backlog: look again
+                # in a second.
+                else max(
+                    since[e.stream] + timeout,
+                    min(now + 1.0, since[e.stream] + timeout * GAP_BACKLOG_FACTOR),
+                )
                 for e in queue
                 if e.seq
             ]
