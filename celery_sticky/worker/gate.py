@@ -155,9 +155,8 @@ class KeyGate:
         #: predecessor once the key is free (seen in the nemesis: thousands of
         #: steps held behind slow keys ran past gaps at once, out of order).
         self._gap_since: dict[GateKey, dict[str, float]] = {}
-        #: Whether this worker's direct queue held messages, and when it was asked.
-        self._backlog = False
-        self._backlog_asked = float("-inf")
+        #: Whether this worker's direct queue holds messages (started on first use).
+        self._backlog: _BacklogProbe | None = None
         self._lock = threading.RLock()
         self._local = threading.local()
 
@@ -385,17 +384,11 @@ class KeyGate:
         return waited >= timeout * GAP_BACKLOG_FACTOR or not self._own_backlog(now)
 
     def _own_backlog(self, now: float) -> bool:
-        """Whether messages wait in this worker's direct queue (asked at most once a
-        second; asked only when a gap would otherwise end). Unknown counts as yes."""
-        if now - self._backlog_asked < 1.0:
-            return self._backlog
-        self._backlog_asked = now
-        try:
-            self._backlog = queue_size(self.app, self.node.queue) > 0
-        except Exception:
-            logger.debug("sticky: could not read the length of %s", self.node.queue, exc_info=True)
-            self._backlog = True
-        return self._backlog
+        """Whether messages wait in this worker's direct queue, as last seen by the
+        backlog probe (never asked here: see :class:`_BacklogProbe`)."""
+        if self._backlog is None:
+            self._backlog = _BacklogProbe(self.app, self.node.queue)
+        return self._backlog.ask(now)
 
     def _past_gap(self, key: GateKey) -> _Entry | None:
         """Every waiting entry of the key waits for an earlier number.
@@ -593,6 +586,11 @@ class KeyGate:
                 copy.requeue()  # type: ignore[no-untyped-call]
             else:
                 copy.ack()  # type: ignore[no-untyped-call]
+                # Its number is done with the task: later messages must not wait for it
+                # (a copy sent again under the task's id draws a number of its own).
+                header = StickyHeader.safe_from_headers(copy.headers)
+                if header is not None and header.seq and header.seq != entry.seq:
+                    self._consume(key, header.stream, header.seq)
 
     def _start(self, entry: _Entry) -> _Outcome:
         header = entry.header
@@ -752,6 +750,45 @@ class KeyGate:
         qos = getattr(self.consumer, "qos", None)
         if qos is not None:
             getattr(qos, method)()
+
+
+class _BacklogProbe:
+    """Whether messages wait in a queue, asked in a thread of its own.
+
+    Never in the consumer's event loop: a broker that does not answer (a cut or
+    blackholed connection) would stop the loop, and every key of the worker with it.
+    The thread asks about once a second while the gate keeps asking, and sleeps
+    otherwise. An answer older than ``STALE`` seconds, or none yet, counts as yes
+    (the key waits on, within its bound).
+    """
+
+    INTERVAL = 1.0
+    STALE = 5.0
+
+    def __init__(self, app: Celery, queue: str) -> None:
+        self.app = app
+        self.queue = queue
+        self._answer = True
+        self._answered = float("-inf")
+        self._wanted = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sticky-backlog", daemon=True)
+        self._thread.start()
+
+    def ask(self, now: float) -> bool:
+        self._wanted.set()
+        return self._answer or now - self._answered > self.STALE
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            try:
+                answer = queue_size(self.app, self.queue) > 0
+            except Exception:
+                logger.debug("sticky: could not read the length of %s", self.queue, exc_info=True)
+                answer = True
+            self._answer, self._answered = answer, time.monotonic()
+            time.sleep(self.INTERVAL)
 
 
 class _GatedConsumer:
