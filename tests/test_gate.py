@@ -266,6 +266,38 @@ def test_a_gap_waits_while_the_missing_number_may_be_in_the_owners_queue(
         assert all(r.get(timeout=30) == [0] for r in backlog)
 
 
+def test_held_duplicates_leave_room_to_fetch_a_missing_number(
+    sticky_app: Any, prefix: str, redis_client: Any
+) -> None:
+    """Number 3 and task T (number 4) wait for number 2; a copy of T (number 5) is held
+    as T's duplicate. With a prefetch of one, the copy must give its slot back as the
+    waiting entries do, or nothing more is fetched: 2, queued behind them, would stay
+    in the queue until the gap gave up on it. (Seen in the nemesis: a worker idle for
+    minutes, 8 duplicates held, 12,699 messages queued.)"""
+    from tests.cluster_app import make_app
+
+    sub = f"{prefix}dupslot"
+    app = make_app(sub)
+    app.finalize()
+    task = app.tasks["tests.cluster_app.record_step"]
+    env = {"STICKY_TEST_PREFIX": sub, "STICKY_TEST_GAP_TIMEOUT": "2", "STICKY_TEST_PREFETCH": "1"}
+    spec = {"queues": [f"{sub}.default"], "concurrency": 1}
+    with start_cluster(app, {"dupslot1@sticky-tests": spec}, env=env):
+        key, stream = unique("dupslot"), f"test.{uuid.uuid4().hex[:8]}"
+        assert task.apply_async((key, 1), headers=_numbered(key, stream, 1)).get(timeout=30) == [1]
+        task.apply_async((key, 3), headers=_numbered(key, stream, 3))
+        same = f"{key}-t"
+        t = task.apply_async((key, 4), headers=_numbered(key, stream, 4), task_id=same)
+        task.apply_async((key, 4), headers=_numbered(key, stream, 5), task_id=same)
+        queue = _owner_queue(app, key)
+        wait_for(lambda: redis_client.llen(queue) == 0, message=f"{queue} not consumed")
+        sent = time.monotonic()
+        second = task.apply_async((key, 2), headers=_numbered(key, stream, 2))
+        assert second.get(timeout=60) == [1, 2], "2 was not fetched before 3 ran"
+        assert time.monotonic() - sent < 10, "2 waited in the queue behind held duplicates"
+        assert t.get(timeout=30) == [1, 2, 3, 4]
+
+
 def test_first_come_with_two_workers_keeps_each_keys_order(
     sticky_app: Any, prefix: str, redis_client: Any
 ) -> None:

@@ -207,6 +207,12 @@ class KeyGate:
                     logger.info("sticky: holding a duplicate of task %s", entry.task_id)
                     metrics.duplicates.inc()
                     original.copies.append(entry.message)
+                    # It gives its prefetch slot back while it waits, like a held entry:
+                    # copies held behind keys that wait for a missing number once took
+                    # every slot, so the missing messages behind them in the queue were
+                    # never fetched (seen in the nemesis: a worker idle for minutes with
+                    # 12,699 messages queued and 8 duplicates held).
+                    self._qos("increment_eventually")
                     return
                 self._task_ids[entry.task_id] = entry
             if self._track_idle:
@@ -253,6 +259,10 @@ class KeyGate:
         with self._lock:
             for key in list(self._queues):
                 kept = deque(e for e in self._queues[key] if e.submitted and not e.finished)
+                for entry in kept:
+                    # Its held copies went back with the channel (they come again), and
+                    # the slots they gave back with the prefetch count Celery resets.
+                    entry.copies.clear()
                 if kept:
                     self._queues[key] = kept
                 else:
@@ -576,6 +586,7 @@ class KeyGate:
             # A task without a state handle commits nothing: its number is done here.
             self._consume(key, entry.stream, entry.seq)
         for copy in entry.copies:
+            self._qos("decrement_eventually")  # the slot it gave back while held
             if copy.acknowledged:
                 continue
             if entry.fenced:
