@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from kombu.message import Message
 
 from celery_sticky.worker.reaper import in_publish_order
@@ -97,3 +99,35 @@ def test_a_mover_killed_midway_leaves_the_queue_whole(prefix: str) -> None:
     ]
     back = [m["headers"]["id"] for m in raw_messages(app, queue)]
     assert back == ids, f"{len(back)} of {len(ids)} back; {len(stranded)} in kombu's unacked hash"
+
+
+def test_a_move_in_batches_gives_back_what_no_live_worker_may_take_in_order(
+    prefix: str, monkeypatch: Any
+) -> None:
+    """A queue move takes ``MOVE_BATCH`` messages at a time. Messages no live worker may
+    take (here: no worker is registered) stay taken until the move ends, then go back
+    to the queue's head in their order: put back at once, the next batch took them
+    again, for ever."""
+    import os
+    import uuid
+
+    import pytest
+
+    from celery_sticky.context import lease_store
+    from celery_sticky.worker import reaper
+    from tests.cluster_app import make_app
+    from tests.hostile import publish_raw, raw_messages
+
+    if os.environ.get("STICKY_TEST_BROKER_URL", "").startswith("amqp"):
+        pytest.skip("reads the queue's Redis list")
+    monkeypatch.setattr(reaper, "MOVE_BATCH", 7)
+    sub = f"{prefix}mb{uuid.uuid4().hex[:4]}"
+    app = make_app(sub)
+    queue = f"{sub}.gone@sticky-tests"
+    ids = [
+        publish_raw(app, queue, ["k", n], sticky=["key", "k", 0, 0, n, "", "s", n + 1])
+        for n in range(25)
+    ]
+    moved = reaper.move_queue(app, lease_store(app), queue, mover="mover@sticky-tests")
+    assert moved == 0
+    assert [m["headers"]["id"] for m in raw_messages(app, queue)] == ids
