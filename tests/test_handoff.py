@@ -410,3 +410,22 @@ def test_a_drain_needs_no_export_of_a_current_copy(leases: LeaseStore, tmp_path:
     assert not current(), "the copy lacks the producer numbers consumed since"
     _step(state, key, 4, {"n": 4}, epoch=epoch)
     assert not current(), "the copy lacks a commit"
+
+
+def test_a_drain_sees_a_copy_ahead_of_stale_local_state(leases: LeaseStore, tmp_path: Path) -> None:
+    """The key's copy holds three commits (another owner's); this worker's local state
+    holds one, from before the key left it. Its drain must see the copy ahead and
+    leave it alone (``celery_sticky.worker.drain.copy_is_ahead``): exported, the
+    stale state replaced the copy under the worker's valid lease."""
+    from celery_sticky.worker.drain import copy_is_ahead
+
+    _copies_b, current, sync = _sync(leases, tmp_path)
+    _copies_a, stale, _sync_a = _sync(leases, tmp_path)
+    key = "came-back"
+    epoch = _own(leases, key)
+    _step(stale, key, 0, {"n": 0}, epoch=epoch)
+    assert not copy_is_ahead(leases, stale, WORKFLOW, key), "no copy yet"
+    for number in range(3):
+        assert sync(key, epoch, _step(current, key, number, {"n": number}, epoch=epoch))
+    assert copy_is_ahead(leases, stale, WORKFLOW, key)
+    assert not copy_is_ahead(leases, current, WORKFLOW, key)

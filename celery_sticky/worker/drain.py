@@ -40,6 +40,7 @@ from .. import faults
 from ..context import context
 from ..errors import LeaseStoreUnavailable
 from ..events import app_sender, ownership_changed
+from ..lease import LeaseStore
 from ..local.node_state import NodeState
 from .delivery import forget_shared
 from .node import StickyNode
@@ -81,6 +82,19 @@ class _Retrying:
                 time.sleep(pause)
 
 
+def copy_is_ahead(leases: LeaseStore, state: NodeState, workflow: str, key: str) -> bool:
+    """Whether the key's copy holds more commits than this worker's local state.
+
+    Then the key came back to this worker (claimed again after another owner drained,
+    before this worker's restart had dropped its old state) and none of its tasks ran
+    here since. Exported, the stale local state would replace the copy under the
+    worker's valid lease, and the commits made elsewhere would be lost (seen in the
+    nemesis: 88 steps of 4 keys, each a drain of a worker that had just got them back).
+    """
+    _version, head, _streams = leases.copy_position(workflow, key)
+    return head is not None and head > state.applied_count(workflow, key)
+
+
 def drain_node(app: Celery, node: StickyNode, directory: str) -> None:
     """Hand every key of ``node`` over and move its queue on (see the module doc)."""
     config = node.config
@@ -110,6 +124,17 @@ def drain_node(app: Celery, node: StickyNode, directory: str) -> None:
                 continue
             info = leases.lookup(workflow, key)
             if info is None or info.owner != node.name:
+                handed.add((workflow, key))
+                continue
+            if copy_is_ahead(leases, store, workflow, key):
+                # Claimed here again, but no task of it ran since another worker
+                # committed to it: the copy is the key's state, this one is stale.
+                logger.info(
+                    "sticky: not handing %s:%s over: its copy holds commits this "
+                    "worker's local state lacks",
+                    workflow,
+                    key,
+                )
                 handed.add((workflow, key))
                 continue
             if current(workflow, key) or export(workflow, key, info.epoch):
