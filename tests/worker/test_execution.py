@@ -11,6 +11,8 @@ task re-sent to the key's owner. The zombie that commits after its fence is in
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -220,9 +222,14 @@ def test_a_task_fenced_on_a_worker_that_keeps_its_key_runs_there(run: Run) -> No
         return info is not None and not info.alive
 
     wait_for(dead, timeout=4 * TTL, message="the frozen worker never expired")
+    worker = run.cluster.workers["alone@fence-tests"]
+    # The pool children first: the main process's heartbeat, resumed with them, could
+    # renew the lease before the child's fence looks it up (CI on RabbitMQ: "never
+    # fenced"). The main process stays frozen until the fence has spoken.
+    for pid in worker.processes()[1:]:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: "fenced key:" in worker.log(), timeout=30, message="never fenced")
     run.cluster.resume("alone@fence-tests")
-    log = run.cluster.workers["alone@fence-tests"]
-    wait_for(lambda: "fenced key:" in log.log(), timeout=30, message="never fenced")
     assert result.get(timeout=30) == [0]
     assert run.step(key, 1).get(timeout=30) == [0, 1]
     assert run.state(key)["state"]["steps"] == [0, 1]
