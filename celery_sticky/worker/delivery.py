@@ -373,20 +373,27 @@ class ReliableChannel(_RedisChannel):  # type: ignore[misc]
             if flush is not None:
                 flush()
 
-    def _deliver_taken(self, item: bytes) -> None:
-        queue = self.reliable_queue
-        assert queue is not None
+    def _read_taken(self, queue: str, item: bytes) -> tuple[Any, str] | None:
+        """``(payload, delivery tag)`` of a message just taken into the in-flight list;
+        None for one no worker can read, dropped from the list, loudly (kombu's
+        ``BRPOP`` would raise into the event loop and lose it)."""
         try:
             payload = loads(bytes_to_str(item))
-            tag = str(payload["properties"]["delivery_tag"])
+            return payload, str(payload["properties"]["delivery_tag"])
         except Exception:
-            # kombu's BRPOP would raise into the event loop and lose it; this drops it
-            # from the in-flight list, loudly (it is no message any worker can read).
             logger.error(
                 "sticky: dropped an unreadable message from %s: %r", queue, bytes(item[:500])
             )
             self.control.lrem(self.inflight, -1, item)
-            raise Empty() from None
+            return None
+
+    def _deliver_taken(self, item: bytes) -> None:
+        queue = self.reliable_queue
+        assert queue is not None
+        taken = self._read_taken(queue, item)
+        if taken is None:
+            raise Empty()
+        payload, tag = taken
         if queue not in self.connection._callbacks:
             self.requeue([item])  # cancelled while BLMOVE waited: back to the head
             raise Empty()
@@ -416,15 +423,10 @@ class ReliableChannel(_RedisChannel):  # type: ignore[misc]
             item = self.control.lmove(queue, self.inflight, "RIGHT", "LEFT")
             if item is None:
                 raise Empty()
-            try:
-                payload = loads(bytes_to_str(item))
-                tag = str(payload["properties"]["delivery_tag"])
-            except Exception:
-                logger.error(
-                    "sticky: dropped an unreadable message from %s: %r", queue, bytes(item[:500])
-                )
-                self.control.lrem(self.inflight, -1, item)
+            taken = self._read_taken(queue, item)
+            if taken is None:
                 continue
+            payload, tag = taken
             with self._taken_lock:
                 self._taken.setdefault(tag, []).append(item)
             return payload
