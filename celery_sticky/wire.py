@@ -75,6 +75,9 @@ INFLIGHT_PREFIX = "_sticky.inflight."
 #: A set per worker naming the shared queues it takes with ``BLMOVE``, so that the
 #: reaper finds their in-flight lists: this prefix, then the worker's name.
 SHARED_INFLIGHT_PREFIX = "_sticky.taken."
+#: A set per worker naming the queues it moves on (a reap, a drain), each through an
+#: in-flight list of its own: this prefix, then the worker's name.
+MOVING_PREFIX = "_sticky.moving."
 
 
 def inflight_key(queue: str, node: str = "") -> str:
@@ -91,6 +94,12 @@ def inflight_key(queue: str, node: str = "") -> str:
 def shared_inflight_index(node: str) -> str:
     """The set of the shared queues ``node`` takes with ``BLMOVE`` (broker's Redis)."""
     return SHARED_INFLIGHT_PREFIX + node
+
+
+def moving_index(node: str) -> str:
+    """The set of the queues ``node`` is moving on, or failed to finish moving (broker's
+    Redis): each has an in-flight list ``_sticky.inflight.<queue>|<node>``."""
+    return MOVING_PREFIX + node
 
 
 def dead_letter_queue_name(queue_prefix: str) -> str:

@@ -98,7 +98,7 @@ from kombu.utils.json import loads as _loads
 
 from .. import faults
 from ..settings import StickyConfig
-from ..wire import inflight_key, shared_inflight_index
+from ..wire import inflight_key, moving_index, shared_inflight_index
 
 logger = logging.getLogger(__name__)
 
@@ -148,13 +148,17 @@ def take_shared(channel: Any, node: str, queue: str) -> None:
 
 
 def restore_shared(channel: Any, node: str) -> int:
-    """Give back every shared-queue message ``node`` took and did not acknowledge: each
-    to the head of its queue, where any worker takes it. For a dead ``node``, or this
-    process before it consumes. Returns how many moved."""
+    """Give back every shared-queue message ``node`` took and did not acknowledge, and
+    what it held of queues it was moving: each to the head of its queue, where any
+    worker takes it. For a dead ``node``, or this process before it consumes. Returns
+    how many moved."""
     if not is_redis_channel(channel) or channel.global_keyprefix:
         return 0
     with channel.conn_or_acquire() as client:
-        queues = sorted(bytes_to_str(q) for q in client.smembers(shared_inflight_index(node)))
+        queues = sorted(
+            {bytes_to_str(q) for q in client.smembers(shared_inflight_index(node))}
+            | {bytes_to_str(q) for q in client.smembers(moving_index(node))}
+        )
     return sum(restore_inflight(channel, queue, node) for queue in queues)
 
 
@@ -164,7 +168,42 @@ def forget_shared(channel: Any, node: str) -> None:
         return
     restore_shared(channel, node)  # what a straggling BLMOVE took since
     with channel.conn_or_acquire() as client:
-        client.delete(shared_inflight_index(node))
+        client.delete(shared_inflight_index(node), moving_index(node))
+
+
+def take_moving(channel: Any, mover: str, queue: str) -> None:
+    """Record that ``mover`` moves ``queue`` on through its own in-flight list of it
+    (before it takes anything), and give back what an earlier move left there."""
+    with channel.conn_or_acquire() as client:
+        client.sadd(moving_index(mover), queue)
+    restore_inflight(channel, queue, mover)
+
+
+def end_moving(channel: Any, mover: str, queue: str) -> None:
+    """A move of ``queue`` by ``mover`` ended: forget it unless it left messages taken
+    (a channel that could not give them back; :func:`give_back_moved` does later)."""
+    with channel.conn_or_acquire() as client:
+        if not client.llen(inflight_key(queue, mover)):
+            client.srem(moving_index(mover), queue)
+
+
+def give_back_moved(channel: Any, mover: str, skip: str = "") -> list[str]:
+    """What moves of this live ``mover`` took and could not give back (the broker went
+    away midway: the move failed and closing its channel failed too), back to the heads
+    of their queues; returns the queues that got messages back. Call it only while
+    ``mover`` moves none of them (``skip``: a queue a move may still be taking)."""
+    if not is_redis_channel(channel) or channel.global_keyprefix:
+        return []
+    with channel.conn_or_acquire() as client:
+        queues = sorted(bytes_to_str(q) for q in client.smembers(moving_index(mover)))
+    back = []
+    for queue in queues:
+        if queue == skip:
+            continue
+        if restore_inflight(channel, queue, mover):
+            back.append(queue)
+        end_moving(channel, mover, queue)
+    return back
 
 
 def reliable_delivery_enabled(config: StickyConfig, connection: Any) -> bool:

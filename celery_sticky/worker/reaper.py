@@ -34,13 +34,15 @@ from ..producer.queues import queue_size
 from ..wire import StickyHeader, direct_queue, inflight_key
 from .deadletter import dead_letter
 from .delivery import (
+    end_moving,
     forget_shared,
+    give_back_moved,
     is_redis_channel,
     open_channel,
     reliable_delivery_enabled,
     restore_inflight,
     restore_shared,
-    take_shared,
+    take_moving,
 )
 from .forwarding import republish
 from .supervise import supervise
@@ -162,28 +164,33 @@ def move_queue(
         channel = connection.default_channel
         if restore:
             restore_unacked(channel, queue)
-        if reliable_delivery_enabled(store.config, connection):
+        reliable = reliable_delivery_enabled(store.config, connection)
+        if reliable:
             # Taken into an in-flight list, not kombu's unacked hash (see
-            # ReliableChannel._get): the mover's own list of this queue, recorded like
-            # a shared queue it takes, so that if the mover dies midway whoever reaps
-            # it (or its restart) gives what it held back to the queue's head. Closed
-            # with the connection: what was not acknowledged goes back at once.
+            # ReliableChannel._get): the mover's own list of this queue, recorded in
+            # its moving index, so that if the mover dies midway whoever reaps it (or
+            # its restart) gives what it held back to the queue's head, and if the
+            # move fails while the broker is away, the mover's next reaper pass does
+            # (Reaper.run_once). Closed with the connection: what was not
+            # acknowledged goes back at once.
             if mover:
-                take_shared(channel, mover, queue)
-                # What an earlier attempt of this mover took and could not give back.
-                restore_inflight(channel, queue, mover)
-            channel = open_channel(connection, queue, mover)
+                take_moving(channel, mover, queue)
+            move_channel = open_channel(connection, queue, mover)
+        else:
+            move_channel = channel
         # Taken a batch at a time; what no live worker may take yet stays taken (in
         # the mover's in-flight list) until the end, then goes back to the queue's
         # head in its order: put back at once, the next batch would take it again.
         waiting: list[Message] = []
         while True:
-            messages = in_publish_order(take_all(channel, queue, MOVE_BATCH))
+            messages = in_publish_order(take_all(move_channel, queue, MOVE_BATCH))
             if not messages:
                 break
             moved += _move_batch(app, store, queue, messages, policy, before_move, where, waiting)
         for message in reversed(waiting):
             message.requeue()  # type: ignore[no-untyped-call]
+        if reliable and mover:
+            end_moving(channel, mover, queue)
     return moved
 
 
@@ -345,7 +352,7 @@ class Reaper:
             self._thread.join(timeout=30)
 
     def run_once(self) -> int:
-        moved = 0
+        moved = self.give_back_moved()
         for info in self.store.workers():
             if info.alive or info.name == self.node:
                 continue
@@ -356,6 +363,29 @@ class Reaper:
             finally:
                 self.store.unlock_reaping(info.name)
         return moved
+
+    def give_back_moved(self) -> int:
+        """What an earlier pass took from a queue it moved and could not give back
+        (the move failed while the broker was away, and so did closing its channel),
+        back to the queue's head; returns how many tasks moved on from there.
+
+        Without this the messages waited in this worker's in-flight list of that
+        queue until this worker restarted or died, while the key's later steps ran:
+        a step held 14 minutes, seen in a nemesis run. A queue whose worker is still
+        dead is moved on by this pass's reap of it; a worker forgotten since has
+        nobody to reap its queue, so it is moved here."""
+        with self.app.connection_for_write() as connection:
+            own = self.store.config.direct_queue_name(self.node)  # a drain may move it
+            queues = give_back_moved(connection.default_channel, self.node, skip=own)
+        if not queues:
+            return 0
+        logger.warning("sticky: gave back what an unfinished move took from %s", ", ".join(queues))
+        known = {self.store.config.direct_queue_name(info.name) for info in self.store.workers()}
+        return sum(
+            move_queue(self.app, self.store, queue, restore=False, mover=self.node)
+            for queue in queues
+            if queue not in known
+        )
 
     def _pass(self) -> None:
         self.run_once()

@@ -131,3 +131,56 @@ def test_a_move_in_batches_gives_back_what_no_live_worker_may_take_in_order(
     moved = reaper.move_queue(app, lease_store(app), queue, mover="mover@sticky-tests")
     assert moved == 0
     assert [m["headers"]["id"] for m in raw_messages(app, queue)] == ids
+
+
+def test_a_move_that_failed_while_the_broker_was_away_is_given_back_by_the_next_pass(
+    prefix: str,
+) -> None:
+    """A reaper's move fails midway while the broker is away (the lease store or the
+    broker failed; here ``before_move`` cuts the proxy to the broker and raises), so
+    closing its channel cannot give back what it took either. The mover stays alive.
+    Its next reaper pass gives those messages back to the queue's head, in order.
+
+    Before, they waited in the mover's in-flight list of that queue until the mover
+    itself restarted or died: in a nemesis run a step ran 14 minutes late so."""
+    import os
+    import uuid
+
+    import pytest
+
+    from celery_sticky.context import lease_store
+    from celery_sticky.testing import TcpProxy
+    from celery_sticky.wire import inflight_key
+    from celery_sticky.worker.reaper import Reaper, move_queue
+    from tests.cluster_app import make_app
+    from tests.hostile import broker_client, publish_raw, raw_messages
+
+    broker = os.environ.get("STICKY_TEST_BROKER_URL") or os.environ["STICKY_TEST_REDIS_URL"]
+    if broker.startswith("amqp"):
+        pytest.skip("RabbitMQ requeues what a closed channel had not acknowledged")
+    sub = f"{prefix}mf{uuid.uuid4().hex[:4]}"
+    app = make_app(sub)
+    queue, mover = f"{sub}.gone@sticky-tests", "mover@sticky-tests"
+    ids = [
+        publish_raw(app, queue, ["k", n], sticky=["key", "k", 0, 0, n, "", "s", n + 1])
+        for n in range(10)
+    ]
+    with TcpProxy.to(broker) as proxy:
+        cut_app = make_app(sub, broker_url=proxy.url(broker))
+
+        def broker_goes_away(keys: list[tuple[str, str]]) -> None:
+            proxy.cut()
+            raise ConnectionError("the broker went away mid-move")
+
+        with pytest.raises(ConnectionError):
+            move_queue(
+                cut_app, lease_store(cut_app), queue, before_move=broker_goes_away, mover=mover
+            )
+        proxy.restore()
+    client = broker_client(app)
+    assert client.llen(queue) == 0
+    assert client.llen(inflight_key(queue, mover)) == len(ids), "the move gave them back itself"
+    Reaper(app, lease_store(app), mover, interval=1).run_once()
+    back = [m["headers"]["id"] for m in raw_messages(app, queue)]
+    assert back == ids, f"{len(back)} of {len(ids)} back"
+    assert client.llen(inflight_key(queue, mover)) == 0
