@@ -21,6 +21,7 @@ from celery import Celery
 from celery_sticky.handoff import MAGIC, Copies, DirectoryHandoffStore
 from celery_sticky.lease import LeaseStore, RedisHandoffStore
 from celery_sticky.settings import StickyConfig
+from tests.lease.conftest import established
 
 NODE = "hs1@hostile-tests"
 SECRET = "a-secret-of-more-than-16-characters"
@@ -45,7 +46,7 @@ def _config(**settings: Any) -> StickyConfig:
 
 @pytest.fixture
 def leases(redis_client: Any) -> Iterator[LeaseStore]:
-    store = LeaseStore(_config(sticky_secret=SECRET))
+    store = established(LeaseStore(_config(sticky_secret=SECRET)))
     store.heartbeat(NODE, 1, "q", register=True)
     yield store
     for name in redis_client.scan_iter(f"{store.prefix}*"):

@@ -34,6 +34,10 @@ key                            type    written by                               
                                        (INCR; starts at the server time in µs, so
                                        epochs rise even after the store restarts
                                        empty)
+``P born``                     string  stamp_born.lua, heartbeat.lua, claim.lua:    never
+                                       server time the store's data began (set when
+                                       missing); claim.lua claims nothing for
+                                       ``CLAIM_GRACE`` after it, workers watch it
 ``P workers``                  zset    heartbeat.lua (node -> server time of its    never; members
                                        last beat), deregister.lua (score 0)         dropped by
                                                                                     forget_worker
@@ -86,6 +90,8 @@ so it may hold any character.
 
 from .copies import RedisHandoffStore
 from .store import (
+    CLAIM_GRACE,
+    CLOCK_DRIFT,
     ClaimStatus,
     Heartbeat,
     Lease,
@@ -97,6 +103,8 @@ from .store import (
 )
 
 __all__ = [
+    "CLAIM_GRACE",
+    "CLOCK_DRIFT",
     "ClaimStatus",
     "Heartbeat",
     "Lease",

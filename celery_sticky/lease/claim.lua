@@ -23,12 +23,20 @@
 -- ARGV[7] affinity: 'name=value,...' sorted ('' for none; a held lease's own is used then)
 -- ARGV[8] a random number in [0, 1) for the 'random' policy
 -- ARGV[9] the key's bucket number b
+-- ARGV[10] the claim grace (s) of a store whose data is new: see below
 --
 -- Returns {owner, epoch, status, previous owner, over limit ('1' when every match was full)}:
 -- status 0 = owned by a live worker, 1 = new claim, 2 = taken over from a dead owner,
 -- -1 = no live worker may take it, -2 = pending: the owner is dead but not reaped yet
 -- (route to its queue), -3 = nobody holds it (policy 'none'), -4 = moving to the returned
--- worker (route there; it waits until the move commits).
+-- worker (route there; it waits until the move commits), -5 = the store's data began less
+-- than the claim grace ago: nothing is claimed yet (ask again soon).
+--
+-- The claim grace: a worker trusts a lease it proved, without asking, only while it
+-- has seen this store's 'born' stamp unchanged within the grace (worker/node.py,
+-- KnownLeases). A store that lost its data (restarted empty, flushed) no longer knows
+-- those leases; refusing every new claim for the grace after its data began means no
+-- other worker is given a key before each worker stopped trusting what it knew.
 local now = server_now()
 local deadline = now - tonumber(ARGV[1])
 local prefix = ARGV[3]
@@ -88,6 +96,10 @@ if chosen == nil then
     return {'', '0', -3, '', ''}
   end
   return {'', '0', -1, '', ''}
+end
+
+if now < store_born(prefix, now) + tonumber(ARGV[10]) then
+  return {'', '0', -5, '', ''}
 end
 
 local W = writer()

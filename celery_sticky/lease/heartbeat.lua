@@ -19,6 +19,7 @@
 -- that no worker ever offered what it requires.
 --
 -- KEYS[1] workers zset    KEYS[2] worker info hash    KEYS[3] tag sets ever registered
+-- KEYS[4] the store's born stamp ('<prefix>born')
 -- ARGV[1] node name       ARGV[2] capacity    ARGV[3] direct queue name
 -- ARGV[4] '1' when (re)registering at start
 -- ARGV[5] tags ('name=value,...' sorted)      ARGV[6] most keys it takes ('' for no limit)
@@ -28,6 +29,10 @@
 -- lost its data (restarted empty, or failed over to a replica that had not seen it):
 -- it registers the worker again and answers forgotten = '1', and the worker stops
 -- trusting the leases it knew (worker/node.py, KnownLeases).
+--
+-- A registration or heartbeat also stamps when the store's data began, if it is not
+-- stamped yet ('<prefix>born', see lease.lua and claim.lua's claim grace): a worker's
+-- first claims then wait out the grace counted from the first worker's start.
 --
 -- Returns {status, server time, the registered instance token, forgotten ('1'/'0')}:
 -- status 'ok', 'taken', 'superseded' or 'reaped'. Every liveness decision is measured
@@ -49,6 +54,7 @@ end
 if ARGV[4] ~= '1' and info[2] == '1' then
   return {'reaped', tostring(now), ARGV[7]}
 end
+redis.call('SET', KEYS[4], string.format('%.6f', now), 'NX')
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 local fresh = ARGV[4] == '1' or not info[3]
 redis.call('HSET', KEYS[2], 'capacity', ARGV[2], 'queue', ARGV[3], 'heartbeat', tostring(now))

@@ -12,6 +12,9 @@
 --   P keycount             hash  node -> how many keys it holds (= its owned entries)
 --   P node-id / node-name  hash  node -> short id / id -> node (ids never reused)
 --   P node-seq             string the last id given out
+--   P born                 string server time (s) this store's data began: set by the
+--                                 first script that finds it missing (a new store, or
+--                                 one that restarted empty or was flushed)
 -- b = first 8 hex digits of sha1('<workflow>:<key>') mod 16384, the same in Python
 -- (LeaseStore.bucket). Small buckets keep Redis's compact listpack encoding.
 --
@@ -24,6 +27,16 @@ local OWNED_BUCKETS = 4096
 local function server_now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+-- When this store's data began (see P born above); sets it to now when missing.
+local function store_born(prefix, now)
+  local born = redis.call('GET', prefix .. 'born')
+  if born then
+    return tonumber(born)
+  end
+  redis.call('SET', prefix .. 'born', string.format('%.6f', now))
+  return now
 end
 
 local function node_name(prefix, id)

@@ -35,6 +35,7 @@ T = TypeVar("T")
 
 
 class ClaimStatus(enum.IntEnum):
+    GRACE = -5  # the store's data is new (it lost its data): nobody may claim yet
     MOVING = -4  # being moved on purpose to the lease's owner: route there, it waits
     UNOWNED = -3  # nobody holds it and the claim was told not to pick anyone
     PENDING = -2  # the owner is dead, its queue not reaped yet: route to it still
@@ -126,6 +127,17 @@ OWNED_BUCKETS = 4096
 #: Owned buckets one reap_keys.lua call starts from at most, and keys it hands over
 #: per call (about): a call blocks Redis for a few milliseconds.
 REAP_BATCH_KEYS = 1000
+#: Seconds after a store's data began (first use, or after it lost its data) in which
+#: nothing is claimed (claim.lua's claim grace). A worker trusts a lease it proved only
+#: while it saw the store's ``born`` stamp unchanged within this long
+#: (:class:`celery_sticky.worker.node.KnownLeases`), so no key it trusts can be given to
+#: another worker by a store that forgot it.
+CLAIM_GRACE = 1.0
+#: How far a worker's monotonic clock may run slow against the lease store's clock
+#: over one lease TTL or claim grace, as a fraction (NTP keeps it within a few parts
+#: per million; steps of the server's wall clock are not covered: the lease store
+#: must not jump forward).
+CLOCK_DRIFT = 0.01
 #: Scripts that read or write a lease: lease.lua goes in front of each.
 _LEASE_SCRIPTS = {
     "claim",
@@ -184,6 +196,7 @@ class LeaseStore:
         )
         self._claim: Script = self.redis.register_script(_load_script("claim"))
         self._heartbeat: Script = self.redis.register_script(_load_script("heartbeat"))
+        self._stamp_born: Script = self.redis.register_script(_load_script("stamp_born"))
         self._lookup: Script = self.redis.register_script(_load_script("lookup"))
         self._release: Script = self.redis.register_script(_load_script("release"))
         self._copy_switch: Script = self.redis.register_script(_load_script("copy_switch"))
@@ -242,6 +255,26 @@ class LeaseStore:
     def tagsets_key(self) -> str:
         return f"{self.prefix}tagsets"
 
+    @property
+    def born_key(self) -> str:
+        return f"{self.prefix}born"
+
+    def stamp_born(self) -> str:
+        """Stamp when the store's data began, unless stamped (stamp_born.lua); the stamp."""
+        return str(self._call(self._stamp_born, keys=[self.born_key], args=[]))
+
+    def grace_left(self) -> float:
+        """Seconds until this store claims keys (0 when it does): its data is new, as
+        after it lost it (claim.lua's claim grace). An unstamped store is stamped now."""
+        born = float(self.born() or self.stamp_born())
+        return max(0.0, born + CLAIM_GRACE * (1 + CLOCK_DRIFT) - self.server_time())
+
+    def born(self) -> str | None:
+        """The store's ``born`` stamp (when its data began; see claim.lua's claim
+        grace), or None while nobody has stamped it. Changed: the store lost its data."""
+        found = self.guard(lambda: self.redis.get(self.born_key))
+        return str(found) if found is not None else None
+
     # -- operations ------------------------------------------------------------
 
     def claim(
@@ -276,6 +309,7 @@ class LeaseStore:
                 affinity,
                 repr(random.random()),
                 bucket,
+                CLAIM_GRACE * (1 + CLOCK_DRIFT),
             ],
         )
         return Lease(owner, int(epoch), ClaimStatus(int(status)), previous, over_limit == "1")
@@ -505,7 +539,7 @@ class LeaseStore:
         is known to be gone). See heartbeat.lua for the statuses."""
         status, now, registered, *rest = self._call(
             self._heartbeat,
-            keys=[self.workers_key, self.worker_key(node), self.tagsets_key],
+            keys=[self.workers_key, self.worker_key(node), self.tagsets_key, self.born_key],
             args=[
                 node,
                 capacity,

@@ -19,7 +19,7 @@ from .. import metrics
 from ..context import RouteCache, context, get_config
 from ..events import app_sender, ownership_changed
 from ..keys import KeySpec
-from ..lease import ClaimStatus, Lease, LeaseStore
+from ..lease import CLAIM_GRACE, ClaimStatus, Lease, LeaseStore
 from ..placement import (
     AffinitySpec,
     Candidate,
@@ -154,6 +154,10 @@ class StickyRouter:
             return cached[0], cached[1], "owned"
         config = self.config
         lease = self._claim(workflow, key, affinity)
+        if lease.status is ClaimStatus.GRACE:
+            lease = self._claim_after_grace(workflow, key, affinity)
+        if lease.status is ClaimStatus.GRACE:
+            return None, 0, "unrouted"  # the worker that takes the task claims the key
         if lease.status in (ClaimStatus.NO_LIVE_WORKER, ClaimStatus.UNOWNED):
             if not affinity:
                 return None, 0, "unrouted"  # the task's own queue; its worker claims it
@@ -203,6 +207,16 @@ class StickyRouter:
                 previous=lease.previous or None,
                 send=send,
             )
+
+    def _claim_after_grace(self, workflow: str, key: str, affinity: str) -> Lease:
+        """The claim again, until the store's claim grace is over (claim.lua: its data
+        is new, as after it lost it; at most ``CLAIM_GRACE`` seconds, once per store)."""
+        deadline = time.monotonic() + CLAIM_GRACE * 1.5
+        while True:
+            time.sleep(CLAIM_GRACE / 20)
+            lease = self._claim(workflow, key, affinity)
+            if lease.status is not ClaimStatus.GRACE or time.monotonic() > deadline:
+                return lease
 
     def _claim(self, workflow: str, key: str, affinity: str) -> Lease:
         """The key's lease, claimed at publish as the placement policy says."""

@@ -226,13 +226,16 @@ class WorkerCluster:
         return self.start(name, **{**worker.options, **overrides, "wait": wait})
 
     def wait_registered(self, names: Iterable[str], timeout: float = 30.0) -> None:
-        """Block until every worker in ``names`` heartbeats in the lease store."""
+        """Block until every worker in ``names`` heartbeats in the lease store, and the
+        store claims keys (a new store, or one that lost its data, claims nothing for
+        a second: see :meth:`LeaseStore.grace_left`)."""
         wanted = set(names)
         deadline = time.monotonic() + timeout
         store = lease_store(self.app)
         while True:
             alive = {info.name for info in store.workers() if info.alive}
             if wanted <= alive:
+                time.sleep(store.grace_left())
                 return
             for name in wanted - alive:
                 worker = self.workers.get(name)

@@ -13,10 +13,12 @@ from :class:`~celery_sticky.producer.task.StickyTask`), which passes through:
 3. **run**: the task's body, with a :class:`~celery_sticky.local.StateHandle`
    that buffers its writes;
 4. **fence**: does this worker still hold the key, live, under the message's
-   epoch? If not, nothing is committed and the task goes to the key's owner. With
-   ``sync`` replication (and a ``sticky_secret``) this lookup is skipped: the copy
-   write of phase 6 is the fence, atomic where the effect lands, and the task's
-   one Redis call;
+   epoch? If not, nothing is committed and the task goes to the key's owner. The
+   node answers from what it knows (:func:`known_here`: the gate's proof is still
+   good by the heartbeats and the store's born stamp, no Redis call); else the
+   lease store does. With ``sync`` replication (and a ``sticky_secret``) it is
+   skipped: the copy write of phase 6 is the fence, atomic where the effect lands,
+   and the task's one Redis call;
 5. **commit**: the buffered writes, the applied record and the outbox, in one
    local transaction. It is private to this worker: a worker paused between the
    fence and here commits to its own disk only, and that state is dropped when
@@ -61,6 +63,7 @@ from ..local.node_state import (
     open_node_state,
 )
 from ..wire import StickyHeader
+from .lease_clock import CHAIN_HEADER, open_lease_clock
 from .outbox import send_outbox
 
 logger = logging.getLogger(__name__)
@@ -153,7 +156,8 @@ def execute(
     )
 
     # 4. fence
-    if epoch and not faults.UNFENCED and not copy_fences:
+    checked = epoch and not faults.UNFENCED and not copy_fences
+    if checked and not known_here(task, store, workflow, key, epoch):
         lease = current_lease(ctx, workflow, key)
         if not holds(lease, nodename, epoch):
             state.discard()
@@ -267,6 +271,20 @@ def current_lease(ctx: StickyContext, workflow: str, key: str) -> LeaseInfo | No
         timeout=60,
     )
     return lease
+
+
+def known_here(task: Any, store: NodeState, workflow: str, key: str, epoch: int) -> bool:
+    """Whether this node knows, without the lease store, that it still holds the key
+    under ``epoch``: the gate proved it in a chain of known leases the node's record
+    still names, before that chain's deadline (:mod:`.lease_clock`), and the local
+    state is the key's under that epoch (a move or an end of the key, which run
+    here, change it)."""
+    headers = getattr(task.request, "headers", None) or {}
+    chain = headers.get(CHAIN_HEADER) if isinstance(headers, dict) else None
+    if type(chain) is not int or not chain:
+        return False
+    clock = open_lease_clock(store.directory)
+    return clock is not None and clock.holds(chain) and store.epoch(workflow, key) == epoch
 
 
 def _lookup_quietly(ctx: StickyContext, workflow: str, key: str) -> LeaseInfo | None:

@@ -57,6 +57,7 @@ from ..sequence import StreamRecord
 from ..wire import HEADER, StickyHeader, check_task_body
 from .deadletter import dead_letter
 from .forwarding import forward
+from .lease_clock import CHAIN_HEADER
 from .node import StickyNode
 
 logger = logging.getLogger(__name__)
@@ -636,11 +637,20 @@ class KeyGate:
         metrics.gate_wait.observe(time.monotonic() - entry.created)
         faults.reach("after_prove")
         proven = header._replace(epoch=lease.epoch).encode()
-        entry.message.headers[HEADER] = proven
+        # The chain of known leases this proof belongs to: the pool commits on it
+        # without asking the store while the node's record still names it (0: ask).
+        chain = self.node.known.chain_of(header.workflow, header.key, lease.epoch)
+        headers = [entry.message.headers]
         if entry.request is not None:
             # A due ETA/countdown task: its Request copied the headers when it
             # arrived; it runs (and adopts) under the epoch proven now.
-            entry.request.request_dict[HEADER] = proven
+            headers.append(entry.request.request_dict)
+        for fields in headers:
+            fields[HEADER] = proven
+            if chain:
+                fields[CHAIN_HEADER] = chain
+            else:
+                fields.pop(CHAIN_HEADER, None)  # one that came with the message
         self._local.entry = entry
         try:
             if entry.request is not None:

@@ -2,73 +2,118 @@
 
 A worker may run a key's task only while it can prove it owns the key. The first
 proof is a claim-script round trip to the lease store. After it the node knows
-the lease (:class:`KnownLeases`) until its heartbeat-based deadline: nobody can
-take a key from a live owner (the claim script takes over only from an owner whose
-heartbeat the server has not seen for a whole ``sticky_lease_ttl``), so a lease
-this node holds stays its own at least until ``TTL`` after its last heartbeat the
-store acknowledged, measured on this node's monotonic clock from when that
-heartbeat was *sent* (the leader-lease argument of Chubby and Raft's lease reads;
-the clocks may drift apart by :data:`CLOCK_DRIFT` at most). What this node did not
-do itself can still change a lease before that deadline, and each of those is
-seen locally:
+the lease (:class:`KnownLeases`) until its own deadline, the earlier of two:
+nobody can take a key from a live owner (the claim script takes over only from an
+owner whose heartbeat the server has not seen for a whole ``sticky_lease_ttl``),
+so a lease this node holds stays its own until ``TTL`` after its last heartbeat
+the store acknowledged, measured on this node's monotonic clock from when that
+heartbeat was *sent* (the leader-lease argument of Chubby and Raft's lease reads);
+and a store that lost its data claims nothing for ``CLAIM_GRACE`` after its data
+began again (claim.lua), so a lease stays its own until ``CLAIM_GRACE`` after the
+last read of the store's born stamp that found it unchanged. The clocks may drift
+apart by :data:`CLOCK_DRIFT` at most. What this node did not do itself can still
+change a lease before that deadline, and each of those is seen locally:
 
 - its workflow ended, or the key moved away (its ``end_workflow`` or ``move_key``
   task ran here, through the gate): the local state no longer carries the lease's
   epoch, so a known lease is used only while it does;
-- a message carries a newer epoch (the router claimed the key again, say after the
-  lease store restarted empty): that message is proven in the store;
+- a message carries a newer epoch (the router claimed the key again): that
+  message is proven in the store;
 - the node was reaped, superseded, or starts draining, or its heartbeat finds the
-  store forgot it (lost its data): it forgets every lease; a heartbeat sent after
-  the deadline had passed (a pause) renews nothing it knew;
+  store forgot it, or the born stamp changed: it forgets every lease; a heartbeat
+  sent after the deadline had passed (a pause) renews nothing it knew;
 - a task of the key was fenced, failed or retried: the gate forgets the key.
 
-This proof orders and routes; it is not the fence. The pool still checks the lease
-in the store before the local commit, and every shared effect is fenced where it
-lands, so a known lease that went stale costs a fenced run, never an effect.
+The same knowledge is the pool's fence before the local commit: the main process
+writes the current chain of knowledge and its deadline to the node's lease clock
+(:mod:`.lease_clock`), the gate gives each task the chain its proof was made in,
+and the pool commits without asking the store while the clock still names that
+chain before its deadline (:func:`.execution.known_here`). Every shared effect is
+fenced where it lands besides.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable
 
 from ..errors import ConfigurationError, LeaseStoreUnavailable
-from ..lease import ClaimStatus, Heartbeat, Lease, LeaseStore, instance_token
-from ..local.node_state import NodeState, open_node_state
+from ..lease import (
+    CLAIM_GRACE,
+    CLOCK_DRIFT,
+    ClaimStatus,
+    Heartbeat,
+    Lease,
+    LeaseStore,
+    instance_token,
+)
+from ..local.node_state import NodeState, node_directory, open_node_state
 from ..placement import decode_tags, encode_tags, fallback_policy, matches
 from ..settings import StickyConfig
+from .lease_clock import LeaseClock, lease_clock_path
 from .supervise import backoff
+
+#: Seconds between two reads of the lease store's born stamp (a quarter of the claim
+#: grace: a few late reads still leave the known leases trusted).
+BORN_CHECK_INTERVAL = CLAIM_GRACE / 4
 
 logger = logging.getLogger(__name__)
 
 
-#: How far this node's monotonic clock may run slow against the lease store's clock
-#: over one lease TTL (NTP keeps it within a few parts per million; steps of the
-#: server's wall clock are not covered: the lease store must not jump forward).
-CLOCK_DRIFT = 0.01
-
-
 class KnownLeases:
-    """The leases this node proved, trusted without the store until ``deadline``.
+    """The leases this node proved, trusted without the store until :attr:`until`.
 
-    The deadline is set from each acknowledged heartbeat: sent at ``t`` on the
-    monotonic clock, the store saw it at or after ``t``, so no other worker can take
-    this node's keys before ``t + TTL`` (slowed by :data:`CLOCK_DRIFT`).
+    Two things bound that trust, both measured on this node's monotonic clock from
+    when a request was *sent* (the store saw it at or after then):
+
+    - the heartbeat: once one sent at ``t`` is acknowledged, no other worker can
+      take this node's keys before ``t + TTL`` (less :data:`CLOCK_DRIFT`);
+    - the store's ``born`` stamp, read every :data:`BORN_CHECK_INTERVAL`: seen
+      unchanged at ``t``, the store had not lost its data then, and a store that
+      loses it later claims nothing for :data:`CLAIM_GRACE` after (claim.lua), so
+      nobody is given a key this node knows before ``t + CLAIM_GRACE``.
+
+    Knowledge comes in chains (:attr:`chain`, a random id): a heartbeat sent after
+    the deadline had passed (a pause), a refused one, a changed stamp, a reap or a
+    drain ends the chain, forgets every lease and starts a new one. Only a proof sent
+    after the chain began is remembered. The node's pool processes read the chain and
+    its deadline from the shared :class:`.lease_clock.LeaseClock`.
     """
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, clock: LeaseClock | None = None) -> None:
         self.ttl = ttl
+        #: From the heartbeats.
         self.deadline = 0.0
+        #: From the born stamp.
+        self.verified_until = 0.0
+        self.stamp: str | None = None
         self.enabled = True
-        #: When the current chain of heartbeats began: a proof older than that may
-        #: have been made before a pause, and is not remembered.
+        #: When the current chain began: a proof older than that may have been made
+        #: before a pause, and is not remembered.
         self.since = 0.0
+        self.chain = _new_chain()
+        self.clock = clock
         self._leases: dict[tuple[str, str], int] = {}  # (workflow, key) -> epoch
         self._lock = threading.Lock()
+
+    @property
+    def until(self) -> float:
+        """Until when (monotonic) every lease remembered in this chain holds."""
+        return min(self.deadline, self.verified_until) if self.enabled else 0.0
+
+    def _new_chain(self, since: float) -> None:
+        self._leases.clear()
+        self.since = since
+        self.chain = _new_chain()
+
+    def _publish(self) -> None:
+        if self.clock is not None:
+            self.clock.write(self.chain, self.until)
 
     def renewed(self, sent_at: float) -> None:
         """A heartbeat sent at ``sent_at`` (monotonic) was acknowledged.
@@ -79,15 +124,38 @@ class KnownLeases:
         """
         with self._lock:
             if sent_at >= self.deadline:
-                self._leases.clear()
-                self.since = sent_at
+                self._new_chain(sent_at)
             self.deadline = max(self.deadline, sent_at + self.ttl * (1 - CLOCK_DRIFT))
+            self._publish()
+
+    def born_seen(self, stamp: str | None, sent_at: float) -> None:
+        """The store's born stamp, as a read sent at ``sent_at`` found it.
+
+        Changed (or first seen): the store may have lost leases this node knew, so
+        the chain ends. Unchanged, or new and remembered from now: nobody is given a
+        key before ``sent_at + CLAIM_GRACE``."""
+        with self._lock:
+            if stamp != self.stamp:
+                self.stamp = stamp
+                self._new_chain(max(self.since, sent_at))
+                self.verified_until = 0.0
+            if stamp is not None:
+                grace = sent_at + CLAIM_GRACE * (1 - CLOCK_DRIFT)
+                self.verified_until = max(self.verified_until, grace)
+            self._publish()
 
     def get(self, workflow: str, key: str) -> int | None:
         """The epoch this node holds ``workflow:key`` under, if still known."""
-        if time.monotonic() >= self.deadline:
+        if time.monotonic() >= self.until:
             return None
         return self._leases.get((workflow, key))
+
+    def chain_of(self, workflow: str, key: str, epoch: int) -> int:
+        """The chain in which this node knows it holds ``workflow:key`` under
+        ``epoch`` now, or 0 (the pool then asks the store)."""
+        with self._lock:
+            known = self._leases.get((workflow, key)) == epoch
+            return self.chain if known and time.monotonic() < self.until else 0
 
     def remember(self, workflow: str, key: str, epoch: int, proven_at: float) -> None:
         """``workflow:key`` is this node's under ``epoch``, as a claim sent at
@@ -97,7 +165,8 @@ class KnownLeases:
                 self._leases[(workflow, key)] = epoch
 
     def forget(self, workflow: str, key: str) -> None:
-        self._leases.pop((workflow, key), None)
+        with self._lock:
+            self._leases.pop((workflow, key), None)
 
     def clear(self, *, disable: bool = False) -> None:
         """Forget every lease (reaped, superseded); ``disable``: and learn none again
@@ -106,11 +175,15 @@ class KnownLeases:
             if disable:
                 self.enabled = False
             self.deadline = 0.0
-            self.since = time.monotonic()
-            self._leases.clear()
+            self._new_chain(time.monotonic())
+            self._publish()
 
     def __len__(self) -> int:
         return len(self._leases)
+
+
+def _new_chain() -> int:
+    return secrets.randbits(62) + 1
 
 
 class StickyNode:
@@ -134,6 +207,7 @@ class StickyNode:
         self.fallback_policy = fallback_policy(config.placement)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
         self._registered = False
         #: This process's token in the registry: one process per node name.
         self.instance = instance_token()
@@ -231,6 +305,7 @@ class StickyNode:
         self.on_superseded()
 
     def start(self) -> None:
+        self._open_clock()
         try:
             self.beat(register=True)
             logger.info("sticky: %s registered, direct queue %s", self.name, self.queue)
@@ -241,9 +316,37 @@ class StickyNode:
             target=self._heartbeat_loop, name="sticky-heartbeat", daemon=True
         )
         self._thread.start()
+        self._watcher = threading.Thread(
+            target=self._born_loop, name="sticky-store-watch", daemon=True
+        )
+        self._watcher.start()
+
+    def _open_clock(self) -> None:
+        """The record the pool reads known leases from (see :mod:`.lease_clock`)."""
+        directory = node_directory(self.config.state_dir, self.name)
+        try:
+            self.known.clock = LeaseClock(lease_clock_path(directory), create=True)
+        except OSError as exc:
+            logger.warning(
+                "sticky: cannot share known leases with the pool through %s (%s); the pool "
+                "asks the lease store before each commit",
+                directory,
+                exc,
+            )
+
+    def _born_loop(self) -> None:
+        """Read the store's born stamp every BORN_CHECK_INTERVAL (see KnownLeases)."""
+        while not self._stop.wait(BORN_CHECK_INTERVAL):
+            sent_at = time.monotonic()
+            try:
+                stamp = self.store.born()
+            except LeaseStoreUnavailable:
+                continue  # unverified: known leases lapse after the grace
+            self.known.born_seen(stamp, sent_at)
 
     def stop(self, deregister: bool = True) -> None:
         self._stop.set()
+        self.known.clear(disable=True)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.config.heartbeat_interval + 1)
         if deregister and not self.superseded:
@@ -308,6 +411,8 @@ class StickyNode:
         except LeaseStoreUnavailable as exc:
             logger.warning("sticky: cannot prove ownership of %s:%s: %s", workflow, key, exc)
             return None
+        if lease.status is ClaimStatus.GRACE:
+            return None  # the store's data is new: nothing is claimed for a moment
         if lease.status is ClaimStatus.NO_LIVE_WORKER:
             if affinity and not matches(decode_tags(affinity), self.tags):
                 return lease

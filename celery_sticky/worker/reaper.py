@@ -237,6 +237,9 @@ def _move_batch(
                 republish(app, message, header._replace(epoch=0), affinity_queue)
                 moved += 1
                 continue
+            if lease.status is ClaimStatus.GRACE:
+                waiting.append(message)  # the store's data is new: claims wait a moment
+                continue
             if lease.status is ClaimStatus.NO_LIVE_WORKER:
                 waiting.append(message)
                 logger.warning("sticky: no live worker to take %s:%s", header.workflow, header.key)

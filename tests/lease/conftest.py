@@ -14,6 +14,13 @@ from celery_sticky.lease import LeaseStore
 from celery_sticky.settings import StickyConfig
 
 
+def established(store: LeaseStore) -> LeaseStore:
+    """``store`` as one that has been up for a minute: its claim grace is over (claim.lua
+    refuses claims for ``CLAIM_GRACE`` after a store's data begins)."""
+    store.redis.set(store.born_key, f"{store.server_time() - 60:.6f}")
+    return store
+
+
 @pytest.fixture
 def make_store(redis_client: Any) -> Iterator[Callable[[float], LeaseStore]]:
     """``make_store(lease_ttl)``: a store on the test Redis; its keys are deleted after."""
@@ -24,7 +31,7 @@ def make_store(redis_client: Any) -> Iterator[Callable[[float], LeaseStore]]:
         prefixes.append(prefix)
         app = Celery("store", broker=os.environ["STICKY_TEST_REDIS_URL"], set_as_current=False)
         app.conf.update(sticky_key_prefix=prefix, sticky_lease_ttl=lease_ttl)
-        return LeaseStore(StickyConfig.from_app(app))
+        return established(LeaseStore(StickyConfig.from_app(app)))
 
     yield make
     for prefix in prefixes:

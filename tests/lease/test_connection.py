@@ -18,6 +18,7 @@ from celery_sticky.lease import LeaseStore
 from celery_sticky.settings import StickyConfig
 from tests.conftest import unique
 from tests.hostile import HostileRun, wait_for
+from tests.lease.conftest import established
 from tests.redis_servers import sentinel_group, tls_server
 
 USER, PASSWORD = "sticky-acl", "acl-pass-7f3e9d"
@@ -33,7 +34,7 @@ def _store(url: str, **settings: Any) -> LeaseStore:
 def test_tls_and_acl_user(prefix: str, tmp_path: Path) -> None:
     with tls_server(USER, PASSWORD) as (port, ca):
         url = f"rediss://{USER}:{PASSWORD}@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
-        store = _store(url)
+        store = established(_store(url))
         assert store.heartbeat("tls1@hostile-tests", 1, "q", register=True).ok
         assert store.claim("key", "k", candidate="tls1@hostile-tests").owner == "tls1@hostile-tests"
         wrong = _store(url.replace(PASSWORD, "not-the-password"))

@@ -163,7 +163,7 @@ def test_a_reap_hands_every_key_over_and_leaves_no_stray_entry(make_store: Any) 
         bucket_key, member, bucket = store._lease_args("order", key)
         store._claim(
             keys=[bucket_key, store.workers_key, store.epoch_key],
-            args=[30.0, "dead", store.prefix, member, "", "least_loaded", "", "0.5", bucket],
+            args=[30.0, "dead", store.prefix, member, "", "least_loaded", "", "0.5", bucket, 1],
             client=pipe,
         )
     pipe.execute()

@@ -11,6 +11,7 @@ from celery import Celery
 from celery_sticky.lease import ClaimStatus, LeaseStore
 from celery_sticky.settings import StickyConfig
 from celery_sticky.testing import start_server
+from tests.lease.conftest import established
 
 
 @pytest.fixture
@@ -98,6 +99,38 @@ def test_a_heartbeat_says_when_the_store_forgot_the_worker(store: LeaseStore) ->
     assert [w.name for w in store.workers() if w.alive] == ["a"]
 
 
+def test_a_store_that_lost_its_data_claims_nothing_for_the_grace(make_store: Any) -> None:
+    """After the store lost its data (here: every key deleted, as an empty restart
+    leaves it), the first script stamps when its data began, and no key is claimed
+    for ``CLAIM_GRACE`` after that: a worker may still trust, for that long, a lease
+    the lost data held (worker/node.py, KnownLeases). Before: claimed at once."""
+    from celery_sticky.lease import CLAIM_GRACE
+    from celery_sticky.testing import wait_for
+
+    store: LeaseStore = make_store(30.0)  # b stays alive while the test waits
+    store.heartbeat("a", 1, "q.a", register=True)
+    assert store.claim("order", "1", candidate="a").status is ClaimStatus.CLAIMED
+    for name in store.redis.scan_iter(f"{store.prefix}*"):  # a restart without its data
+        store.redis.delete(name)
+    store.heartbeat("b", 1, "q.b", register=True)
+    born = store.born()
+    assert born is not None, "the registration did not stamp the store"
+    refused = store.claim("order", "1", candidate="b")
+    assert refused.status is ClaimStatus.GRACE, refused
+    assert store.lookup("order", "1") is None, "a refused claim wrote a lease"
+    lease = wait_for(
+        lambda: (
+            (found := store.claim("order", "1", candidate="b")).status is not ClaimStatus.GRACE
+            and found
+        ),
+        timeout=CLAIM_GRACE * 5,
+    )
+    granted = store.server_time()
+    assert (lease.owner, lease.status) == ("b", ClaimStatus.CLAIMED)
+    assert granted - float(born) >= CLAIM_GRACE, "claimed within the grace"
+    assert store.born() == born, "the stamp changed without a loss"
+
+
 def _commands(client: Any) -> int:
     return sum(
         int(v["calls"])
@@ -113,7 +146,7 @@ def test_heartbeat_cost_does_not_grow_with_owned_keys() -> None:
     """
     with start_server() as port:
         app = Celery("beat", broker=f"redis://127.0.0.1:{port}/0", set_as_current=False)
-        store = LeaseStore(StickyConfig.from_app(app))
+        store = established(LeaseStore(StickyConfig.from_app(app)))
         client = store.redis
         store.heartbeat("a", 1, "q.a")
         before = _commands(client)
@@ -125,7 +158,7 @@ def test_heartbeat_cost_does_not_grow_with_owned_keys() -> None:
         store.heartbeat("a", 1, "q.a")
         loaded = _commands(client) - before
         client.close()
-    assert empty == loaded <= 4
+    assert empty == loaded <= 5
 
 
 def test_a_reaping_lock_counts_only_while_its_reaper_lives(store: LeaseStore) -> None:

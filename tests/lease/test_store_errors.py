@@ -21,6 +21,7 @@ from celery_sticky.errors import LeaseStoreUnavailable
 from celery_sticky.lease import LeaseStore
 from celery_sticky.settings import StickyConfig
 from celery_sticky.testing import start_server
+from tests.lease.conftest import established
 
 NODE = "e1@hostile-tests"
 BUSY_SCRIPT = """
@@ -43,7 +44,7 @@ def store(server: redis.Redis) -> LeaseStore:
     port = server.connection_pool.connection_kwargs["port"]
     app = Celery("errors", broker=f"redis://127.0.0.1:{port}/0", set_as_current=False)
     app.conf.update(sticky_key_prefix=f"se{uuid.uuid4().hex[:6]}", sticky_lease_ttl=10.0)
-    store = LeaseStore(StickyConfig.from_app(app))
+    store = established(LeaseStore(StickyConfig.from_app(app)))
     store.heartbeat(NODE, 1, "q", register=True)
     return store
 

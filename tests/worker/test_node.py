@@ -127,8 +127,10 @@ def _commands(url: str, sha: str, member: str, body: Callable[[], None]) -> int:
 
 def test_an_owned_key_is_proven_from_the_heartbeat_not_per_task(run: Run) -> None:
     """Once a worker proved a key, its next tasks start without a claim round trip to
-    the lease store (the lease is known until the heartbeat deadline); the pool still
-    checks the lease before each commit (the fence). Before: a claim per task."""
+    the lease store (the lease is known until the heartbeat deadline), and the pool's
+    fence answers from the same knowledge (the node's lease clock): with ``on_handoff``
+    replication a task of a held key makes no lease-store call at all.
+    Before: a claim per task; then a lookup per task (the fence)."""
     run.start("owner@node-tests")
     key = f"known-{uuid.uuid4().hex[:8]}"
     assert run.step(key, 0).get(timeout=30) == [0]  # the first task claims the key
@@ -144,7 +146,8 @@ def test_an_owned_key_is_proven_from_the_heartbeat_not_per_task(run: Run) -> Non
     assert claims == 0, f"{claims} claims for 10 tasks of a key the worker holds"
     assert run.state(key)["state"]["steps"] == list(range(11))
     lookups = _commands(url, store._lookup.sha, member, lambda: run.step(key, 11).get(30))
-    assert lookups == 1, "the fence asks the store before every commit"
+    assert lookups == 0, "the fence asked the store although the node knows the lease"
+    assert run.state(key)["state"]["steps"] == list(range(12))
 
 
 def test_with_sync_replication_a_task_makes_one_lease_store_call(
@@ -182,7 +185,9 @@ def test_known_leases_last_until_the_heartbeat_deadline(monkeypatch: pytest.Monk
 
     now = [100.0]
     monkeypatch.setattr("celery_sticky.worker.node.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("celery_sticky.worker.node.CLAIM_GRACE", 1000.0)  # not the subject
     known = node_module.KnownLeases(ttl=10.0)
+    known.born_seen("born-1", 100.0)
     known.remember("wf", "k", 7, now[0])
     assert known.get("wf", "k") is None, "no heartbeat acknowledged yet"
     known.renewed(sent_at=100.0)
@@ -211,3 +216,47 @@ def test_known_leases_last_until_the_heartbeat_deadline(monkeypatch: pytest.Monk
     known.renewed(sent_at=now[0])
     known.remember("wf", "k", 9, now[0])
     assert known.get("wf", "k") is None and len(known) == 0
+
+
+def test_known_leases_last_only_while_the_stores_born_stamp_is_seen(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The store's born stamp, read every quarter of the claim grace, bounds what the
+    node knows: unchanged, until ``CLAIM_GRACE`` after the read was sent (a store that
+    lost its data claims nothing for that long); changed, every known lease is void and
+    a new chain begins. The pool reads the chain and its deadline from the node's
+    lease clock: a proof is good there only in the chain it was made in."""
+    from celery_sticky.lease import CLAIM_GRACE, CLOCK_DRIFT
+    from celery_sticky.worker import node as node_module
+    from celery_sticky.worker.lease_clock import LeaseClock
+
+    now = [100.0]
+    monkeypatch.setattr("celery_sticky.worker.node.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("celery_sticky.worker.lease_clock.time.monotonic", lambda: now[0])
+    clock = LeaseClock(tmp_path / "clock", create=True)
+    reader = LeaseClock(tmp_path / "clock")  # as a pool process opens it
+    known = node_module.KnownLeases(ttl=10.0, clock=clock)
+    known.renewed(sent_at=100.0)
+    known.remember("wf", "k", 7, now[0])
+    assert known.get("wf", "k") is None, "the store's stamp was never seen"
+    assert known.chain_of("wf", "k", 7) == 0
+    known.born_seen("born-1", now[0])
+    assert known.get("wf", "k") is None, "proven before the stamp was first seen"
+    known.remember("wf", "k", 7, now[0])
+    chain = known.chain_of("wf", "k", 7)
+    assert known.get("wf", "k") == 7 and chain and reader.holds(chain)
+    assert known.chain_of("wf", "k", 6) == 0, "another epoch is not known"
+    now[0] += CLAIM_GRACE * (1 - CLOCK_DRIFT) - 0.001
+    assert known.get("wf", "k") == 7 and reader.holds(chain)
+    now[0] += 0.002
+    assert known.get("wf", "k") is None, "no read of the stamp within the grace"
+    assert not reader.holds(chain)
+    known.born_seen("born-1", now[0])  # read again, unchanged: the chain holds
+    assert known.get("wf", "k") == 7 and reader.holds(chain)
+    known.born_seen("born-2", now[0])  # the store lost its data
+    assert known.get("wf", "k") is None and len(known) == 0
+    assert not reader.holds(chain), "a proof of the old chain held on"
+    known.remember("wf", "k", 9, now[0])
+    assert reader.holds(known.chain_of("wf", "k", 9))
+    known.clear(disable=True)
+    assert reader.read() == (known.chain, 0.0)

@@ -66,6 +66,10 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         capacity = sticky_capacity or config.worker_capacity or int(worker.concurrency or 1)
         tags = worker_tags(config, sticky_tag)
         self.node = StickyNode(worker.hostname, config, ctx.leases, capacity, tags)
+        # A new store's claim grace (claim.lua) runs while this worker starts; if the
+        # store does not answer, the registration stamps it once it does.
+        with contextlib.suppress(LeaseStoreUnavailable):
+            ctx.leases.stamp_born()
         self.node.on_rejoin = self._drop_stale_state
         self.node.on_superseded = _terminate
         self.gate = KeyGate(app, self.node)
