@@ -37,6 +37,9 @@ def make_app() -> Celery:
     )
     if broker.startswith("amqp"):
         app.conf.broker_heartbeat = 2
+        # A publish returns once RabbitMQ has the message: the producers' steps are
+        # not lost in a cut connection unnoticed (the workers do this themselves).
+        app.conf.broker_transport_options = {"confirm_publish": True}
     register_probe(app)
     return app
 

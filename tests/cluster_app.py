@@ -74,6 +74,9 @@ def make_app(prefix: str | None = None, **settings: Any) -> Celery:
         # A frozen worker's prefetched tasks return when RabbitMQ drops its
         # connection: after two missed heartbeats.
         app.conf.broker_heartbeat = 2
+        # A publish returns once RabbitMQ has it (the workers confirm theirs anyway).
+        transport_options["confirm_publish"] = True
+        app.conf.broker_transport_options = transport_options
     app.conf.update(settings)
     register_probe(app)  # the nemesis's probe tasks (tests/testing/test_nemesis.py)
     return app

@@ -25,9 +25,24 @@ def ensure_queue(app: Celery, name: str) -> None:
         queues.add(direct_queue(name))
 
 
-def queue_size(app: Celery, queue: str) -> int:
-    """Messages waiting in ``queue`` (0 when it does not exist)."""
-    with app.connection_for_write() as connection:
+def queue_size(app: Celery, queue: str, timeout: float | None = None) -> int:
+    """Messages waiting in ``queue`` (0 when it does not exist).
+
+    ``timeout``: seconds each socket operation may take (connecting, reading,
+    writing), after which it raises; None waits as the app's broker settings say,
+    which on a connection the network silently dropped can be for ever.
+    """
+    options = {}
+    if timeout is not None:
+        # py-amqp's names and kombu Redis's; each transport reads its own.
+        scheme = (app.conf.broker_write_url or app.conf.broker_url or "").split(":", 1)[0]
+        amqp = scheme in ("amqp", "amqps", "pyamqp")
+        timeouts = ("read_timeout", "write_timeout") if amqp else ("socket_timeout",)
+        options = {
+            "connect_timeout": timeout,
+            "transport_options": {name: timeout for name in timeouts},
+        }
+    with app.connection_for_write(**options) as connection:
         bound = direct_queue(queue).bind(connection.default_channel)  # type: ignore[no-untyped-call]
         try:
             return int(bound.queue_declare(passive=True).message_count)

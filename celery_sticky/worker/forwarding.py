@@ -22,6 +22,9 @@ from ..wire import StickyHeader, direct_queue
 logger = logging.getLogger(__name__)
 
 # Message properties worth carrying over; the rest belong to the transport.
+#: Seconds a publish waits for the broker's confirmation (RabbitMQ) before it counts
+#: the connection as broken.
+CONFIRM_TIMEOUT = 30.0
 _PROPERTIES = ("correlation_id", "reply_to", "priority", "delivery_mode", "expiration")
 
 
@@ -94,5 +97,8 @@ def publish_copy(app: Celery, message: Message, headers: dict[str, Any], queue_n
             content_type=message.content_type,
             content_encoding=message.content_encoding,
             retry=True,
+            # With publisher confirms (RabbitMQ, see confirm_publishes): how long to
+            # wait for one before the connection counts as broken and is retried.
+            confirm_timeout=CONFIRM_TIMEOUT,
             **properties,
         )

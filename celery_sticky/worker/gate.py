@@ -804,7 +804,10 @@ class _BacklogProbe:
             self._wanted.wait()
             self._wanted.clear()
             try:
-                answer = queue_size(self.app, self.queue) > 0
+                # Bounded: a connection the network dropped silently (a blackholed
+                # broker) once held this thread for good, and every answer after it
+                # was stale, so each gap waited GAP_BACKLOG_FACTOR timeouts.
+                answer = queue_size(self.app, self.queue, timeout=self.STALE) > 0
             except Exception:
                 logger.debug("sticky: could not read the length of %s", self.queue, exc_info=True)
                 answer = True

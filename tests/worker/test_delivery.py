@@ -291,7 +291,11 @@ def test_kill_9_with_a_shared_queue_message_in_the_socket(
     assert in_socket.get(timeout=5) == [0]
     assert_once_in_order(run, key, 2)
     assert {e["node"] for e in run.runs(key)} == {VICTIM if then == "restart" else OTHER}
-    assert redis_client.llen(f"_sticky.inflight.{shared}|{VICTIM}") == 0
+    wait_for(  # acknowledged (LREM) just after the result is stored
+        lambda: redis_client.llen(f"_sticky.inflight.{shared}|{VICTIM}") == 0,
+        timeout=10,
+        message="a message stayed in the victim's in-flight list of the shared queue",
+    )
 
 
 def test_a_drained_worker_leaves_no_record_of_its_shared_queues(

@@ -42,6 +42,27 @@ RESTORE_TIMEOUT = 300.0
 RESTORE_RETRY_MAX = 5.0
 
 
+def confirm_publishes(app: Any) -> None:
+    """On RabbitMQ, make this worker's publishes wait for the broker's confirmation.
+
+    A worker publishes a copy, then acknowledges the original: a forward to a key's
+    owner, a queue move, a dead letter; and it marks an outbox entry sent once
+    published. Without publisher confirms, py-amqp's publish returns as soon as the
+    frame is written to the socket; a connection cut right then loses the copy while
+    the acknowledgement, on the consumer's connection, still reaches the broker (a
+    step lost in the RabbitMQ nemesis runs). Redis answers each ``LPUSH`` itself.
+    Set here, before the pool forks, so every connection of the worker has it
+    (``broker_transport_options``: a ``confirm_publish`` the user set wins).
+    """
+    url = str(app.conf.broker_write_url or app.conf.broker_url or "")
+    if url.split(":", 1)[0] not in ("amqp", "amqps", "pyamqp"):
+        return
+    options = dict(app.conf.broker_transport_options or {})
+    if "confirm_publish" not in options:
+        options["confirm_publish"] = True
+        app.conf.broker_transport_options = options
+
+
 class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
     """Consume this node's direct queue, register the node, heartbeat."""
 
@@ -60,6 +81,7 @@ class StickyWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         ctx = context(app)
         config = ctx.config
         register_own_tasks(app)
+        confirm_publishes(app)
         # Fail at start, not at the first task, when the state dir is unusable.
         self.state_directory = check_node_directory(config, worker.hostname)
         set_current_node(worker.hostname)  # before the pool forks: children inherit it
