@@ -161,6 +161,9 @@ class Published:
 
     steps: list[tuple[str, int]] = field(default_factory=list)
     uncertain: set[tuple[str, int]] = field(default_factory=set)
+    #: The task id each step was published under, when the publisher said: a lost
+    #: step's id is printed, so it can be followed through the worker logs.
+    task_ids: dict[tuple[str, int], str] = field(default_factory=dict)
 
 
 def check(
@@ -210,7 +213,12 @@ def check_key(
     lost = [step for step in published.steps if step not in present]
     if lost:
         found.counts["lost"] = len(lost)
+        ids = [
+            f"{p}#{n} {published.task_ids[(p, n)]}" for p, n in lost if (p, n) in published.task_ids
+        ]
         found.problems.append(f"lost {_steps(lost)}")
+        if ids:
+            found.problems.append(f"task ids of the lost steps: {', '.join(ids[:20])}")
     twice = sorted(step for step, n in present.items() if n > 1)
     if twice:
         found.counts["duplicated"] = sum(present[step] - 1 for step in twice)

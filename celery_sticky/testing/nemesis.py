@@ -535,7 +535,7 @@ class _Run:
             seqs[key] += 1
             headers = {HEADER: [name, seq]}
             try:
-                self.publish_fn(key, headers, rng.uniform(low, high))
+                sent = self.publish_fn(key, headers, rng.uniform(low, high))
             except Exception as exc:
                 logger.warning("nemesis: publishing %s %s#%s failed: %r", key, name, seq, exc)
                 with self.lock:
@@ -543,6 +543,9 @@ class _Run:
             else:
                 with self.lock:
                     self.published[key].steps.append((name, seq))
+                    task_id = getattr(sent, "id", None)
+                    if isinstance(task_id, str):
+                        self.published[key].task_ids[(name, seq)] = task_id
             stop.wait(self.cfg.publish_interval)
 
     # - the schedule -

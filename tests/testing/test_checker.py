@@ -48,6 +48,16 @@ def test_lost_step() -> None:
     assert "lost p0#1" in report.describe()
 
 
+def test_a_lost_steps_task_id_is_named() -> None:
+    """A lost step's task id, when the publisher gave one, is in the report: the step
+    can be followed through the worker logs."""
+    runs = [run(0), run(2)]
+    sent = published(0, 1, 2)
+    sent["k"].task_ids = {("p0", 1): "lost-task-id", ("p0", 2): "t2"}
+    report = check(sent, runs, {"k": [entry(runs[0]), entry(runs[1])]})
+    assert "task ids of the lost steps: p0#1 lost-task-id" in report.describe()
+
+
 def test_step_applied_twice() -> None:
     first, again = run(0), run(0, node="n2", start=5.0)
     report = check(published(0), [first, again], {"k": [entry(first), entry(again)]})
