@@ -96,7 +96,7 @@ class KnownLeases:
         #: When the current chain began: a proof older than that may have been made
         #: before a pause, and is not remembered.
         self.since = 0.0
-        self.chain = _new_chain()
+        self.chain = _chain_id()
         self.clock = clock
         self._leases: dict[tuple[str, str], int] = {}  # (workflow, key) -> epoch
         self._lock = threading.Lock()
@@ -109,7 +109,7 @@ class KnownLeases:
     def _new_chain(self, since: float) -> None:
         self._leases.clear()
         self.since = since
-        self.chain = _new_chain()
+        self.chain = _chain_id()
 
     def _publish(self) -> None:
         if self.clock is not None:
@@ -182,7 +182,8 @@ class KnownLeases:
         return len(self._leases)
 
 
-def _new_chain() -> int:
+def _chain_id() -> int:
+    """A new chain's id: random, never 0 (0 means none)."""
     return secrets.randbits(62) + 1
 
 

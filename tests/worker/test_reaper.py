@@ -31,6 +31,17 @@ def test_unnumbered_messages_keep_publish_time_order() -> None:
     assert [m.headers["sticky"][4] for m in in_publish_order(plain)] == [1, 2, 3]
 
 
+def _numbered(app: Any, queue: str, count: int) -> list[str]:
+    """Publish ``count`` steps of one key, numbered 1.. in one stream, straight to
+    ``queue``; their task ids in publish order."""
+    from tests.hostile import publish_raw
+
+    return [
+        publish_raw(app, queue, ["k", n], sticky=["key", "k", 0, 0, n, "", "s", n + 1])
+        for n in range(count)
+    ]
+
+
 _MOVER = """
 import inspect, os, signal, sys
 from tests.cluster_app import make_app
@@ -68,17 +79,14 @@ def test_a_mover_killed_midway_leaves_the_queue_whole(prefix: str) -> None:
     from celery_sticky.worker.delivery import restore_shared
     from tests.cluster_app import make_app
     from tests.conftest import REPO
-    from tests.hostile import broker_client, publish_raw, raw_messages
+    from tests.hostile import broker_client, raw_messages
 
     if os.environ.get("STICKY_TEST_BROKER_URL", "").startswith("amqp"):
         pytest.skip("RabbitMQ requeues what a killed consumer had not acknowledged")
     sub = f"{prefix}mk{uuid.uuid4().hex[:4]}"
     app = make_app(sub)
     queue, mover = f"{sub}.gone@sticky-tests", "mover@sticky-tests"
-    ids = [
-        publish_raw(app, queue, ["k", step], sticky=["key", "k", 0, 0, step, "", "s", step + 1])
-        for step in range(20)
-    ]
+    ids = _numbered(app, queue, 20)
     assert [m["headers"]["id"] for m in raw_messages(app, queue)] == ids
     done = subprocess.run(
         [sys.executable, "-c", _MOVER, sub, queue, mover],
@@ -116,7 +124,7 @@ def test_a_move_in_batches_gives_back_what_no_live_worker_may_take_in_order(
     from celery_sticky.context import lease_store
     from celery_sticky.worker import reaper
     from tests.cluster_app import make_app
-    from tests.hostile import publish_raw, raw_messages
+    from tests.hostile import raw_messages
 
     if os.environ.get("STICKY_TEST_BROKER_URL", "").startswith("amqp"):
         pytest.skip("reads the queue's Redis list")
@@ -124,10 +132,7 @@ def test_a_move_in_batches_gives_back_what_no_live_worker_may_take_in_order(
     sub = f"{prefix}mb{uuid.uuid4().hex[:4]}"
     app = make_app(sub)
     queue = f"{sub}.gone@sticky-tests"
-    ids = [
-        publish_raw(app, queue, ["k", n], sticky=["key", "k", 0, 0, n, "", "s", n + 1])
-        for n in range(25)
-    ]
+    ids = _numbered(app, queue, 25)
     moved = reaper.move_queue(app, lease_store(app), queue, mover="mover@sticky-tests")
     assert moved == 0
     assert [m["headers"]["id"] for m in raw_messages(app, queue)] == ids
@@ -153,7 +158,7 @@ def test_a_move_that_failed_while_the_broker_was_away_is_given_back_by_the_next_
     from celery_sticky.wire import inflight_key
     from celery_sticky.worker.reaper import Reaper, move_queue
     from tests.cluster_app import make_app
-    from tests.hostile import broker_client, publish_raw, raw_messages
+    from tests.hostile import broker_client, raw_messages
 
     broker = os.environ.get("STICKY_TEST_BROKER_URL") or os.environ["STICKY_TEST_REDIS_URL"]
     if broker.startswith("amqp"):
@@ -161,10 +166,7 @@ def test_a_move_that_failed_while_the_broker_was_away_is_given_back_by_the_next_
     sub = f"{prefix}mf{uuid.uuid4().hex[:4]}"
     app = make_app(sub)
     queue, mover = f"{sub}.gone@sticky-tests", "mover@sticky-tests"
-    ids = [
-        publish_raw(app, queue, ["k", n], sticky=["key", "k", 0, 0, n, "", "s", n + 1])
-        for n in range(10)
-    ]
+    ids = _numbered(app, queue, 10)
     with TcpProxy.to(broker) as proxy:
         cut_app = make_app(sub, broker_url=proxy.url(broker))
 
