@@ -25,6 +25,12 @@ def ensure_queue(app: Celery, name: str) -> None:
         queues.add(direct_queue(name))
 
 
+def broker_is_amqp(app: Celery) -> bool:
+    """Whether the app publishes to an AMQP broker (RabbitMQ), by its broker URL."""
+    url = str(app.conf.broker_write_url or app.conf.broker_url or "")
+    return url.split(":", 1)[0] in ("amqp", "amqps", "pyamqp")
+
+
 def queue_size(app: Celery, queue: str, timeout: float | None = None) -> int:
     """Messages waiting in ``queue`` (0 when it does not exist).
 
@@ -35,8 +41,7 @@ def queue_size(app: Celery, queue: str, timeout: float | None = None) -> int:
     options = {}
     if timeout is not None:
         # py-amqp's names and kombu Redis's; each transport reads its own.
-        scheme = (app.conf.broker_write_url or app.conf.broker_url or "").split(":", 1)[0]
-        amqp = scheme in ("amqp", "amqps", "pyamqp")
+        amqp = broker_is_amqp(app)
         timeouts = ("read_timeout", "write_timeout") if amqp else ("socket_timeout",)
         options = {
             "connect_timeout": timeout,

@@ -23,6 +23,7 @@ from ...errors import ConfigurationError, LeaseStoreUnavailable
 from ...local.node_state import NodeState, check_node_directory, open_node_state, set_current_node
 from ...placement import MAX_TAGS, affinity_queues, parse_tags
 from ...producer.own_tasks import register_own_tasks
+from ...producer.queues import broker_is_amqp
 from ...settings import StickyConfig
 from ...wire import direct_queue
 from .. import control  # noqa: F401  (registers the remote control commands)
@@ -54,8 +55,7 @@ def confirm_publishes(app: Any) -> None:
     Set here, before the pool forks, so every connection of the worker has it
     (``broker_transport_options``: a ``confirm_publish`` the user set wins).
     """
-    url = str(app.conf.broker_write_url or app.conf.broker_url or "")
-    if url.split(":", 1)[0] not in ("amqp", "amqps", "pyamqp"):
+    if not broker_is_amqp(app):
         return
     options = dict(app.conf.broker_transport_options or {})
     if "confirm_publish" not in options:
