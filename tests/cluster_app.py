@@ -220,10 +220,14 @@ def last_step(self: Any, key: str, *, state: Any) -> dict[str, Any]:
 
 
 @sticky_task(key="key", bind=True, acks_late=True, max_retries=3)
-def retry_step(self: Any, key: str, step: int, countdown: float, *, state: Any) -> list[int]:
-    """A workflow step that asks for a retry on its first run; the retry appends ``step``."""
+def retry_step(
+    self: Any, key: str, step: int, countdown: float, queue: str = "", *, state: Any
+) -> list[int]:
+    """A workflow step that asks for a retry on its first run; the retry appends ``step``.
+
+    With ``queue``, the retry is sent there (a queue no worker reads: a lost retry)."""
     if self.request.retries == 0:
-        raise self.retry(countdown=countdown)
+        raise self.retry(countdown=countdown, **({"queue": queue} if queue else {}))
     return _record_step(self, key, step, 0.01, state)
 
 

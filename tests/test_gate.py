@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from celery_sticky.context import get_config, lease_store
+from celery_sticky.producer.queues import queue_size
 from celery_sticky.testing.cluster import wait_for
 from tests.conftest import start_cluster, unique
 from tests.invariants import by_key, violations
@@ -182,6 +185,73 @@ def test_a_retry_keeps_its_place_and_a_countdown_task_runs_when_due(
     later = record_step.apply_async((other, 1), countdown=3)
     assert record_step.delay(other, 2).get(timeout=60) == [0, 2], "it did not wait for the ETA"
     assert later.get(timeout=30) == [0, 2, 1]
+
+
+@contextlib.contextmanager
+def _a_lost_retry(
+    prefix: str, name: str, countdown: float, gap_timeout: float
+) -> Iterator[tuple[Any, str, Callable[[], str]]]:
+    """A one-worker cluster where number 2 of a key asked for a retry (in ``countdown``
+    seconds) that is sent to a queue no worker reads: it never comes.
+
+    Yields ``(record_step, key, log)`` once the retry is sent; ``log()`` reads the
+    worker's log."""
+    from tests.cluster_app import make_app
+
+    app = make_app(prefix)
+    app.finalize()
+    record_step = app.tasks["tests.cluster_app.record_step"]
+    retry_step = app.tasks["tests.cluster_app.retry_step"]
+    nowhere = f"{prefix}.nowhere"
+    env = {"STICKY_TEST_PREFIX": prefix, "STICKY_TEST_GAP_TIMEOUT": str(gap_timeout)}
+    try:
+        with start_cluster(app, {name: {"queues": [f"{prefix}.default"]}}, env=env) as workers:
+            key = unique("lostretry")
+            assert record_step.delay(key, 1).get(timeout=30) == [1]
+            retry_step.delay(key, 2, countdown, nowhere)
+            wait_for(lambda: queue_size(app, nowhere) == 1, timeout=30)
+            yield record_step, key, workers.workers[name].log
+    finally:
+        with app.connection_for_write() as connection:
+            connection.default_channel.queue_delete(nowhere)
+
+
+def test_a_retry_holds_its_place_for_its_countdown_before_its_message_arrives(
+    sticky_app: Any, prefix: str, redis_client: Any
+) -> None:
+    """Number 2 asks for a retry in 4 s, and its message has not reached the owner (here
+    it never does). Number 3 must wait for it for the countdown and then
+    ``sticky_gap_timeout`` (2 s here), not only the gap timeout: the retry's place was
+    given up as soon as its first run ended, and 3 ran 2 s later, reporting a retry
+    that was still to come as lost."""
+    name = "lostretry1@sticky-tests"
+    with _a_lost_retry(f"{prefix}lostretry", name, 4.0, 2.0) as (record_step, key, log):
+        third = record_step.delay(key, 3)
+        try:
+            wait_for(third.ready, timeout=3.0)
+        except TimeoutError:
+            pass
+        else:
+            pytest.fail(f"3 overtook a retry that was not due yet: state {third.get()}")
+        assert third.get(timeout=30) == [1, 3]
+        assert f"gap in key:{key}: message(s) 2 of producer stream" in log(), log()[-3000:]
+
+
+def test_a_key_goes_on_when_an_overdue_retrys_place_runs_out(
+    sticky_app: Any, prefix: str, redis_client: Any
+) -> None:
+    """Number 2's retry was due after 1 s and never came; number 3 arrives at 2 s, while
+    the retry's place is still held (until 1 + 3 s, ``sticky_gap_timeout`` being 3 s
+    here). When the place runs out, 3 waits out its own gap timeout and runs with the
+    gap reported. (The place's end scheduled no look after it: 3 waited until
+    another message of the key came.)"""
+    name = "lostretry2@sticky-tests"
+    with _a_lost_retry(f"{prefix}overdue", name, 1.0, 3.0) as (record_step, key, log):
+        # The scenario itself: 3 arrives after the retry was due, within its place.
+        time.sleep(2.0)
+        third = record_step.delay(key, 3)
+        assert third.get(timeout=30) == [1, 3], "3 waited past the end of the retry's place"
+        assert f"gap in key:{key}: message(s) 2 of producer stream" in log(), log()[-3000:]
 
 
 def test_a_missing_number_is_waited_for_then_reported(

@@ -88,6 +88,7 @@ class _Entry:
         "held",
         "message",
         "request",
+        "retried",
         "retry_delay",
         "seq",
         "started",
@@ -121,6 +122,7 @@ class _Entry:
         )
         self.copies: list[Message] = []  # duplicates, acked once this entry is done
         self.fenced = False  # its run ended at the fence: its copies run instead
+        self.retried = False  # its run asked for a retry that keeps its place
 
     @property
     def gate_key(self) -> GateKey:
@@ -459,9 +461,10 @@ class KeyGate:
             timeout = self.node.config.gap_timeout
             deadlines = [
                 reserved[e.stream][1]
-                if e.stream in reserved
-                # Past its timeout, the gap waits for this worker's backlog: look again
-                # in a second.
+                if reserved.get(e.stream, (0, 0.0))[1] > now
+                # A gap (or a retry whose place ran out: it is one now, timed from
+                # when the key began to wait). Past its timeout, the gap waits for
+                # this worker's backlog: look again in a second.
                 else max(
                     since[e.stream] + timeout,
                     min(now + 1.0, since[e.stream] + timeout * GAP_BACKLOG_FACTOR),
@@ -566,6 +569,7 @@ class KeyGate:
             if (
                 reserved is not None
                 and entry.request is not None
+                and not entry.retried
                 and reserved.get(entry.stream, (0, 0.0))[0] == entry.seq
             ):
                 del reserved[entry.stream]  # the retry ran (or gave its number up)
@@ -737,8 +741,10 @@ class KeyGate:
                 and self._retry_in_place(entry.message.headers or {})
             ):
                 # Later messages of the key wait for the retry (before the key is
-                # released below, so none slips in).
-                self._reserve(entry.gate_key, entry.stream, entry.seq)
+                # released below, so none slips in): for its countdown, and then as
+                # long as a gap may last, even before its message arrives here.
+                entry.retried = True
+                self._reserve(entry.gate_key, entry.stream, entry.seq, _delay_of(exc.when))
             try:
                 return on_failure(*args, **kwargs)
             finally:
@@ -889,6 +895,14 @@ def _seconds_until(eta: Any) -> float:
         return float((due - datetime.datetime.now(datetime.UTC)).total_seconds())
     except (TypeError, ValueError):
         return 0.0
+
+
+def _delay_of(when: Any) -> float:
+    """Seconds until a retry is due, from :class:`~celery.exceptions.Retry`'s ``when``
+    (a countdown in seconds, an ETA, or None)."""
+    if isinstance(when, int | float):
+        return float(when)
+    return _seconds_until(when) if when is not None else 0.0
 
 
 def _keeps_state(app: Celery, message: Message) -> bool:
