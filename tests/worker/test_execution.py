@@ -24,6 +24,7 @@ import pytest
 from celery_sticky import release
 from celery_sticky.context import lease_store
 from celery_sticky.testing import WorkerCluster, wait_for
+from celery_sticky.testing.redis_server import RedisServer
 from tests.conftest import read_events, start_cluster
 
 TTL = 3.0
@@ -32,19 +33,25 @@ TTL = 3.0
 class Run:
     """One test's app, workers and recorded events."""
 
-    def __init__(self, prefix: str, tmp_path: Path, **env: str) -> None:
+    def __init__(
+        self, prefix: str, tmp_path: Path, ttl: float = TTL, lease_url: str = "", **env: str
+    ) -> None:
         from tests.cluster_app import make_app
 
         self.prefix = prefix
         replication = env.get("STICKY_TEST_REPLICATION", "on_handoff")
         self.env = {
             "STICKY_TEST_PREFIX": prefix,
-            "STICKY_TEST_LEASE_TTL": str(TTL),
+            "STICKY_TEST_LEASE_TTL": str(ttl),
             "STICKY_TEST_STATE_DIR": str(tmp_path / "state"),
             "STICKY_TEST_REPLICATION": replication,
+            **({"STICKY_TEST_LEASE_URL": lease_url} if lease_url else {}),
             **env,
         }
-        self.app = make_app(prefix, sticky_lease_ttl=TTL, sticky_state_replication=replication)
+        settings = {"sticky_redis_url": lease_url} if lease_url else {}
+        self.app = make_app(
+            prefix, sticky_lease_ttl=ttl, sticky_state_replication=replication, **settings
+        )
         self.app.finalize()
         self.tasks = self.app.tasks
         self.cluster: WorkerCluster | None = None
@@ -233,6 +240,62 @@ def test_a_task_fenced_on_a_worker_that_keeps_its_key_runs_there(run: Run) -> No
     assert result.get(timeout=30) == [0]
     assert run.step(key, 1).get(timeout=30) == [0, 1]
     assert run.state(key)["state"]["steps"] == [0, 1]
+
+
+def test_an_owner_paused_across_an_empty_lease_store_restart_is_fenced(
+    prefix: str, tmp_path: Path
+) -> None:
+    """The owner of a key is frozen (whole group) after a step's body, before its fence,
+    well within its lease (TTL 30 s here). Meanwhile the lease store restarts empty and
+    a new worker claims the key. Resumed, the owner must not commit on the lease it
+    knew locally (the store that granted it is gone): its fence asks the store, is
+    fenced, and the step goes to the new owner. Each step is in the key's state once.
+
+    (Known leases trusted only their heartbeat deadline would let the zombie commit:
+    the step would be applied on a worker that no longer owns the key, and lost.)"""
+    with RedisServer() as server:
+        # The new owner knows nothing of the key (the store lost its record): it waits
+        # for number 1 (step 0, held by the paused owner) for the gap timeout, 2 s here.
+        run = Run(
+            f"{prefix}born{uuid.uuid4().hex[:5]}",
+            tmp_path,
+            ttl=30.0,
+            lease_url=server.url,
+            STICKY_TEST_GAP_TIMEOUT="2",
+        )
+        try:
+            marker = run.logs.parent / "fault-marker"
+            run.start(
+                "paused@fence-tests",
+                STICKY_TEST_FAULT="after_run:stop",
+                STICKY_TEST_FAULT_MARKER=str(marker),
+            )
+            key = f"born-{uuid.uuid4().hex[:8]}"
+            result = run.step(key, 0)
+            wait_for(marker.exists, timeout=30, message="the owner never reached after_run")
+            frozen_at = time.monotonic()
+            assert run.cluster is not None
+            run.cluster.workers["paused@fence-tests"].paused = True
+            server.restart(keep_data=False)
+            run.start("taker@fence-tests")
+            run.step(key, 1).get(timeout=60)
+            assert run.owner(key) == "taker@fence-tests"
+            # Still well inside the lease the paused owner knew (at least 2/3 of the
+            # TTL after its last heartbeat): what this test is about.
+            assert time.monotonic() - frozen_at < 18, "too slow: the pause outlasted the lease"
+            run.cluster.resume("paused@fence-tests")
+            paused = run.cluster.workers["paused@fence-tests"]
+            wait_for(lambda: "fenced key:" in paused.log(), timeout=30, message="never fenced")
+            assert 0 in result.get(timeout=60)  # run again by the new owner
+            wait_for(
+                lambda: sorted(run.state(key)["state"]["steps"]) == [0, 1],
+                timeout=30,
+                message="the fenced step never reached the new owner",
+            )
+            assert sorted(run.state(key)["state"]["steps"]) == [0, 1]
+        finally:
+            if run.cluster is not None:
+                run.cluster.stop_all()
 
 
 def test_a_zombies_outbox_and_the_new_owners_rerun_apply_once(run: Run) -> None:
