@@ -535,6 +535,22 @@ def show(ctx: click.Context, workflow: str, key: str, timeout: float, as_json: b
             pairs.append(("gate", f"a task running, {queued - 1} waiting"))
         else:
             pairs.append(("gate", f"{queued} waiting" if queued else "idle"))
+        head = gate.get("head")
+        if head:
+            where = (
+                "in the pool"
+                if head.get("in_pool")
+                else "started"
+                if head.get("started")
+                else "waiting"
+            )
+            pairs.append(
+                (
+                    "first in line",
+                    f"task {head.get('task_id')} (number {head.get('seq')} of stream "
+                    f"{head.get('stream')}), {where}, here {head.get('seconds_here')} s",
+                )
+            )
         local = on_owner.get("local")
         if local is None:
             pairs.append(("local state", "none on the owner"))

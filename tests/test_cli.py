@@ -192,7 +192,10 @@ def test_show_gives_the_owner_that_ran_the_task_and_its_view(
         gate = cli_json("show", "key", key)["on_owner"]["gate"]
         if gate["running"]:
             break
-    assert gate == {"queued": 2, "running": True}
+    assert gate is not None and (gate["queued"], gate["running"]) == (2, True), gate
+    # Which task is first in line, and that it reached the pool.
+    head = gate["head"]
+    assert head["task_id"] == f"{running.id}/0" and head["started"] and head["in_pool"], head
     assert waiting.get(timeout=30) == [0, 1, 2, 3]
     running.get(timeout=30)
 

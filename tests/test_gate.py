@@ -421,6 +421,42 @@ def test_held_messages_keep_their_order_across_a_broker_reconnect(
             assert rest[-1].get(timeout=120) == list(range(8))
 
 
+def test_a_key_goes_on_after_its_running_step_outlived_a_broker_reconnect(
+    prefix: str, redis_client: Any
+) -> None:
+    """A step is in the pool when the worker's broker connection drops, and ends while
+    the worker reconnects. The key's next steps, published meanwhile, must run: the
+    step's end must free the key."""
+    import os
+
+    from celery_sticky.testing import TcpProxy
+    from tests.cluster_app import make_app
+
+    broker = os.environ.get("STICKY_TEST_BROKER_URL") or os.environ["STICKY_TEST_REDIS_URL"]
+    sub = f"{prefix}rcrun"
+    app = make_app(sub)
+    app.finalize()
+    task = app.tasks["tests.cluster_app.record_step"]
+    name = "rcrun1@sticky-tests"
+    with TcpProxy.to(broker) as proxy:
+        env = {"STICKY_TEST_PREFIX": sub, "STICKY_TEST_BROKER_URL": proxy.url(broker)}
+        spec = {"queues": [f"{sub}.default"], "concurrency": 1}
+        with start_cluster(app, {name: spec}, env=env) as workers:
+            key = unique("rcrun")
+            task.delay(key, 0).get(timeout=30)
+            busy = task.delay(key, 1, 3.0)
+            wait_for(
+                lambda: f"Task tests.cluster_app.record_step[{busy.id}] received"
+                in workers.workers[name].log(),
+                timeout=30,
+            )
+            proxy.cut()
+            assert busy.get(timeout=30) == [0, 1]  # the result backend is reached directly
+            proxy.restore()
+            rest = [task.delay(key, step) for step in range(2, 5)]
+            assert rest[-1].get(timeout=60) == list(range(5))
+
+
 def test_a_dead_lettered_message_gives_its_number_up(cluster: Any, sticky_app: Any) -> None:
     """Number 2 has a body of another shape: it is dead-lettered, and number 3 runs at
     once instead of waiting ``sticky_gap_timeout`` (30 s here) for it."""

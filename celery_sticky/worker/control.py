@@ -66,11 +66,11 @@ def sticky_busy_keys(state: Any, **kwargs: Any) -> dict[str, Any]:
 
 def key_info(step: Any, workflow: str, key: str) -> dict[str, Any]:
     queued, running = step.gate.key_status(workflow, key)
-    info: dict[str, Any] = {
-        "node": step.node.name,
-        "gate": {"queued": queued, "running": running},
-        "local": None,
-    }
+    gate: dict[str, Any] = {"queued": queued, "running": running}
+    head = step.gate.head_of(workflow, key)
+    if head is not None:
+        gate["head"] = head
+    info: dict[str, Any] = {"node": step.node.name, "gate": gate, "local": None}
     # The pool processes hold their own handles; the main process opens the state
     # briefly, reads, and closes it again (as the bootstep does at start).
     local = NodeState(step.state_directory, step.node.config)

@@ -176,6 +176,24 @@ class KeyGate:
                 return 0, False
             return len(entries), bool(entries[0].started)
 
+    def head_of(self, workflow: str, key: str) -> dict[str, Any] | None:
+        """The first entry of a key's line, for an operator (``celery sticky show key``):
+        which task, its number, whether it started and reached the pool, and for how
+        long it has been here. None when the key has nothing here."""
+        with self._lock:
+            entries = self._queues.get((workflow, key))
+            if not entries:
+                return None
+            head = entries[0]
+            return {
+                "task_id": head.task_id,
+                "stream": head.stream,
+                "seq": head.seq,
+                "started": head.started,
+                "in_pool": head.submitted,
+                "seconds_here": round(time.monotonic() - head.created, 3),
+            }
+
     def keys_with_tasks(self) -> set[GateKey]:
         """Keys with a task queued or running here, or scheduled (ETA) for later."""
         with self._lock:
