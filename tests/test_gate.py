@@ -446,8 +446,10 @@ def test_a_key_goes_on_after_its_running_step_outlived_a_broker_reconnect(
             task.delay(key, 0).get(timeout=30)
             busy = task.delay(key, 1, 3.0)
             wait_for(
-                lambda: f"Task tests.cluster_app.record_step[{busy.id}] received"
-                in workers.workers[name].log(),
+                lambda: (
+                    f"Task tests.cluster_app.record_step[{busy.id}] received"
+                    in workers.workers[name].log()
+                ),
                 timeout=30,
             )
             proxy.cut()
@@ -455,6 +457,54 @@ def test_a_key_goes_on_after_its_running_step_outlived_a_broker_reconnect(
             proxy.restore()
             rest = [task.delay(key, step) for step in range(2, 5)]
             assert rest[-1].get(timeout=60) == list(range(5))
+
+
+def test_a_step_the_pool_dropped_at_a_reconnect_runs_from_its_redelivered_copy(
+    prefix: str, redis_client: Any
+) -> None:
+    """One pool process, busy with a long step of key A. A first broker reconnect lets
+    Celery hand the pool one more task (it resets its semaphore): key B's step waits in
+    the pool's buffer for the busy process. A second reconnect flushes that buffer
+    (the broker sends B's message again) and no callback ever comes for the dropped
+    job. B's redelivered copy must run: the gate held B's key for good behind the
+    dropped entry (seen in the nemesis on RabbitMQ as keys stuck for minutes)."""
+    import os
+
+    from celery_sticky.testing import TcpProxy
+    from tests.cluster_app import make_app
+
+    broker = os.environ.get("STICKY_TEST_BROKER_URL") or os.environ["STICKY_TEST_REDIS_URL"]
+    sub = f"{prefix}flush"
+    app = make_app(sub)
+    app.finalize()
+    task = app.tasks["tests.cluster_app.record_step"]
+    name = "flush1@sticky-tests"
+    with TcpProxy.to(broker) as proxy:
+        env = {"STICKY_TEST_PREFIX": sub, "STICKY_TEST_BROKER_URL": proxy.url(broker)}
+        spec = {"queues": [f"{sub}.default"], "concurrency": 1}
+        with start_cluster(app, {name: spec}, env=env) as workers:
+            log = workers.workers[name].log
+
+            def reconnect() -> None:
+                connected = log().count("Connected to ")
+                proxy.cut()
+                wait_for(lambda: "Connection to broker lost" in log()[-20000:], timeout=30)
+                proxy.restore()
+                wait_for(lambda: log().count("Connected to ") > connected, timeout=60)
+
+            a, b = unique("flushA"), unique("flushB")
+            task.delay(a, 0).get(timeout=30)
+            task.delay(b, 0).get(timeout=30)
+            busy = task.delay(a, 1, 12.0)
+            wait_for(lambda: f"record_step[{busy.id}] received" in log(), timeout=30)
+            reconnect()
+            stranded = task.delay(b, 1)
+            wait_for(lambda: f"record_step[{stranded.id}] received" in log(), timeout=30)
+            assert not busy.ready(), "the busy step ended too soon for this test"
+            reconnect()
+            assert busy.get(timeout=60) == [0, 1]
+            assert stranded.get(timeout=60) == [0, 1], "B's step never ran again"
+            assert task.delay(b, 2).get(timeout=60) == [0, 1, 2]
 
 
 def test_a_dead_lettered_message_gives_its_number_up(cluster: Any, sticky_app: Any) -> None:

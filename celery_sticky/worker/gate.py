@@ -86,6 +86,7 @@ class _Entry:
         "finished",
         "header",
         "held",
+        "job",
         "message",
         "request",
         "retried",
@@ -111,6 +112,7 @@ class _Entry:
         self.held = False  # counted out of prefetch while waiting
         self.started = False
         self.submitted = False  # handed to the pool (not only to the semaphore)
+        self.job: Any = None  # what the pool's apply_async returned
         self.finished = False
         self.retry_delay = 0.0
         self.stream, self.seq = header.stream, header.seq
@@ -275,11 +277,21 @@ class KeyGate:
     def forget_unstarted(self) -> None:
         """After a broker reconnect: drop entries whose messages the broker restores.
 
-        Entries already handed to the pool keep their place until they complete.
+        Entries a pool process took keep their place until they complete. One the
+        pool had not given a process yet was dropped by the reconnect (Celery's
+        ``on_close`` flushes the pool: such jobs leave its cache with no callback,
+        as the broker sends their messages again), so it goes too: kept, it held
+        its key for good, its redelivered copy waiting behind it (seen in the
+        nemesis on RabbitMQ: keys stuck for minutes behind a head "in the pool",
+        their messages delivered and unacknowledged).
         """
         with self._lock:
             for key in list(self._queues):
-                kept = deque(e for e in self._queues[key] if e.submitted and not e.finished)
+                kept = deque(
+                    e
+                    for e in self._queues[key]
+                    if e.submitted and not e.finished and not _dropped_by_pool(e.job)
+                )
                 for entry in kept:
                     # Its held copies went back with the channel (they come again), and
                     # the slots they gave back with the prefetch count Celery resets.
@@ -771,7 +783,8 @@ class KeyGate:
         def execute(*args: Any, **kwargs: Any) -> Any:
             entry.submitted = True
             try:
-                return execute_using_pool(*args, **kwargs)
+                entry.job = execute_using_pool(*args, **kwargs)
+                return entry.job
             except TaskRevokedError:
                 self._finish(entry)  # revoked before it ran: no callback will come
                 raise
@@ -921,6 +934,16 @@ def _delay_of(when: Any) -> float:
     if isinstance(when, int | float):
         return float(when)
     return _seconds_until(when) if when is not None else 0.0
+
+
+def _dropped_by_pool(job: Any) -> bool:
+    """Whether the pool let go of a job it had not run: a billiard ``ApplyResult``
+    that left its pool's cache without completing (``AsynPool.flush`` discards the
+    jobs no process accepted). Other pools' jobs are never taken for dropped."""
+    cache, ident = getattr(job, "_cache", None), getattr(job, "_job", None)
+    if not isinstance(cache, dict) or ident is None:
+        return False
+    return cache.get(ident) is not job
 
 
 def _keeps_state(app: Celery, message: Message) -> bool:
