@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import re
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -393,7 +397,6 @@ def test_held_messages_keep_their_order_across_a_broker_reconnect(
 ) -> None:
     """Steps held behind a busy key when the worker's broker connection drops come back
     from the broker in whatever order it restores them: they still run in publish order."""
-    import os
 
     from celery_sticky.testing import TcpProxy
     from tests.cluster_app import make_app
@@ -427,7 +430,6 @@ def test_a_key_goes_on_after_its_running_step_outlived_a_broker_reconnect(
     """A step is in the pool when the worker's broker connection drops, and ends while
     the worker reconnects. The key's next steps, published meanwhile, must run: the
     step's end must free the key."""
-    import os
 
     from celery_sticky.testing import TcpProxy
     from tests.cluster_app import make_app
@@ -459,6 +461,70 @@ def test_a_key_goes_on_after_its_running_step_outlived_a_broker_reconnect(
             assert rest[-1].get(timeout=60) == list(range(5))
 
 
+def _reconnect(proxy: Any, log: Callable[[], str]) -> None:
+    """Cut the worker's broker connection, and restore it once the worker saw the cut;
+    returns once it connected again."""
+    connected, lost = log().count("Connected to "), log().count("Connection to broker lost")
+    proxy.cut()
+    wait_for(lambda: log().count("Connection to broker lost") > lost, timeout=30)
+    proxy.restore()
+    wait_for(lambda: log().count("Connected to ") > connected, timeout=60)
+
+
+def test_a_step_a_paused_process_held_across_a_reconnect_ends_before_its_key_goes_on(
+    prefix: str, redis_client: Any
+) -> None:
+    """Both pool processes are paused; key B's step (3 s long) is written into one's
+    pipe, unacknowledged by it. The broker connection drops: Celery's flush forgets
+    the job, though the process runs it once resumed. The key's next steps must run,
+    and not beside it: the step's redelivered copy starts only once it ended. (The
+    gate waited for its end for good; forgetting the entry instead ran the copy
+    beside it on the other process.)"""
+
+    from celery_sticky.testing import TcpProxy
+    from tests.cluster_app import make_app
+
+    broker = os.environ.get("STICKY_TEST_BROKER_URL") or os.environ["STICKY_TEST_REDIS_URL"]
+    sub = f"{prefix}ghost"
+    app = make_app(sub)
+    app.finalize()
+    task = app.tasks["tests.cluster_app.record_step"]
+    name = "ghost1@sticky-tests"
+    with TcpProxy.to(broker) as proxy:
+        env = {"STICKY_TEST_PREFIX": sub, "STICKY_TEST_BROKER_URL": proxy.url(broker)}
+        spec = {"queues": [f"{sub}.default"], "concurrency": 2}
+        with start_cluster(app, {name: spec}, env=env) as workers:
+            worker = workers.workers[name]
+            key = unique("ghost")
+            task.delay(key, 0).get(timeout=30)
+            children = worker.processes()[1:]
+            assert len(children) == 2, children
+            for pid in children:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                held = task.delay(key, 1, 3.0)
+                wait_for(lambda: f"record_step[{held.id}] received" in worker.log(), timeout=30)
+                # The main process writes the job into an idle process's pipe on its
+                # event loop's next turn; nothing shows it while the process is paused.
+                time.sleep(0.5)
+                _reconnect(proxy, worker.log)
+            finally:
+                for pid in children:
+                    os.kill(pid, signal.SIGCONT)
+            assert task.delay(key, 2).get(timeout=60) == [0, 1, 2]
+            assert held.get(timeout=30) == [0, 1]
+            log = worker.log()
+            runs = re.findall(
+                rf"(\d\d:\d\d:\d\d,\d+): INFO/[\w-]+\] Task \S+\[{held.id}\] (received|succeeded)",
+                log,
+            )
+            events = [what for _, what in runs]
+            assert events.count("succeeded") == 2, f"the job was not written before the cut: {runs}"
+            assert events == ["received", "succeeded", "received", "succeeded"], (
+                f"the copy started beside the held step: {runs}"
+            )
+
+
 def test_a_step_the_pool_dropped_at_a_reconnect_runs_from_its_redelivered_copy(
     prefix: str, redis_client: Any
 ) -> None:
@@ -468,7 +534,6 @@ def test_a_step_the_pool_dropped_at_a_reconnect_runs_from_its_redelivered_copy(
     (the broker sends B's message again) and no callback ever comes for the dropped
     job. B's redelivered copy must run: the gate held B's key for good behind the
     dropped entry (seen in the nemesis on RabbitMQ as keys stuck for minutes)."""
-    import os
 
     from celery_sticky.testing import TcpProxy
     from tests.cluster_app import make_app
@@ -484,14 +549,7 @@ def test_a_step_the_pool_dropped_at_a_reconnect_runs_from_its_redelivered_copy(
         spec = {"queues": [f"{sub}.default"], "concurrency": 1}
         with start_cluster(app, {name: spec}, env=env) as workers:
             log = workers.workers[name].log
-
-            def reconnect() -> None:
-                connected = log().count("Connected to ")
-                proxy.cut()
-                wait_for(lambda: "Connection to broker lost" in log()[-20000:], timeout=30)
-                proxy.restore()
-                wait_for(lambda: log().count("Connected to ") > connected, timeout=60)
-
+            reconnect = functools.partial(_reconnect, proxy, log)
             a, b = unique("flushA"), unique("flushB")
             task.delay(a, 0).get(timeout=30)
             task.delay(b, 0).get(timeout=30)

@@ -277,13 +277,12 @@ class KeyGate:
     def forget_unstarted(self) -> None:
         """After a broker reconnect: drop entries whose messages the broker restores.
 
-        Entries a pool process took keep their place until they complete. One the
-        pool had not given a process yet was dropped by the reconnect (Celery's
-        ``on_close`` flushes the pool: such jobs leave its cache with no callback,
-        as the broker sends their messages again), so it goes too: kept, it held
-        its key for good, its redelivered copy waiting behind it (seen in the
-        nemesis on RabbitMQ: keys stuck for minutes behind a head "in the pool",
-        their messages delivered and unacknowledged).
+        Entries handed to a pool process keep their place until they complete. One
+        the pool had not written to a process yet was dropped by the reconnect
+        (Celery's ``on_close`` flushes the pool: see :func:`_dropped_by_pool`), so
+        it goes too. Kept, it held its key for good, its redelivered copy waiting
+        behind it (seen in the nemesis on RabbitMQ: keys stuck for minutes behind a
+        head "in the pool", their messages delivered and unacknowledged).
         """
         with self._lock:
             for key in list(self._queues):
@@ -937,13 +936,25 @@ def _delay_of(when: Any) -> float:
 
 
 def _dropped_by_pool(job: Any) -> bool:
-    """Whether the pool let go of a job it had not run: a billiard ``ApplyResult``
-    that left its pool's cache without completing (``AsynPool.flush`` discards the
-    jobs no process accepted). Other pools' jobs are never taken for dropped."""
+    """Whether the prefork pool let go of a job no process will run.
+
+    On a broker reconnect Celery's ``AsynPool.flush`` takes every job no process has
+    acknowledged out of the pool's cache, so that no callback comes for it. A job
+    never written to a process is dropped for good: True. One already written (a
+    paused process had it in its pipe, or the flush finished writing it) still
+    runs, and its result would be ignored: it goes back into the cache, so that
+    its completion reaches Celery's request and the gate (otherwise its key would
+    wait for it for good, or run its next task beside it). Jobs of other pools, and
+    jobs still in the cache, are never dropped.
+    """
     cache, ident = getattr(job, "_cache", None), getattr(job, "_job", None)
-    if not isinstance(cache, dict) or ident is None:
+    if not isinstance(cache, dict) or ident is None or cache.get(ident) is job:
         return False
-    return cache.get(ident) is not job
+    if getattr(job, "_write_to", None) is None:
+        return True
+    if not job.ready():
+        cache[ident] = job
+    return False
 
 
 def _keeps_state(app: Celery, message: Message) -> bool:
