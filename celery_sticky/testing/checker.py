@@ -137,7 +137,8 @@ class Report:
         )
 
     def describe(self) -> str:
-        """The summary, then the first offending key with its problems and history."""
+        """The summary, the first offending key with its problems and history, then
+        every other offending key with its problems."""
         lines = [self.summary()]
         if self.bad_keys:
             first = self.bad_keys[0]
@@ -148,6 +149,9 @@ class Report:
             lines += [f"    {line}" for line in shown]
             if len(first.history) > len(shown):
                 lines.append(f"    ... {len(first.history) - len(shown)} more runs")
+            for other in self.bad_keys[1:]:
+                lines.append(f"offending key {other.key}:")
+                lines += [f"  {problem}" for problem in other.problems]
         return "\n".join(lines)
 
 

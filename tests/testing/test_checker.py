@@ -58,6 +58,19 @@ def test_a_lost_steps_task_id_is_named() -> None:
     assert "task ids of the lost steps: p0#1 lost-task-id" in report.describe()
 
 
+def test_every_offending_key_is_named_with_its_problems() -> None:
+    """The report names every key that broke an invariant, not only the first (whose
+    history it shows): a run's reordered key hid behind an unreadable one."""
+    runs = [run(0), run(1), run(2)]
+    other = [run(seq, key="k2") for seq in (0, 1, 2)]
+    sent = {**published(0, 1, 2), "k2": published(0, 1, 2)["k"]}
+    final = {"k": [entry(runs[0]), entry(runs[2])], "k2": [entry(other[0]), entry(other[1])]}
+    report = check(sent, runs + other, final)
+    text = report.describe()
+    assert [bad.key for bad in report.bad_keys] == ["k", "k2"], text
+    assert "offending key k2:" in text and "lost p0#2" in text, text
+
+
 def test_step_applied_twice() -> None:
     first, again = run(0), run(0, node="n2", start=5.0)
     report = check(published(0), [first, again], {"k": [entry(first), entry(again)]})
