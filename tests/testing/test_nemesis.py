@@ -6,8 +6,8 @@ against a lease store of its own (a ``redis-server`` the harness starts) and a b
 reached through the harness's TCP proxy. The broker is ``STICKY_TEST_BROKER_URL``
 (RabbitMQ in the suite's second run) or the test Redis.
 
-Known failures are marked ``xfail`` with the issue that fixes them: strict where the
-fault point makes the failure happen on every run, not strict for seeded runs.
+No scenario is marked as a known failure (the order and loss ``xfail`` marks went
+with the fixes of issue 14): one that fails is a bug.
 """
 
 from __future__ import annotations
