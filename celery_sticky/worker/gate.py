@@ -279,7 +279,7 @@ class KeyGate:
 
         Entries handed to a pool process keep their place until they complete. One
         the pool had not written to a process yet was dropped by the reconnect
-        (Celery's ``on_close`` flushes the pool: see :func:`_dropped_by_pool`), so
+        (Celery's ``on_close`` flushes the pool: see :func:`_still_runs`), so
         it goes too. Kept, it held its key for good, its redelivered copy waiting
         behind it (seen in the nemesis on RabbitMQ: keys stuck for minutes behind a
         head "in the pool", their messages delivered and unacknowledged).
@@ -289,7 +289,7 @@ class KeyGate:
                 kept = deque(
                     e
                     for e in self._queues[key]
-                    if e.submitted and not e.finished and not _dropped_by_pool(e.job)
+                    if e.submitted and not e.finished and _still_runs(e.job)
                 )
                 for entry in kept:
                     # Its held copies went back with the channel (they come again), and
@@ -935,26 +935,28 @@ def _delay_of(when: Any) -> float:
     return _seconds_until(when) if when is not None else 0.0
 
 
-def _dropped_by_pool(job: Any) -> bool:
-    """Whether the prefork pool let go of a job no process will run.
+def _still_runs(job: Any) -> bool:
+    """Whether a job handed to the pool will still run and call back, after a broker
+    reconnect; a job Celery's flush forgot though a process has it is given back to
+    the pool here.
 
-    On a broker reconnect Celery's ``AsynPool.flush`` takes every job no process has
+    On a reconnect Celery's ``AsynPool.flush`` takes every job no process has
     acknowledged out of the pool's cache, so that no callback comes for it. A job
-    never written to a process is dropped for good: True. One already written (a
-    paused process had it in its pipe, or the flush finished writing it) still
-    runs, and its result would be ignored: it goes back into the cache, so that
-    its completion reaches Celery's request and the gate (otherwise its key would
-    wait for it for good, or run its next task beside it). Jobs of other pools, and
-    jobs still in the cache, are never dropped.
+    never written to a process will not run: False. One already written (a paused
+    process had it in its pipe, or the flush finished writing it) runs, and its
+    result would be ignored: it goes back into the cache, so that its completion
+    reaches Celery's request and the gate (otherwise its key would wait for it for
+    good, or run its next task beside it). Jobs of other pools, and jobs still in
+    the cache, still run.
     """
     cache, ident = getattr(job, "_cache", None), getattr(job, "_job", None)
     if not isinstance(cache, dict) or ident is None or cache.get(ident) is job:
-        return False
-    if getattr(job, "_write_to", None) is None:
         return True
+    if getattr(job, "_write_to", None) is None:
+        return False
     if not job.ready():
         cache[ident] = job
-    return False
+    return True
 
 
 def _keeps_state(app: Celery, message: Message) -> bool:
