@@ -68,6 +68,10 @@ from .outbox import send_outbox
 
 logger = logging.getLogger(__name__)
 
+#: How long a task waits for a lease store that does not answer (its adoption of the
+#: key, the fence, the copy write) before it fails.
+STORE_OUTAGE_WAIT = 60.0
+
 
 def _answer_applied(
     task: Any,
@@ -124,7 +128,14 @@ def execute(
         # reset the state of a later lease. The key's owner runs it instead.
         fence(task, ctx, workflow, key, nodename, epoch, None)
     if epoch and local_epoch != epoch:
-        recovered = adopt(ctx, store, workflow, key, nodename, epoch)
+        # Through a lease store outage, as the fence waits: failing here gave the
+        # task's number up, and the step was lost (seen in the nemesis: six steps
+        # failed reading their key's copy while the store restarted).
+        recovered = through_outage(
+            adopt,
+            (ctx, store, workflow, key, nodename, epoch),
+            f"task {task_id} adopting {workflow}:{key}",
+        )
         if recovered:
             # The copy brought the key's applied records: this very task may be one
             # (it ran on the previous owner, whose acknowledgement never reached the
@@ -188,14 +199,10 @@ def execute(
             # Through a lease store outage, as the fence waits: a copy left stale
             # loses this commit (and holds the key's next owner for the gap) if
             # this worker dies before its next commit.
-            written = retry_over_time(  # type: ignore[no-untyped-call]
+            written = through_outage(
                 replicate,
-                LeaseStoreUnavailable,
-                args=(ctx, store, workflow, key, nodename, epoch, change),
-                interval_start=0.1,
-                interval_step=0.5,
-                interval_max=5.0,
-                timeout=60,
+                (ctx, store, workflow, key, nodename, epoch, change),
+                f"the copy of {workflow}:{key}",
             )
         except Exception:
             if copy_fences:
@@ -261,16 +268,24 @@ def current_lease(ctx: StickyContext, workflow: str, key: str) -> LeaseInfo | No
     Waits while the lease store does not answer (up to a minute), since a commit
     that cannot be proven must not happen.
     """
-    lease: LeaseInfo | None = retry_over_time(  # type: ignore[no-untyped-call]
-        ctx.leases.lookup,
-        LeaseStoreUnavailable,
-        args=(workflow, key),
-        interval_start=0.1,
-        interval_step=0.5,
-        interval_max=5.0,
-        timeout=60,
+    lease: LeaseInfo | None = through_outage(
+        ctx.leases.lookup, (workflow, key), f"the lease of {workflow}:{key}"
     )
     return lease
+
+
+def through_outage(call: Callable[..., Any], args: tuple[Any, ...], what: str) -> Any:
+    """``call(*args)``, called again while the lease store does not answer (for up to
+    ``STORE_OUTAGE_WAIT`` seconds, then its ``LeaseStoreUnavailable`` is raised)."""
+
+    def waiting(exc: Exception, _intervals: Any, retries: int) -> float:
+        if retries == 0:
+            logger.warning("sticky: %s waits for the lease store: %s", what, exc)
+        return min(0.1 + 0.5 * retries, 5.0)
+
+    return retry_over_time(  # type: ignore[no-untyped-call]
+        call, LeaseStoreUnavailable, args=args, errback=waiting, timeout=STORE_OUTAGE_WAIT
+    )
 
 
 def known_here(task: Any, store: NodeState, workflow: str, key: str, epoch: int) -> bool:

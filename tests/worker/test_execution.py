@@ -298,6 +298,43 @@ def test_an_owner_paused_across_an_empty_lease_store_restart_is_fenced(
                 run.cluster.stop_all()
 
 
+def test_a_key_adopted_while_the_lease_store_is_away_waits_for_it(
+    prefix: str, tmp_path: Path
+) -> None:
+    """A key's first task on a worker is proven, then (the worker frozen at
+    ``after_prove``) the lease store stops. Resumed, the pool adopts the key, which
+    reads the store: the task must wait for the store and then run, not fail (a
+    failed step gives its number up: the nemesis lost six steps so, while the store
+    restarted)."""
+    with RedisServer() as server:
+        run = Run(f"{prefix}away{uuid.uuid4().hex[:5]}", tmp_path, lease_url=server.url)
+        try:
+            marker = run.logs.parent / "fault-marker"
+            run.start(
+                "adopter@fence-tests",
+                STICKY_TEST_FAULT="after_prove:stop",
+                STICKY_TEST_FAULT_MARKER=str(marker),
+            )
+            key = f"away-{uuid.uuid4().hex[:8]}"
+            result = run.step(key, 0)
+            wait_for(marker.exists, timeout=30, message="the worker never proved the key")
+            assert run.cluster is not None
+            worker = run.cluster.workers["adopter@fence-tests"]
+            worker.paused = True
+            server.stop(save=True)
+            run.cluster.resume("adopter@fence-tests")
+            wait_for(
+                lambda: "waits for the lease store" in worker.log() or result.ready(),
+                timeout=30,
+                message="the task neither waited nor ended",
+            )
+            server.start()
+            assert result.get(timeout=60) == [0]
+        finally:
+            if run.cluster is not None:
+                run.cluster.stop_all()
+
+
 def test_a_zombies_outbox_and_the_new_owners_rerun_apply_once(run: Run) -> None:
     """The owner of ``A`` commits a task that published three steps of ``B`` and is
     frozen (whole group) before it sends them (``after_replicate:stop``). The key is
