@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import signal
@@ -424,41 +423,23 @@ def test_held_messages_keep_their_order_across_a_broker_reconnect(
             assert rest[-1].get(timeout=120) == list(range(8))
 
 
-def test_a_key_goes_on_after_its_running_step_outlived_a_broker_reconnect(
-    prefix: str, redis_client: Any
-) -> None:
-    """A step is in the pool when the worker's broker connection drops, and ends while
-    the worker reconnects. The key's next steps, published meanwhile, must run: the
-    step's end must free the key."""
-
+@contextlib.contextmanager
+def _worker_behind_a_proxy(
+    prefix: str, name: str, concurrency: int
+) -> Iterator[tuple[Any, Any, Any]]:
+    """One worker whose broker connection goes through a TCP proxy (Redis or RabbitMQ):
+    yields ``(record_step, worker, proxy)``."""
     from celery_sticky.testing import TcpProxy
     from tests.cluster_app import make_app
 
     broker = os.environ.get("STICKY_TEST_BROKER_URL") or os.environ["STICKY_TEST_REDIS_URL"]
-    sub = f"{prefix}rcrun"
-    app = make_app(sub)
+    app = make_app(prefix)
     app.finalize()
-    task = app.tasks["tests.cluster_app.record_step"]
-    name = "rcrun1@sticky-tests"
     with TcpProxy.to(broker) as proxy:
-        env = {"STICKY_TEST_PREFIX": sub, "STICKY_TEST_BROKER_URL": proxy.url(broker)}
-        spec = {"queues": [f"{sub}.default"], "concurrency": 1}
+        env = {"STICKY_TEST_PREFIX": prefix, "STICKY_TEST_BROKER_URL": proxy.url(broker)}
+        spec = {"queues": [f"{prefix}.default"], "concurrency": concurrency}
         with start_cluster(app, {name: spec}, env=env) as workers:
-            key = unique("rcrun")
-            task.delay(key, 0).get(timeout=30)
-            busy = task.delay(key, 1, 3.0)
-            wait_for(
-                lambda: (
-                    f"Task tests.cluster_app.record_step[{busy.id}] received"
-                    in workers.workers[name].log()
-                ),
-                timeout=30,
-            )
-            proxy.cut()
-            assert busy.get(timeout=30) == [0, 1]  # the result backend is reached directly
-            proxy.restore()
-            rest = [task.delay(key, step) for step in range(2, 5)]
-            assert rest[-1].get(timeout=60) == list(range(5))
+            yield app.tasks["tests.cluster_app.record_step"], workers.workers[name], proxy
 
 
 def _reconnect(proxy: Any, log: Callable[[], str]) -> None:
@@ -471,6 +452,28 @@ def _reconnect(proxy: Any, log: Callable[[], str]) -> None:
     wait_for(lambda: log().count("Connected to ") > connected, timeout=60)
 
 
+def test_a_key_goes_on_after_its_running_step_outlived_a_broker_reconnect(
+    prefix: str, redis_client: Any
+) -> None:
+    """A step is in the pool when the worker's broker connection drops, and ends while
+    the worker reconnects. The key's next steps, published meanwhile, must run: the
+    step's end must free the key."""
+    with _worker_behind_a_proxy(f"{prefix}rcrun", "rcrun1@sticky-tests", 1) as (
+        task,
+        worker,
+        proxy,
+    ):
+        key = unique("rcrun")
+        task.delay(key, 0).get(timeout=30)
+        busy = task.delay(key, 1, 3.0)
+        wait_for(lambda: f"record_step[{busy.id}] received" in worker.log(), timeout=30)
+        proxy.cut()
+        assert busy.get(timeout=30) == [0, 1]  # the result backend is reached directly
+        proxy.restore()
+        rest = [task.delay(key, step) for step in range(2, 5)]
+        assert rest[-1].get(timeout=60) == list(range(5))
+
+
 def test_a_step_a_paused_process_held_across_a_reconnect_ends_before_its_key_goes_on(
     prefix: str, redis_client: Any
 ) -> None:
@@ -480,49 +483,38 @@ def test_a_step_a_paused_process_held_across_a_reconnect_ends_before_its_key_goe
     and not beside it: the step's redelivered copy starts only once it ended. (The
     gate waited for its end for good; forgetting the entry instead ran the copy
     beside it on the other process.)"""
-
-    from celery_sticky.testing import TcpProxy
-    from tests.cluster_app import make_app
-
-    broker = os.environ.get("STICKY_TEST_BROKER_URL") or os.environ["STICKY_TEST_REDIS_URL"]
-    sub = f"{prefix}ghost"
-    app = make_app(sub)
-    app.finalize()
-    task = app.tasks["tests.cluster_app.record_step"]
-    name = "ghost1@sticky-tests"
-    with TcpProxy.to(broker) as proxy:
-        env = {"STICKY_TEST_PREFIX": sub, "STICKY_TEST_BROKER_URL": proxy.url(broker)}
-        spec = {"queues": [f"{sub}.default"], "concurrency": 2}
-        with start_cluster(app, {name: spec}, env=env) as workers:
-            worker = workers.workers[name]
-            key = unique("ghost")
-            task.delay(key, 0).get(timeout=30)
-            children = worker.processes()[1:]
-            assert len(children) == 2, children
+    with _worker_behind_a_proxy(f"{prefix}ghost", "ghost1@sticky-tests", 2) as (
+        task,
+        worker,
+        proxy,
+    ):
+        key = unique("ghost")
+        task.delay(key, 0).get(timeout=30)
+        children = worker.processes()[1:]
+        assert len(children) == 2, children
+        for pid in children:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            held = task.delay(key, 1, 3.0)
+            wait_for(lambda: f"record_step[{held.id}] received" in worker.log(), timeout=30)
+            # The main process writes the job into an idle process's pipe on its
+            # event loop's next turn; nothing shows it while the process is paused.
+            time.sleep(0.5)
+            _reconnect(proxy, worker.log)
+        finally:
             for pid in children:
-                os.kill(pid, signal.SIGSTOP)
-            try:
-                held = task.delay(key, 1, 3.0)
-                wait_for(lambda: f"record_step[{held.id}] received" in worker.log(), timeout=30)
-                # The main process writes the job into an idle process's pipe on its
-                # event loop's next turn; nothing shows it while the process is paused.
-                time.sleep(0.5)
-                _reconnect(proxy, worker.log)
-            finally:
-                for pid in children:
-                    os.kill(pid, signal.SIGCONT)
-            assert task.delay(key, 2).get(timeout=60) == [0, 1, 2]
-            assert held.get(timeout=30) == [0, 1]
-            log = worker.log()
-            runs = re.findall(
-                rf"(\d\d:\d\d:\d\d,\d+): INFO/[\w-]+\] Task \S+\[{held.id}\] (received|succeeded)",
-                log,
-            )
-            events = [what for _, what in runs]
-            assert events.count("succeeded") == 2, f"the job was not written before the cut: {runs}"
-            assert events == ["received", "succeeded", "received", "succeeded"], (
-                f"the copy started beside the held step: {runs}"
-            )
+                os.kill(pid, signal.SIGCONT)
+        assert task.delay(key, 2).get(timeout=60) == [0, 1, 2]
+        assert held.get(timeout=30) == [0, 1]
+        runs = re.findall(
+            rf"(\d\d:\d\d:\d\d,\d+): INFO/[\w-]+\] Task \S+\[{held.id}\] (received|succeeded)",
+            worker.log(),
+        )
+        events = [what for _, what in runs]
+        assert events.count("succeeded") == 2, f"the job was not written before the cut: {runs}"
+        assert events == ["received", "succeeded", "received", "succeeded"], (
+            f"the copy started beside the held step: {runs}"
+        )
 
 
 def test_a_step_the_pool_dropped_at_a_reconnect_runs_from_its_redelivered_copy(
@@ -534,35 +526,25 @@ def test_a_step_the_pool_dropped_at_a_reconnect_runs_from_its_redelivered_copy(
     (the broker sends B's message again) and no callback ever comes for the dropped
     job. B's redelivered copy must run: the gate held B's key for good behind the
     dropped entry (seen in the nemesis on RabbitMQ as keys stuck for minutes)."""
-
-    from celery_sticky.testing import TcpProxy
-    from tests.cluster_app import make_app
-
-    broker = os.environ.get("STICKY_TEST_BROKER_URL") or os.environ["STICKY_TEST_REDIS_URL"]
-    sub = f"{prefix}flush"
-    app = make_app(sub)
-    app.finalize()
-    task = app.tasks["tests.cluster_app.record_step"]
-    name = "flush1@sticky-tests"
-    with TcpProxy.to(broker) as proxy:
-        env = {"STICKY_TEST_PREFIX": sub, "STICKY_TEST_BROKER_URL": proxy.url(broker)}
-        spec = {"queues": [f"{sub}.default"], "concurrency": 1}
-        with start_cluster(app, {name: spec}, env=env) as workers:
-            log = workers.workers[name].log
-            reconnect = functools.partial(_reconnect, proxy, log)
-            a, b = unique("flushA"), unique("flushB")
-            task.delay(a, 0).get(timeout=30)
-            task.delay(b, 0).get(timeout=30)
-            busy = task.delay(a, 1, 12.0)
-            wait_for(lambda: f"record_step[{busy.id}] received" in log(), timeout=30)
-            reconnect()
-            stranded = task.delay(b, 1)
-            wait_for(lambda: f"record_step[{stranded.id}] received" in log(), timeout=30)
-            assert not busy.ready(), "the busy step ended too soon for this test"
-            reconnect()
-            assert busy.get(timeout=60) == [0, 1]
-            assert stranded.get(timeout=60) == [0, 1], "B's step never ran again"
-            assert task.delay(b, 2).get(timeout=60) == [0, 1, 2]
+    with _worker_behind_a_proxy(f"{prefix}flush", "flush1@sticky-tests", 1) as (
+        task,
+        worker,
+        proxy,
+    ):
+        log = worker.log
+        a, b = unique("flushA"), unique("flushB")
+        task.delay(a, 0).get(timeout=30)
+        task.delay(b, 0).get(timeout=30)
+        busy = task.delay(a, 1, 12.0)
+        wait_for(lambda: f"record_step[{busy.id}] received" in log(), timeout=30)
+        _reconnect(proxy, log)
+        stranded = task.delay(b, 1)
+        wait_for(lambda: f"record_step[{stranded.id}] received" in log(), timeout=30)
+        assert not busy.ready(), "the busy step ended too soon for this test"
+        _reconnect(proxy, log)
+        assert busy.get(timeout=60) == [0, 1]
+        assert stranded.get(timeout=60) == [0, 1], "B's step never ran again"
+        assert task.delay(b, 2).get(timeout=60) == [0, 1, 2]
 
 
 def test_a_dead_lettered_message_gives_its_number_up(cluster: Any, sticky_app: Any) -> None:
