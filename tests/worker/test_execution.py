@@ -242,6 +242,29 @@ def test_a_task_fenced_on_a_worker_that_keeps_its_key_runs_there(run: Run) -> No
     assert run.state(key)["state"]["steps"] == [0, 1]
 
 
+@contextlib.contextmanager
+def _run_with_a_lease_store(
+    prefix: str, tmp_path: Path, ttl: float = TTL, **env: str
+) -> Iterator[tuple[Run, RedisServer]]:
+    """A :class:`Run` whose lease store is a ``redis-server`` of its own, which the test
+    may stop or restart; its workers are stopped at the end."""
+    with RedisServer() as server:
+        run = Run(f"{prefix}{uuid.uuid4().hex[:5]}", tmp_path, ttl=ttl, lease_url=server.url, **env)
+        try:
+            yield run, server
+        finally:
+            if run.cluster is not None:
+                run.cluster.stop_all()
+
+
+def _start_armed(run: Run, name: str, fault: str) -> Path:
+    """Start worker ``name`` with ``fault`` (``point:action``) armed; returns the marker
+    file its first process to reach the point creates."""
+    marker = run.logs.parent / "fault-marker"
+    run.start(name, STICKY_TEST_FAULT=fault, STICKY_TEST_FAULT_MARKER=str(marker))
+    return marker
+
+
 def test_an_owner_paused_across_an_empty_lease_store_restart_is_fenced(
     prefix: str, tmp_path: Path
 ) -> None:
@@ -253,49 +276,35 @@ def test_an_owner_paused_across_an_empty_lease_store_restart_is_fenced(
 
     (Known leases trusted only their heartbeat deadline would let the zombie commit:
     the step would be applied on a worker that no longer owns the key, and lost.)"""
-    with RedisServer() as server:
-        # The new owner knows nothing of the key (the store lost its record): it waits
-        # for number 1 (step 0, held by the paused owner) for the gap timeout, 2 s here.
-        run = Run(
-            f"{prefix}born{uuid.uuid4().hex[:5]}",
-            tmp_path,
-            ttl=30.0,
-            lease_url=server.url,
-            STICKY_TEST_GAP_TIMEOUT="2",
+    # The new owner knows nothing of the key (the store lost its record): it waits for
+    # number 1 (step 0, held by the paused owner) for the gap timeout, 2 s here.
+    with _run_with_a_lease_store(
+        f"{prefix}born", tmp_path, ttl=30.0, STICKY_TEST_GAP_TIMEOUT="2"
+    ) as (run, server):
+        marker = _start_armed(run, "paused@fence-tests", "after_run:stop")
+        key = f"born-{uuid.uuid4().hex[:8]}"
+        result = run.step(key, 0)
+        wait_for(marker.exists, timeout=30, message="the owner never reached after_run")
+        frozen_at = time.monotonic()
+        assert run.cluster is not None
+        run.cluster.workers["paused@fence-tests"].paused = True
+        server.restart(keep_data=False)
+        run.start("taker@fence-tests")
+        run.step(key, 1).get(timeout=60)
+        assert run.owner(key) == "taker@fence-tests"
+        # Still well inside the lease the paused owner knew (at least 2/3 of the
+        # TTL after its last heartbeat): what this test is about.
+        assert time.monotonic() - frozen_at < 18, "too slow: the pause outlasted the lease"
+        run.cluster.resume("paused@fence-tests")
+        paused = run.cluster.workers["paused@fence-tests"]
+        wait_for(lambda: "fenced key:" in paused.log(), timeout=30, message="never fenced")
+        assert 0 in result.get(timeout=60)  # run again by the new owner
+        wait_for(
+            lambda: sorted(run.state(key)["state"]["steps"]) == [0, 1],
+            timeout=30,
+            message="the fenced step never reached the new owner",
         )
-        try:
-            marker = run.logs.parent / "fault-marker"
-            run.start(
-                "paused@fence-tests",
-                STICKY_TEST_FAULT="after_run:stop",
-                STICKY_TEST_FAULT_MARKER=str(marker),
-            )
-            key = f"born-{uuid.uuid4().hex[:8]}"
-            result = run.step(key, 0)
-            wait_for(marker.exists, timeout=30, message="the owner never reached after_run")
-            frozen_at = time.monotonic()
-            assert run.cluster is not None
-            run.cluster.workers["paused@fence-tests"].paused = True
-            server.restart(keep_data=False)
-            run.start("taker@fence-tests")
-            run.step(key, 1).get(timeout=60)
-            assert run.owner(key) == "taker@fence-tests"
-            # Still well inside the lease the paused owner knew (at least 2/3 of the
-            # TTL after its last heartbeat): what this test is about.
-            assert time.monotonic() - frozen_at < 18, "too slow: the pause outlasted the lease"
-            run.cluster.resume("paused@fence-tests")
-            paused = run.cluster.workers["paused@fence-tests"]
-            wait_for(lambda: "fenced key:" in paused.log(), timeout=30, message="never fenced")
-            assert 0 in result.get(timeout=60)  # run again by the new owner
-            wait_for(
-                lambda: sorted(run.state(key)["state"]["steps"]) == [0, 1],
-                timeout=30,
-                message="the fenced step never reached the new owner",
-            )
-            assert sorted(run.state(key)["state"]["steps"]) == [0, 1]
-        finally:
-            if run.cluster is not None:
-                run.cluster.stop_all()
+        assert sorted(run.state(key)["state"]["steps"]) == [0, 1]
 
 
 def test_a_key_adopted_while_the_lease_store_is_away_waits_for_it(
@@ -306,33 +315,23 @@ def test_a_key_adopted_while_the_lease_store_is_away_waits_for_it(
     reads the store: the task must wait for the store and then run, not fail (a
     failed step gives its number up: the nemesis lost six steps so, while the store
     restarted)."""
-    with RedisServer() as server:
-        run = Run(f"{prefix}away{uuid.uuid4().hex[:5]}", tmp_path, lease_url=server.url)
-        try:
-            marker = run.logs.parent / "fault-marker"
-            run.start(
-                "adopter@fence-tests",
-                STICKY_TEST_FAULT="after_prove:stop",
-                STICKY_TEST_FAULT_MARKER=str(marker),
-            )
-            key = f"away-{uuid.uuid4().hex[:8]}"
-            result = run.step(key, 0)
-            wait_for(marker.exists, timeout=30, message="the worker never proved the key")
-            assert run.cluster is not None
-            worker = run.cluster.workers["adopter@fence-tests"]
-            worker.paused = True
-            server.stop(save=True)
-            run.cluster.resume("adopter@fence-tests")
-            wait_for(
-                lambda: "waits for the lease store" in worker.log() or result.ready(),
-                timeout=30,
-                message="the task neither waited nor ended",
-            )
-            server.start()
-            assert result.get(timeout=60) == [0]
-        finally:
-            if run.cluster is not None:
-                run.cluster.stop_all()
+    with _run_with_a_lease_store(f"{prefix}away", tmp_path) as (run, server):
+        marker = _start_armed(run, "adopter@fence-tests", "after_prove:stop")
+        key = f"away-{uuid.uuid4().hex[:8]}"
+        result = run.step(key, 0)
+        wait_for(marker.exists, timeout=30, message="the worker never proved the key")
+        assert run.cluster is not None
+        worker = run.cluster.workers["adopter@fence-tests"]
+        worker.paused = True
+        server.stop(save=True)
+        run.cluster.resume("adopter@fence-tests")
+        wait_for(
+            lambda: "waits for the lease store" in worker.log() or result.ready(),
+            timeout=30,
+            message="the task neither waited nor ended",
+        )
+        server.start()
+        assert result.get(timeout=60) == [0]
 
 
 def test_a_zombies_outbox_and_the_new_owners_rerun_apply_once(run: Run) -> None:
