@@ -52,6 +52,7 @@ def table(result: NemesisResult, elapsed: float) -> str:
     rows.append(("steps published", str(report.published)))
     rows.append(("body runs", str(report.runs)))
     rows.append(("bodies run again (not a violation)", str(report.counts["reruns"])))
+    rows.append(("overlaps undecided (not a violation)", str(report.counts["undecided"])))
     rows.append(("every published step ran", "yes" if result.settled else "no"))
     for name in VIOLATIONS:
         rows.append((f"violation: {name}", str(report.counts[name])))

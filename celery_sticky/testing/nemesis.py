@@ -86,6 +86,7 @@ FAULT_KINDS = (
 
 _recorder: redis.Redis | None = None
 _pending_commits: dict[str, str] = {}  # task id -> run id, until its commit is shared
+_sharing_from: dict[str, float] = {}  # task id -> when its copy write began
 
 
 def _record(payload: Mapping[str, Any]) -> None:
@@ -127,7 +128,8 @@ def record_step(task: Any, state: Any, key: str | None = None) -> Iterator[None]
 
     On entry, appends ``[producer, seq, run_id]`` to ``state[LOG_FIELD]``; when the
     body returns, records the run (key, step, node, pid, start, end, epoch, task id)
-    and, once its commit is shared (fault point ``after_replicate``), the commit time. Outside
+    and, once its commit is shared (fault point ``after_replicate``), when its sharing began
+    (``after_commit``: the copy write is next) and ended. Outside
     a nemesis run (no tag in the message headers) it does nothing, so instrumented
     tasks can stay instrumented. ``key`` defaults to the state handle's key.
     """
@@ -158,26 +160,49 @@ def record_step(task: Any, state: Any, key: str | None = None) -> Iterator[None]
     )
 
 
+def _task_id() -> str:
+    task = current_task
+    request = getattr(task, "request", None) if task is not None else None
+    return str(getattr(request, "id", "") or "")
+
+
+def _on_committed() -> None:
+    """Right after a recorded task's local commit (fault point ``after_commit``), before
+    its copy write: the earliest its effects may become visible to another worker.
+
+    The end alone is not enough: a worker paused while its copy write's answer was in
+    flight stamps the end after the pause, although the write landed before it and the
+    key's next owner adopted it (seen in a RabbitMQ run: a SIGSTOP of 7.5 s). The two
+    stamps bound when the write landed, and the checker tells what it cannot decide
+    from what it can.
+    """
+    task_id = _task_id()
+    if task_id in _pending_commits:
+        _sharing_from[task_id] = time.time()
+
+
 def _on_shared() -> None:
     """Right after a recorded task's commit was shared (fault point ``after_replicate``:
-    local commit, then the fenced copy write): record when its effects became visible.
+    local commit, then the fenced copy write): record when its effects became visible
+    at the latest, and when its sharing began.
 
     Not when the task reports success: that comes after the outbox, and a worker
     paused in between (its copy already written, its key taken over by a worker that
     adopted that copy and ran the next step) made the checker see two runs overlap
     (seen in CI: a step "succeeded in 4.26 s" across a 4.2 s SIGSTOP). Not at the
-    local commit either: the copy write comes after it, and a zombie's stale copy
+    local commit alone either: the copy write comes after it, and a zombie's stale copy
     write is the very effect the checker is there to see (an unfenced zombie stamped
     there let ``test_a_zombie_that_passed_its_fence[unfenced]`` kill the new owner
     before the zombie's copy landed, so nobody adopted it).
     """
-    task = current_task
-    request = getattr(task, "request", None) if task is not None else None
-    run_id = _pending_commits.pop(str(getattr(request, "id", "") or ""), None)
+    task_id = _task_id()
+    run_id = _pending_commits.pop(task_id, None)
+    sharing = _sharing_from.pop(task_id, None)
     if run_id is not None:
-        _record({"commit": run_id, "time": time.time()})
+        _record({"commit": run_id, "time": time.time(), "from": sharing})
 
 
+faults.observe("after_commit", _on_committed)
 faults.observe("after_replicate", _on_shared)
 
 
@@ -418,15 +443,21 @@ class Nemesis:
             raw = [json.loads(item) for item in client.lrange(self.records_list, 0, -1)]
         finally:
             client.close()
-        commits: dict[str, float] = {}
+        commits: dict[str, tuple[float, float | None]] = {}
         for item in raw:
             if "commit" in item:
-                commits.setdefault(item["commit"], float(item["time"]))
-        return [
-            RunRecord.from_dict({**item, "committed": commits.get(item["run_id"])})
-            for item in raw
-            if "run_id" in item
-        ]
+                began = item.get("from")
+                commits.setdefault(
+                    item["commit"], (float(item["time"]), None if began is None else float(began))
+                )
+        runs = []
+        for item in raw:
+            if "run_id" in item:
+                committed, sharing = commits.get(item["run_id"], (None, None))
+                runs.append(
+                    RunRecord.from_dict({**item, "committed": committed, "sharing": sharing})
+                )
+        return runs
 
     def run(
         self,

@@ -108,6 +108,28 @@ def test_a_commit_long_after_the_body_counts_as_overlap() -> None:
     assert report.counts["overlapping"] == 1
 
 
+def test_a_zombie_that_began_sharing_after_a_later_step_started_overlaps() -> None:
+    """Its local commit and copy write began after the next owner's step had started."""
+    zombie = run(0, node="n1", start=0.0, sharing=8.0, committed=8.1)
+    later = run(1, node="n2", start=5.0)
+    report = check(published(0, 1), [zombie, later], {"k": [entry(zombie), entry(later)]})
+    assert report.counts["overlapping"] == 1
+    assert report.counts["undecided"] == 0
+
+
+def test_a_copy_write_whose_answer_a_pause_held_is_undecided_not_a_violation() -> None:
+    """The write began at 0.6 and its answer was seen at 9.0 (the worker was paused in
+    between); the next owner's step started at 5.0: when the write landed cannot be told
+    from the worker's clock. Counted and named, not a violation."""
+    held = run(0, node="n1", start=0.0, sharing=0.6, committed=9.0)
+    later = run(1, node="n2", start=5.0)
+    report = check(published(0, 1), [held, later], {"k": [entry(held), entry(later)]})
+    assert report.ok, report.describe()
+    assert report.counts["undecided"] == 1
+    assert "k (no violation)" in report.describe()
+    assert "p0#1 on n2 began while the copy write of p0#0 on n1" in report.describe()
+
+
 def test_a_rerun_whose_effects_apply_once_is_counted_not_a_violation() -> None:
     crashed, rerun = run(0, node="n1"), run(0, node="n2", start=4.0)
     report = check(published(0), [crashed, rerun], {"k": [entry(rerun)]})
