@@ -49,6 +49,12 @@ def run(prefix: str, tmp_path: Path) -> Iterator[Run]:
     this = Run(f"{prefix}d{uuid.uuid4().hex[:4]}", "sync", tmp_path)
     yield this
     if this.cluster is not None:
+        for name, worker in this.cluster.workers.items():
+            if worker.running and worker.env.get("STICKY_TEST_POLLING_INTERVAL") == str(POLL):
+                # A warm shutdown waits out its pending pop (kombu's channel close
+                # reads the answer of a pending BRPOP or BLMOVE): up to POLL seconds,
+                # which none of these tests is about.
+                this.cluster.kill(name)
         this.cluster.stop_all()
 
 
