@@ -19,7 +19,8 @@ Workloads (a batch is one workload's tasks of one round):
   nothing: a plain task, a sticky task without a state handle (routing, direct
   queue, per-key gate), and a sticky task that takes its state handle and leaves
   it untouched (also the execution protocol: the applied-record check, the fence,
-  one Redis round trip, and the commit of the applied record);
+  answered from the node's lease clock with no Redis call, and the commit of the
+  applied record);
 - a state of ``--sizes`` MB per key (1,000-byte entries), ``workers x
   concurrency`` keys: a sticky step reads and writes one entry of the key's local
   state (and commits); a stateless task does the same on a Redis hash (HGET +
