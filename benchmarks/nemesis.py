@@ -32,7 +32,7 @@ from pathlib import Path
 from common import against_redis, log, positive
 
 from celery_sticky.testing import FAULT_KINDS, Nemesis, NemesisConfig, NemesisResult, Probe
-from celery_sticky.testing.checker import VIOLATIONS
+from celery_sticky.testing.checker import VIOLATIONS, Report
 
 DEFAULT_URL = "redis://127.0.0.1:6379/9"
 HERE = Path(__file__).resolve().parent
@@ -106,12 +106,24 @@ def bench(url: str, args: argparse.Namespace) -> None:
         print(table(result, elapsed))
         print()
         print(result.describe())
+        if args.keep_logs:
+            keep_histories(result.report, workdir)
         failed = False
     finally:
         if failed or args.keep_logs:
             log(f"worker logs kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def keep_histories(report: Report, workdir: Path) -> None:
+    """Each offending key's whole history (the report prints the first lines of the
+    first key only): its final state, then every body run with its task id, node and
+    epoch, to follow through the worker logs."""
+    for found in [*report.bad_keys, *report.undecided_keys]:
+        path = workdir / f"history-{found.key}.txt"
+        path.write_text("\n".join([*found.problems, *found.history]) + "\n")
+        log(f"history of {found.key} in {path}")
 
 
 def nemesis_env(
