@@ -26,8 +26,8 @@ lands (a write is refused once another worker holds the key), and a write that
 landed after the key's next owner adopted the copy shows as a **lost** step. Such
 pairs are counted and named, not taken for violations (seen in a RabbitMQ run:
 a SIGSTOP 7.5 s long between a copy write and its answer, the next owner's first
-step adopting that very write). The report gives the counts and the first offending key with its
-history, readable enough to start debugging from.
+step adopting that very write). The report gives the counts and the first
+offending key with its history, readable enough to start debugging from.
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ class RunRecord:
 
     def describe(self) -> str:
         commit = "-" if self.committed is None else f"{self.committed:.3f}"
+        if self.sharing is not None:
+            commit = f"{self.sharing:.3f}-{commit}"
         return (
             f"{self.producer}#{self.seq} on {self.node} pid {self.pid} epoch {self.epoch} "
             f"body {self.start:.3f}-{self.end:.3f} commit {commit} run {self.run_id[:8]} "
