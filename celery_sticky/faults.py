@@ -34,6 +34,8 @@ from collections.abc import Callable
 FAULT_POINTS = (
     "after_receive",  # worker main process: a BLMOVE answer read, before the delivery
     "after_prove",  # worker main process: ownership proven, before the pool gets the task
+    "unproven_head",  # worker main process: a key waiting for a number could not prove
+    # it is this worker's (no answer, another owner), before its head is handed on
     "after_run",  # pool: the task's body returned, before the fence
     "after_fence",  # pool: the fence passed, before the local commit
     "after_commit",  # pool: committed locally, before replication

@@ -281,6 +281,72 @@ def test_a_missing_number_is_waited_for_then_reported(
         assert f"gap in key:{key}: message(s) 2 of producer stream {stream}" in log, log[-3000:]
 
 
+def test_a_head_handed_on_unproven_goes_back_to_its_line_when_the_key_is_ours(
+    sticky_app: Any, prefix: str, redis_client: Any, tmp_path: Any
+) -> None:
+    """Number 3 of a key reaches its owner while number 2 is missing and the lease store
+    is away: the owner cannot prove the key, and hands the waiting head on to be
+    forwarded or to wait for the store. The store answers again right then (fault
+    point ``unproven_head``: the worker's group is frozen there, the store started,
+    the group resumed), and the head's own proof finds the key this worker's. It must
+    go back to its line and wait for number 2, not run. (It ran: seen in RabbitMQ
+    nemesis runs as hundreds of steps of a key applied in arrival order after a lease
+    store restart, with no gap reported.)"""
+    from celery_sticky.testing.redis_server import RedisServer
+    from celery_sticky.worker.lease_clock import FILE_NAME, LeaseClock
+    from tests.cluster_app import make_app
+
+    sub = f"{prefix}unproven"
+    name = "unproven1@sticky-tests"
+    marker = tmp_path / "fault-marker"
+    state_dir = tmp_path / "state"
+    with RedisServer() as server:
+        app = make_app(sub, sticky_redis_url=server.url, sticky_lease_ttl=30.0)
+        app.finalize()
+        task = app.tasks["tests.cluster_app.record_step"]
+        env = {
+            "STICKY_TEST_PREFIX": sub,
+            "STICKY_TEST_LEASE_URL": server.url,
+            "STICKY_TEST_LEASE_TTL": "30",
+            "STICKY_TEST_GAP_TIMEOUT": "60",
+            "STICKY_TEST_STATE_DIR": str(state_dir),
+        }
+        spec = {
+            "queues": [f"{sub}.default"],
+            "env": {
+                "STICKY_TEST_FAULT": "unproven_head:stop",
+                "STICKY_TEST_FAULT_MARKER": str(marker),
+            },
+        }
+        with start_cluster(app, {name: spec}, env=env, workdir=tmp_path / "logs") as workers:
+            key, stream = unique("unproven"), f"test.{uuid.uuid4().hex[:8]}"
+            assert task.apply_async((key, 1), headers=_numbered(key, stream, 1)).get(30) == [1]
+            owner_queue = _owner_queue(app, key)
+            clocks = list(state_dir.rglob(FILE_NAME))
+            assert len(clocks) == 1, clocks
+            clock = LeaseClock(clocks[0])
+            server.stop(save=True)
+
+            def known_lease_over() -> bool:
+                # The owner trusts what it proved for a second after the store last
+                # answered (the claim grace): past that, a proof asks the store.
+                _chain, until = clock.read()
+                return until < time.monotonic()
+
+            wait_for(known_lease_over, timeout=30, message="the known lease never ran out")
+            # Straight to the owner's queue: the router would ask the stopped store.
+            third = task.apply_async((key, 3), headers=_numbered(key, stream, 3), queue=owner_queue)
+            wait_for(marker.exists, timeout=30, message="the owner never handed 3 on unproven")
+            workers.workers[name].paused = True  # the fault point froze its group
+            server.start()
+            workers.resume(name)
+            second = task.apply_async(
+                (key, 2), headers=_numbered(key, stream, 2), queue=owner_queue
+            )
+            assert second.get(timeout=60) == [1, 2], "number 3 ran before number 2"
+            assert third.get(timeout=60) == [1, 2, 3]
+
+
 def test_a_gap_is_timed_from_when_the_key_waits_not_from_arrival(
     sticky_app: Any, prefix: str, redis_client: Any
 ) -> None:

@@ -96,6 +96,7 @@ class _Entry:
         "stream",
         "submitted",
         "task_id",
+        "unordered",
     )
 
     def __init__(
@@ -125,6 +126,9 @@ class _Entry:
         self.copies: list[Message] = []  # duplicates, acked once this entry is done
         self.fenced = False  # its run ended at the fence: its copies run instead
         self.retried = False  # its run asked for a retry that keeps its place
+        # Begun to be forwarded or to wait for the store, not because its turn came:
+        # if its proof then finds the key this worker's, it goes back to its line.
+        self.unordered = False
 
     @property
     def gate_key(self) -> GateKey:
@@ -318,6 +322,7 @@ class KeyGate:
                     return
                 head = self._choose(key, queue)
                 if head is not None:
+                    head.unordered = False
                     self._begin(head)
             if head is None:
                 head = self._past_gap(key)
@@ -452,11 +457,18 @@ class KeyGate:
         if lease is None or lease.owner != self.node.name or lease.status is ClaimStatus.MOVING:
             # Not ours (or no answer): _start forwards it or waits for the store. Moving
             # here: _start waits for the move to commit; its copy brings the record.
+            # Its turn did not come: should _start's own proof find the key this
+            # worker's (the store answers again, the owner died meanwhile), the head
+            # goes back to its line instead of running past the numbers it waits for
+            # (seen in the nemesis: a lease store restart between the two proofs, and
+            # a key's steps ran in arrival order from then on).
+            faults.reach("unproven_head")
             with self._lock:
                 self._gap_waiting.discard(key)
                 queue = self._queues.get(key)
                 if not queue or queue[0] is not head or head.started:
                     return None
+                head.unordered = True
                 self._begin(head)
             return head
         record: StreamRecord | None = None
@@ -474,6 +486,7 @@ class KeyGate:
             entry = self._choose(key, queue, record, now=now)
             if entry is not None:
                 self._gap_waiting.discard(key)
+                entry.unordered = False
                 self._begin(entry)
                 known = self._record(key) if record is None else record
                 expected = known.expected(entry.stream) or entry.seq
@@ -648,6 +661,11 @@ class KeyGate:
             entry.retry_delay = 0.1
             return _Outcome.WAIT
         entry.retry_delay = 0.0
+        if entry.unordered and lease.owner == self.node.name:
+            # Begun only to be forwarded or to wait for the store, and the key is this
+            # worker's: back to its line, where its turn is checked (next look: 0.1 s).
+            entry.unordered = False
+            return _Outcome.WAIT
         if lease.status is ClaimStatus.NO_LIVE_WORKER:
             # This node may not hold the key and no live worker may: wait in the
             # affinity's queue for one that may.
