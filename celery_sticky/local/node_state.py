@@ -7,26 +7,33 @@ the record's parts, each written ``<length>:<text>`` (see :func:`encode_parts`),
 so ``W`` below is ``<len(workflow)>:<workflow><len(key)>:<key>``:
 
 =====================  ===================================================
-``"v" W F``            field ``F``'s value, pickled
-``"m" W F``            field ``F``'s version stamp (for the memory tier); it
-                       exists exactly when the field does
+``"v" W F``            field ``F``'s value, pickled; it exists exactly when the
+                       field does, and its diskcache ``tag`` is the field's
+                       version stamp (for the memory tier)
 ``"i" W``              the key's field names, a sorted tuple (rewritten only
                        when a field is added or removed)
-``"k" W``              the key's meta row: ``(seq, last commit time, epoch)``:
-                       sequence number of the last applied task, wall-clock
-                       time of the last commit, lease epoch the state belongs
-                       to (None: not recorded)
+``"k" W``              the key's meta row: ``(seq, last commit time, epoch,
+                       streams)``: sequence number of the last applied task,
+                       wall-clock time of the last commit, lease epoch the
+                       state belongs to (None: not recorded), and the key's
+                       producer streams, ``{stream: last number applied}``
+                       (:class:`~celery_sticky.sequence.StreamRecord`)
 ``"a" W T``            applied record of task id ``T``: (seq, pickled result)
 ``"s" W N``            which task id was applied as seq ``N`` (for trimming), as
                        its encoded part ``T`` (a ``str`` value must be UTF-8)
-``"q" W``              the key's producer streams: ``{stream: last number
-                       applied}`` (:class:`~celery_sticky.sequence.StreamRecord`)
 ``"o" W T``            messages task ``T`` published, not yet sent
 ``"O"``                the set of pending outbox records
 ``"r" W``              the version of the key's hand-over copy its log grows
                        from (``sync`` replication), when this node wrote or
                        imported it: where the next commit's entry goes
+``"L"``                the layout of these records (:data:`LAYOUT`)
 =====================  ===================================================
+
+A one-entry commit touches as few rows as this allows: the field's value (with its
+version in the same row), the meta row (with the streams), the applied record and
+its ``"s"`` row. Earlier builds kept versions and streams in rows of their own; a
+directory they wrote has no ``"L"`` row and is refused when opened (the version is
+unreleased: there is no migration).
 
 A commit writes a task's changes, its applied record and its outbox in one short
 transaction (values are pickled and record keys built before it starts): all of
@@ -39,6 +46,7 @@ to the key's copy.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import threading
@@ -51,7 +59,7 @@ import diskcache
 from ..errors import StateDirError, StateSizeLimitError
 from ..sequence import StreamRecord
 from ..settings import StickyConfig
-from .memory import MISS, MemoryTier
+from .memory import MISS, MemoryTier, Slot
 from .private import PrivateDisk, check_private_dir, make_private_dir, make_private_files
 from .rows import Rows
 from .rows import supported as rows_supported
@@ -64,6 +72,10 @@ Meta = tuple[int, float | None, int | None]  # (seq, last commit time, epoch)
 
 NO_META: Meta = (0, None, None)
 PENDING_OUTBOXES = "O"
+#: The record layout of this build (the ``"L"`` row); a directory without it, or
+#: with another, is refused.
+LAYOUT = 2
+LAYOUT_KEY = "L"
 
 
 class Change(NamedTuple):
@@ -204,6 +216,17 @@ def _wk(workflow: str, key: str) -> str:
     return _part(workflow) + _part(key)
 
 
+def _split_meta(row: Any) -> tuple[Meta, StreamRecord]:
+    """The meta and the producer streams of a ``"k"`` row (None: the key has none)."""
+    if row is None:
+        return NO_META, StreamRecord()
+    return row[:3], StreamRecord.parse(row[3])
+
+
+def _meta_row(meta: Meta, streams: StreamRecord) -> tuple[Any, ...]:
+    return (*meta, streams.as_dict())
+
+
 class NodeState:
     """Every key's local state on one worker node."""
 
@@ -218,12 +241,29 @@ class NodeState:
             disk=PrivateDisk,
         )
         make_private_files(directory)
+        self._check_layout()
         self.memory = MemoryTier(config.memory_cache_bytes, config.memory_cache_min_bytes)
         #: The commit's fast path (None: diskcache's calls only, see local/rows.py).
         self._rows = Rows(self.cache) if rows_supported(self.cache) else None
 
     def close(self) -> None:
         self.cache.close()
+
+    def _check_layout(self) -> None:
+        """Mark an empty directory with :data:`LAYOUT`; refuse one another build wrote."""
+        with self.cache.transact():
+            found = self.cache.get(LAYOUT_KEY)
+            if found is None and len(self.cache) == 0:
+                self.cache.set(LAYOUT_KEY, LAYOUT)
+                return
+        if found != LAYOUT:
+            self.cache.close()
+            raise StateDirError(
+                f"local state in {self.directory!r} has record layout {found or 1}, this "
+                f"build reads layout {LAYOUT}: stop its worker with the build that wrote "
+                "it (a drain hands every key on), or delete the directory to start its "
+                "keys from their hand-over copies"
+            )
 
     # -- reads -----------------------------------------------------------------
 
@@ -234,31 +274,37 @@ class NodeState:
         """The field's value, or ``MISS``; large values come from the memory tier."""
         suffix = _wk(workflow, key) + _part(field)
         slot = (self.directory, workflow, key, field)
-        if self._rows is not None:
-            for _attempt in range(3):
-                version, stored = self._rows.read_pair("m" + suffix, "v" + suffix)
-                if version is None or stored is None:
-                    return MISS
-                value = self.memory.get(slot, version)
-                if value is not MISS:
-                    return value
-                try:
-                    raw = self._rows.fetch(stored)
-                    break
-                except OSError:  # its file went with a commit since: read that one
-                    continue
-            else:
-                raw = self.cache.get("v" + suffix)
-        else:
-            version = self.cache.get("m" + suffix)
-            if version is None:
+        if self._rows is None:
+            return self._read_calls(slot, "v" + suffix)
+        for _attempt in range(3):
+            version, stored = self._rows.read_field("v" + suffix)
+            if version is None or stored is None:
                 return MISS
             value = self.memory.get(slot, version)
             if value is not MISS:
                 return value
-            raw = self.cache.get("v" + suffix)
-        if raw is None:
+            try:
+                raw = self._rows.fetch(stored)
+                break
+            except OSError:  # its file went with a commit since: read that one
+                continue
+        else:
+            return self._read_calls(slot, "v" + suffix)
+        value = pickle.loads(raw)
+        self.memory.put(slot, version, value, len(raw))
+        return value
+
+    def _read_calls(self, slot: Slot, value_key: str) -> Any:
+        """:meth:`read` through diskcache's calls. ``read=True``: a value in a file is
+        opened, and read only when the memory tier misses (a small one comes as bytes)."""
+        found, version = self.cache.get(value_key, read=True, tag=True)
+        if found is None:
             return MISS
+        with contextlib.nullcontext() if isinstance(found, bytes) else found:
+            value = self.memory.get(slot, version)
+            if value is not MISS:
+                return value
+            raw = found if isinstance(found, bytes) else found.read()
         value = pickle.loads(raw)
         self.memory.put(slot, version, value, len(raw))
         return value
@@ -271,8 +317,12 @@ class NodeState:
         return True, pickle.loads(record[1])
 
     def _meta(self, wk: str) -> Meta:
-        meta: Meta | None = self.cache.get("k" + wk)
-        return NO_META if meta is None else meta
+        row = self.cache.get("k" + wk)
+        return NO_META if row is None else row[:3]
+
+    def _meta_row(self, wk: str) -> tuple[Meta, StreamRecord]:
+        """The key's meta and its producer streams (one ``"k"`` row)."""
+        return _split_meta(self.cache.get("k" + wk))
 
     def last_commit(self, workflow: str, key: str) -> float | None:
         last = self._meta(_wk(workflow, key))[1]
@@ -393,46 +443,44 @@ class NodeState:
         assert self._rows is not None
         wk = _wk(workflow, key)
         task_part = _part(task_id)
-        applied_key, meta_key, streams_key = "a" + wk + task_part, "k" + wk, "q" + wk
+        applied_key, meta_key = "a" + wk + task_part, "k" + wk
         with self._rows.commit() as rows:
             # Values first, outside the lock (large ones go to files, as Cache.set does).
             written, removed_keys = [], []
             for field, blob in blobs.items():
                 suffix = wk + _part(field)
                 if blob is DELETED:
-                    removed_keys.append((field, "m" + suffix, "v" + suffix))
+                    removed_keys.append((field, "v" + suffix))
                 else:
-                    version, value = rows.encode(versions[field]), rows.encode(blob)
-                    written.append((field, "m" + suffix, "v" + suffix, version, value))
+                    written.append((field, "v" + suffix, rows.encode(blob)))
             with rows.locked():
                 now = time.time()
                 wanted = [applied_key, meta_key]
-                for _field, version_key, value_key, _version, _value in written:
-                    wanted += (version_key, value_key)
-                if seq:
-                    wanted.append(streams_key)
+                wanted += [value_key for _field, value_key, _value in written]
                 found = rows.select(wanted, now)
                 previous = found.get(applied_key)
                 if previous is not None and previous.value is not None:
                     raise AlreadyApplied(pickle.loads(previous.value[1]))
                 inserts: list[Any] = []
                 added, removed = [], []
-                for field, version_key, value_key, version, value in written:
-                    # The version row exists exactly when the field does.
-                    old = found.get(version_key)
+                for field, value_key, value in written:
+                    # The value row exists exactly when the field does.
+                    old = found.get(value_key)
                     if old is None:
                         added.append(field)
-                    rows.write(version_key, version, old, now, inserts)
-                    rows.write(value_key, value, found.get(value_key), now, inserts)
-                for field, version_key, value_key in removed_keys:
-                    if rows.delete(version_key)[0]:
-                        rows.delete(value_key)
+                    rows.write(value_key, value, old, now, inserts, tag=versions[field])
+                for field, value_key in removed_keys:
+                    if rows.delete(value_key)[0]:
                         removed.append(field)
                 meta_row = found.get(meta_key)
-                old_seq, _, old_epoch = meta_row.value if meta_row is not None else NO_META
+                (old_seq, _, old_epoch), streams = _split_meta(
+                    meta_row.value if meta_row is not None else None
+                )
                 number = int(old_seq) + 1
                 meta: Meta = (number, now, epoch or old_epoch)
-                rows.write(meta_key, rows.encode(meta), meta_row, now, inserts)
+                if seq:
+                    streams.advance(stream, seq)
+                rows.write(meta_key, rows.encode(_meta_row(meta, streams)), meta_row, now, inserts)
                 # The applied record leaving the window (trimmed) gives its rows to this one.
                 expired = number - self.config.dedup_window
                 old_number, old_applied = (
@@ -452,11 +500,6 @@ class NodeState:
                     rows.write(applied_key, applied, previous, now, inserts)
                 number_key = "s" + wk + _part(str(number))
                 rows.write(number_key, rows.encode(task_part), old_number, now, inserts, rekey=True)
-                if seq:
-                    stored = found.get(streams_key)
-                    record = StreamRecord.parse(stored.value if stored is not None else None)
-                    if record.advance(stream, seq) or stored is None:
-                        rows.write(streams_key, rows.encode(record.as_dict()), stored, now, inserts)
                 rows.insert(inserts)
                 if added or removed:
                     index_key = "i" + wk
@@ -490,10 +533,7 @@ class NodeState:
         task_part = _part(task_id)
         applied_key = "a" + wk + task_part
         index_key = "i" + wk
-        rows = [
-            (field, blob, "v" + wk + _part(field), "m" + wk + _part(field))
-            for field, blob in blobs.items()
-        ]
+        rows = [(field, blob, "v" + wk + _part(field)) for field, blob in blobs.items()]
         old_fields: frozenset[str] = frozenset()
         with cache.transact():
             previous = cache.get(applied_key)
@@ -503,37 +543,30 @@ class NodeState:
                 old_fields = frozenset(self.fields(workflow, key))
                 kept = {field for field, blob in blobs.items() if blob is not DELETED}
                 for field in old_fields - kept:
-                    suffix = wk + _part(field)
-                    cache.delete("v" + suffix)
-                    cache.delete("m" + suffix)
-                for field, blob, value_key, version_key in rows:
+                    cache.delete("v" + wk + _part(field))
+                for field, blob, value_key in rows:
                     if blob is not DELETED:
-                        cache.set(value_key, blob)
-                        cache.set(version_key, versions[field])
+                        cache.set(value_key, blob, tag=versions[field])
                 if kept != old_fields:
                     self._write_index(index_key, kept)
             else:
                 added, removed = [], []
-                for field, blob, value_key, version_key in rows:
-                    # The version row exists exactly when the field does.
+                for field, blob, value_key in rows:
+                    # The value row exists exactly when the field does.
                     if blob is DELETED:
-                        if cache.delete(version_key):
-                            cache.delete(value_key)
+                        if cache.delete(value_key):
                             removed.append(field)
                         continue
-                    if cache.add(version_key, versions[field]):
+                    if cache.add(value_key, blob, tag=versions[field]):
                         added.append(field)
                     else:
-                        cache.set(version_key, versions[field])
-                    cache.set(value_key, blob)
+                        cache.set(value_key, blob, tag=versions[field])
                 if added or removed:
                     fields = set(cache.get(index_key, default=()))
                     fields.update(added)
                     fields.difference_update(removed)
                     self._write_index(index_key, fields)
-            meta = self._record_applied(wk, task_part, pickled_result, epoch)
-            if seq:
-                self._advance(wk, stream, seq)
+            meta = self._record_applied(wk, task_part, pickled_result, epoch, stream, seq)
             if outbox:
                 self._add_outbox(workflow, key, task_id, wk + task_part, outbox)
         return meta, old_fields
@@ -575,14 +608,18 @@ class NodeState:
         else:
             self.cache.delete(index_key)
 
-    def _record_applied(self, wk: str, task_part: str, result: bytes, epoch: int) -> Meta:
-        """The applied record (its ``"s"`` row holds the task id's encoded part); returns
-        the key's new meta."""
+    def _record_applied(
+        self, wk: str, task_part: str, result: bytes, epoch: int, stream: str, number: int
+    ) -> Meta:
+        """The applied record (its ``"s"`` row holds the task id's encoded part), and
+        ``number`` of ``stream`` when it has one; returns the key's new meta."""
         cache = self.cache
-        seq, _, old_epoch = self._meta(wk)
+        (seq, _, old_epoch), streams = self._meta_row(wk)
         seq = int(seq) + 1
         meta: Meta = (seq, time.time(), epoch or old_epoch)
-        cache.set("k" + wk, meta)
+        if number:
+            streams.advance(stream, number)
+        cache.set("k" + wk, _meta_row(meta, streams))
         cache.set("a" + wk + task_part, (seq, result))
         cache.set("s" + wk + _part(str(seq)), task_part)
         expired = seq - self.config.dedup_window
@@ -592,39 +629,33 @@ class NodeState:
                 cache.delete("a" + wk + old)
         return meta
 
-    def _advance(self, wk: str, stream: str, seq: int) -> None:
-        stored = self.cache.get("q" + wk)
-        record = StreamRecord.parse(stored)
-        if record.advance(stream, seq) or stored is None:
-            self.cache.set("q" + wk, record.as_dict())
-
     def streams(self, workflow: str, key: str) -> StreamRecord:
         """The key's last applied number per producer stream (:mod:`celery_sticky.sequence`)."""
-        return StreamRecord.parse(self.cache.get("q" + _wk(workflow, key)))
+        return self._meta_row(_wk(workflow, key))[1]
 
     def forget_streams(self, workflow: str, key: str) -> None:
         """The key's history is not all here (its state was lost): streams the record
         does not know may start at any number."""
         with self.cache.transact():
             wk = _wk(workflow, key)
-            record = StreamRecord.parse(self.cache.get("q" + wk))
-            record.complete = False
-            self.cache.set("q" + wk, record.as_dict())
+            meta, streams = self._meta_row(wk)
+            streams.complete = False
+            self.cache.set("k" + wk, _meta_row(meta, streams))
 
     def consume(self, workflow: str, key: str, stream: str, seq: int) -> None:
         """Record number ``seq`` of ``stream`` as done without a commit: the task failed,
         was dead-lettered, or waits for its countdown (it runs when due)."""
         if seq:
             with self.cache.transact():
-                self._advance(_wk(workflow, key), stream, seq)
+                wk = _wk(workflow, key)
+                meta, streams = self._meta_row(wk)
+                if streams.advance(stream, seq) or meta == NO_META:
+                    self.cache.set("k" + wk, _meta_row(meta, streams))
 
     def _delete_key(self, wk: str, fields: Iterable[str]) -> None:
         cache = self.cache
-        cache.delete("q" + wk)
         for field in fields:
-            suffix = wk + _part(field)
-            cache.delete("v" + suffix)
-            cache.delete("m" + suffix)
+            cache.delete("v" + wk + _part(field))
         cache.delete("i" + wk)
         seq = int(self._meta(wk)[0])
         for number in range(max(1, seq - self.config.dedup_window + 1), seq + 1):
@@ -666,7 +697,7 @@ class NodeState:
         cache = self.cache
         wk = _wk(workflow, key)
         with cache.transact():
-            seq, last_commit, epoch = self._meta(wk)
+            (seq, last_commit, epoch), streams = self._meta_row(wk)
             fields = self.fields(workflow, key)
             if epoch is None and not fields:
                 return None
@@ -687,7 +718,7 @@ class NodeState:
                 "fields": {f: cache.get("v" + wk + _part(f)) for f in fields},
                 "applied": applied,
                 "last_commit": last_commit,
-                "streams": StreamRecord.parse(cache.get("q" + wk)).as_dict(),
+                "streams": streams.as_dict(),
             }
 
     def import_key(
@@ -710,8 +741,7 @@ class NodeState:
             fields = data.get("fields") or {}
             for field, blob in fields.items():
                 suffix = wk + _part(field)
-                cache.set("v" + suffix, blob)
-                cache.set("m" + suffix, new_version())
+                cache.set("v" + suffix, blob, tag=new_version())
             if fields:
                 cache.set("i" + wk, tuple(sorted(fields)))
             seq = int(data.get("seq") or 0)
@@ -720,11 +750,8 @@ class NodeState:
                     task_part = _part(task_id)
                     cache.set("a" + wk + task_part, (number, result))
                     cache.set("s" + wk + _part(str(number)), task_part)
-            streams = StreamRecord.parse(data.get("streams")).as_dict()
-            if streams:
-                cache.set("q" + wk, streams)
-            last_commit = data.get("last_commit")
-            cache.set("k" + wk, (seq, last_commit, epoch))
+            streams = StreamRecord.parse(data.get("streams"))
+            cache.set("k" + wk, _meta_row((seq, data.get("last_commit"), epoch), streams))
             if copy_version is not None:
                 cache.set("r" + wk, copy_version)
         self.memory.discard_key(self.directory, workflow, key)
@@ -759,7 +786,7 @@ class NodeState:
             fields = self.fields(workflow, key)
             had = self._meta(wk)[2] is not None or bool(fields)
             self._delete_key(wk, fields)
-            cache.set("k" + wk, (0, None, epoch))
+            cache.set("k" + wk, _meta_row((0, None, epoch), StreamRecord()))
         self.memory.discard_key(self.directory, workflow, key)
         return had
 

@@ -5,11 +5,13 @@ applied record, the key's meta row and the trim of the oldest applied record. Th
 diskcache's calls that took 24 SQLite statements (each ``set`` is a SELECT, an UPDATE or
 INSERT and a cull query, each ``delete`` and ``pop`` a small transaction of its own),
 about 0.18 ms a commit, most of it spent outside SQLite's COMMIT. :class:`Rows` does
-the same writes in 9 statements: one SELECT for every row the commit reads or replaces,
-an UPDATE by rowid (or one multi-row INSERT) for each row it writes, and the applied
-record that leaves the dedup window hands its two rows to the new one (an UPDATE of
-their key), which leaves the table's end and the expiry index alone: 8 pages to the
-WAL instead of 12 (``benchmarks/state_access.py``, docs/performance.md).
+the same writes in 6 statements for a one-entry change: one SELECT for every row the
+commit reads or replaces, an UPDATE by rowid (or one multi-row INSERT) for each row it
+writes (the field's value, its version in diskcache's ``tag`` column; the key's meta
+row, with its producer streams), one SELECT for the applied record that leaves the
+dedup window, and that record hands its two rows to the new one (an UPDATE of their
+key), which leaves the table's end and the expiry index alone: 7 pages to the WAL
+instead of 12 (``benchmarks/state_access.py``, docs/performance.md).
 
 It stays diskcache's store: the statements run inside ``Cache.transact()`` (one
 transaction with any diskcache call made there, serialised against every other
@@ -21,11 +23,11 @@ writes no expiring row (the end of a workflow, which does, still goes through
 ``set``).
 
 It relies on diskcache's schema, the ``Cache`` table's columns and its unique
-index on ``(key, raw)`` (diskcache 5; 5.6.3 is tested), and on ``Cache._con``, the
-cache's per-thread connection (reopened after a fork), which diskcache does not
-document. :func:`supported` checks the schema when a cache is opened; on any other
-:class:`~celery_sticky.local.node_state.NodeState` commits through diskcache's
-calls.
+index on ``(key, raw)`` (diskcache 5; 5.6.3 is tested), on SQLite 3.35 or later
+(``DELETE ... RETURNING``), and on ``Cache._con``, the cache's per-thread connection
+(reopened after a fork), which diskcache does not document. :func:`supported` checks
+the schema when a cache is opened; on any other
+:class:`~celery_sticky.local.node_state.NodeState` commits through diskcache's calls.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sqlite3
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -56,14 +59,16 @@ CACHE_COLUMNS = (
     "value",
 )
 #: Rows whose value :meth:`RowCommit.select` returns (small records); others give None.
-_VALUED_KINDS = "('a', 'k', 'q', 'i')"
+_VALUED_KINDS = "('a', 'k', 'i')"
+# ``tag`` is diskcache's own column (``Cache.set(..., tag=...)``): a field's value row
+# keeps the field's version there (see node_state.py), other rows keep None.
 _UPDATE = (
-    "UPDATE Cache SET store_time = ?, access_time = ?, size = ?, mode = ?, filename = ?,"
-    " value = ? WHERE rowid = ?"
+    "UPDATE Cache SET store_time = ?, access_time = ?, tag = ?, size = ?, mode = ?,"
+    " filename = ?, value = ? WHERE rowid = ?"
 )
 # A row that had an expiry (an applied record left by an ended workflow) loses it.
 _UPDATE_EXPIRING = (
-    "UPDATE Cache SET store_time = ?, expire_time = NULL, access_time = ?, size = ?,"
+    "UPDATE Cache SET store_time = ?, expire_time = NULL, access_time = ?, tag = ?, size = ?,"
     " mode = ?, filename = ?, value = ? WHERE rowid = ?"
 )
 # OR REPLACE: the commit inserts only rows its SELECT did not find, but for an "s" row
@@ -72,17 +77,16 @@ _INSERT = (
     "INSERT OR REPLACE INTO Cache(key, raw, store_time, expire_time, access_time,"
     " access_count, tag, size, mode, filename, value) VALUES "
 )
-_INSERT_ROW = "(?, 1, ?, NULL, ?, 0, NULL, ?, ?, ?, ?)"
+_INSERT_ROW = "(?, 1, ?, NULL, ?, 0, ?, ?, ?, ?, ?)"
+_INSERT_PARAMS = _INSERT_ROW.count("?")
 # A row taking another key: the applied record leaving the window makes room for the
 # new one. Its rowid and expiry stay, so neither the table's end nor the expiry index
 # is touched: three fewer pages to the WAL per commit than a DELETE and an INSERT.
 _REKEY = (
-    "UPDATE OR REPLACE Cache SET key = ?, store_time = ?, access_time = ?, size = ?, mode = ?,"
-    " filename = ?, value = ? WHERE rowid = ?"
+    "UPDATE OR REPLACE Cache SET key = ?, store_time = ?, access_time = ?, tag = ?, size = ?,"
+    " mode = ?, filename = ?, value = ? WHERE rowid = ?"
 )
-_READ_PAIR = (
-    "SELECT substr(key, 1, 1), mode, filename, value FROM Cache WHERE key IN (?, ?) AND raw = 1"
-)
+_READ_FIELD = "SELECT tag, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
 _DELETE = "DELETE FROM Cache WHERE key = ? AND raw = 1 RETURNING filename, mode, value"
 _DELETE_ROW = "DELETE FROM Cache WHERE rowid = ? RETURNING filename"
 # The "s" row of a number and the "a" row it names (its value is the task id's part).
@@ -103,7 +107,8 @@ class Row(NamedTuple):
 
 
 def supported(cache: diskcache.Cache) -> bool:
-    """Whether ``cache`` has the schema :class:`Rows` writes (see the module doc)."""
+    """Whether ``cache`` has the schema :class:`Rows` writes, on a SQLite it runs on
+    (see the module doc)."""
     try:
         con = cache._con
         columns = tuple(row[1] for row in con.execute("PRAGMA table_info(Cache)"))
@@ -113,6 +118,12 @@ def supported(cache: diskcache.Cache) -> bool:
         logger.warning("sticky: cannot read diskcache's schema", exc_info=True)
         return False
     ok = columns == CACHE_COLUMNS and indexes.get("Cache_key_raw") == 1 and unique == ["key", "raw"]
+    if ok and sqlite3.sqlite_version_info < (3, 35):  # DELETE ... RETURNING
+        logger.warning(
+            "sticky: SQLite %s is older than 3.35; commits go through diskcache's calls (slower)",
+            sqlite3.sqlite_version,
+        )
+        return False
     if not ok:
         logger.warning(
             "sticky: diskcache %s keeps a schema this version does not know (columns %s); "
@@ -123,10 +134,12 @@ def supported(cache: diskcache.Cache) -> bool:
     return ok
 
 
-#: Most rows one statement selects or inserts: a commit of thousands of fields stays
-#: under SQLite's limit on a statement's parameters (32,766 by default since 3.32,
-#: 999 before) in statements of a size SQLite plans quickly.
+#: Most rows one statement selects: a commit of thousands of fields stays under
+#: SQLite's limit on a statement's parameters (32,766 by default since 3.32, 999
+#: before) in statements of a size SQLite plans quickly.
 _BATCH = 128
+#: Most rows one INSERT takes: each takes ``_INSERT_PARAMS`` parameters, 999 at most.
+_INSERT_BATCH = 999 // _INSERT_PARAMS
 
 
 @functools.lru_cache(maxsize=_BATCH)
@@ -138,7 +151,7 @@ def _select(count: int) -> str:
     )
 
 
-@functools.lru_cache(maxsize=_BATCH)
+@functools.lru_cache(maxsize=_INSERT_BATCH)
 def _insert(count: int) -> str:
     return _INSERT + ", ".join([_INSERT_ROW] * count)
 
@@ -150,19 +163,15 @@ class Rows:
         self.cache = cache
         self.disk = cache.disk
 
-    def read_pair(self, version_key: str, value_key: str) -> tuple[Any, Any]:
-        """A field's version and its ``Disk.fetch`` arguments ``(mode, filename, value)``,
-        in one statement (one snapshot: never a version with another commit's value);
-        ``(None, None)`` when the field does not exist."""
-        version = stored = None
-        for kind, mode, filename, value in self.cache._con.execute(
-            _READ_PAIR, (version_key, value_key)
-        ):
-            if kind == "m":
-                version = self.disk.fetch(mode, filename, value, False)
-            else:
-                stored = (mode, filename, value)
-        return (version, stored) if version is not None else (None, None)
+    def read_field(self, value_key: str) -> tuple[Any, Any]:
+        """A field's version (its value row's tag) and its ``Disk.fetch`` arguments
+        ``(mode, filename, value)``, from one row: never a version with another
+        commit's value; ``(None, None)`` when the field does not exist."""
+        found = self.cache._con.execute(_READ_FIELD, (value_key,)).fetchone()
+        if found is None:
+            return None, None
+        tag, mode, filename, value = found
+        return tag, (mode, filename, value)
 
     def fetch(self, stored: tuple[Any, Any, Any]) -> Any:
         """The value :meth:`read_pair` found (a file is read now)."""
@@ -237,21 +246,22 @@ class RowCommit:
         inserts: list[Any],
         *,
         rekey: bool = False,
+        tag: int | None = None,
     ) -> None:
-        """Replace ``row`` (found by :meth:`select`) with ``encoded``, or queue an insert
-        for :meth:`insert` when there is none. ``rekey``: ``row`` is another key's (from
-        :meth:`trimmed`), which it becomes."""
+        """Replace ``row`` (found by :meth:`select`) with ``encoded`` and ``tag``, or
+        queue an insert for :meth:`insert` when there is none. ``rekey``: ``row`` is
+        another key's (from :meth:`trimmed`), which it becomes."""
         size, mode, filename, value = encoded
         if row is None:
-            inserts.extend((key, now, now, size, mode, filename, value))
+            inserts.extend((key, now, now, tag, size, mode, filename, value))
             return
         if row.filename:
             self.old_files.append(row.filename)
         if rekey:
-            self.sql(_REKEY, (key, now, now, size, mode, filename, value, row.rowid))
+            self.sql(_REKEY, (key, now, now, tag, size, mode, filename, value, row.rowid))
             return
         statement = _UPDATE if row.expire_time is None else _UPDATE_EXPIRING
-        self.sql(statement, (now, now, size, mode, filename, value, row.rowid))
+        self.sql(statement, (now, now, tag, size, mode, filename, value, row.rowid))
 
     def trimmed(self, number_key: str, applied_prefix: str) -> tuple[Row | None, Row | None]:
         """The ``"s"`` row ``number_key`` and the ``"a"`` row it names (``applied_prefix``
@@ -271,11 +281,11 @@ class RowCommit:
             self.old_files.append(row.filename)
 
     def insert(self, inserts: list[Any]) -> None:
-        """Insert the rows :meth:`write` queued: one statement (per ``_BATCH`` rows)."""
-        step = 7 * _BATCH
+        """Insert the rows :meth:`write` queued: one statement (per ``_INSERT_BATCH`` rows)."""
+        step = _INSERT_PARAMS * _INSERT_BATCH
         for start in range(0, len(inserts), step):
             batch = inserts[start : start + step]
-            self.sql(_insert(len(batch) // 7), batch)
+            self.sql(_insert(len(batch) // _INSERT_PARAMS), batch)
 
     def delete(self, key: str) -> tuple[bool, Any]:
         """Delete the row of ``key``: ``(whether it existed, its value if stored raw)``
