@@ -310,10 +310,10 @@ SETTINGS: tuple[Setting, ...] = (
         "Then it goes on without "
         "it, with an ERROR log, the `sticky_sequence_gaps_total` metric and a "
         "`sticky-gap` event naming the key and the missing number. While messages still "
-        "wait in the owner's own queue when the time is up, the missing one may be among "
-        "them (a forward or a moved queue joins the tail): the key waits on, up to ten "
-        "times this in all. Longer than a message can take to reach the owner: a "
-        "forward, or a reap (`sticky_lease_ttl` and the reaper's pass).",
+        "wait where the missing one may be when the time is up (the owner's queue, the "
+        "other workers' direct queues and, on Redis, their in-flight lists), the key "
+        "waits on, up to ten times this in all. Longer than a message can take to reach "
+        "the owner: a forward, or a reap (`sticky_lease_ttl` and the reaper's pass).",
         _positive_float,
     ),
     Setting(

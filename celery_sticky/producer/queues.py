@@ -10,7 +10,7 @@ CLI, moves and the reaper take.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..wire import HEADER, direct_queue
 
@@ -31,6 +31,16 @@ def broker_is_amqp(app: Celery) -> bool:
     return url.split(":", 1)[0] in ("amqp", "amqps", "pyamqp")
 
 
+def connection_options(app: Celery, timeout: float | None) -> dict[str, Any]:
+    """``connection_for_write`` options that bound each socket operation (connecting,
+    reading, writing) to ``timeout`` seconds; none for None."""
+    if timeout is None:
+        return {}
+    # py-amqp's names and kombu Redis's; each transport reads its own.
+    names = ("read_timeout", "write_timeout") if broker_is_amqp(app) else ("socket_timeout",)
+    return {"connect_timeout": timeout, "transport_options": {name: timeout for name in names}}
+
+
 def queue_size(app: Celery, queue: str, timeout: float | None = None) -> int:
     """Messages waiting in ``queue`` (0 when it does not exist).
 
@@ -38,16 +48,7 @@ def queue_size(app: Celery, queue: str, timeout: float | None = None) -> int:
     writing), after which it raises; None waits as the app's broker settings say,
     which on a connection the network silently dropped can be for ever.
     """
-    options = {}
-    if timeout is not None:
-        # py-amqp's names and kombu Redis's; each transport reads its own.
-        amqp = broker_is_amqp(app)
-        timeouts = ("read_timeout", "write_timeout") if amqp else ("socket_timeout",)
-        options = {
-            "connect_timeout": timeout,
-            "transport_options": {name: timeout for name in timeouts},
-        }
-    with app.connection_for_write(**options) as connection:
+    with app.connection_for_write(**connection_options(app, timeout)) as connection:
         bound = direct_queue(queue).bind(connection.default_channel)  # type: ignore[no-untyped-call]
         try:
             return int(bound.queue_declare(passive=True).message_count)

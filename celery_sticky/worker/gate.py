@@ -52,9 +52,9 @@ from ..events import dispatcher_send, ownership_changed, sequence_gap
 from ..lease import ClaimStatus
 from ..placement import affinity_queue_name
 from ..producer.own_tasks import END_WORKFLOW, MOVE_KEY
-from ..producer.queues import queue_size
 from ..sequence import StreamRecord
 from ..wire import HEADER, StickyHeader, check_task_body
+from .backlog import GAP_BACKLOG_FACTOR, BacklogProbe
 from .deadletter import dead_letter
 from .forwarding import forward
 from .lease_clock import CHAIN_HEADER
@@ -63,10 +63,6 @@ from .node import StickyNode
 logger = logging.getLogger(__name__)
 
 GateKey = tuple[str, str]
-
-#: A gap whose missing number may still be in this worker's own queue waits for at
-#: most this many ``sticky_gap_timeout`` in all (see ``KeyGate._gap_expired``).
-GAP_BACKLOG_FACTOR = 10
 
 
 class _Outcome(enum.Enum):
@@ -164,8 +160,8 @@ class KeyGate:
         #: predecessor once the key is free (seen in the nemesis: thousands of
         #: steps held behind slow keys ran past gaps at once, out of order).
         self._gap_since: dict[GateKey, dict[str, float]] = {}
-        #: Whether this worker's direct queue holds messages (started on first use).
-        self._backlog: _BacklogProbe | None = None
+        #: Whether messages wait where a missing one may be (started on first use).
+        self._backlog: BacklogProbe | None = None
         self._lock = threading.RLock()
         self._local = threading.local()
 
@@ -417,24 +413,25 @@ class KeyGate:
     def _gap_expired(self, since: float, now: float) -> bool:
         """Whether a key that has waited for a missing number since ``since`` goes on.
 
-        After ``sticky_gap_timeout``, unless messages still wait in this worker's own
-        queue: the missing one may be among them (a forward or a moved backlog joins
-        the queue's tail, behind everything queued before it; seen in the nemesis:
-        forwarded steps reached a busy owner two minutes after they were sent, and 58
-        gaps were declared meanwhile). Then the key waits on, for at most
-        ``GAP_BACKLOG_FACTOR`` timeouts in all, so that a lost message stops its key
-        for a bounded time on a worker that never catches up.
+        After ``sticky_gap_timeout``, unless messages still wait where the missing one
+        may be (:mod:`celery_sticky.worker.backlog`: this worker's queue, where a
+        forward or a moved backlog joins the tail, and the other workers' queues and
+        in-flight lists; seen in the nemesis: forwarded steps reached a busy owner two
+        minutes after they were sent, and 58 gaps were declared meanwhile). Then the
+        key waits on, for at most ``GAP_BACKLOG_FACTOR`` timeouts in all, so that a
+        lost message stops its key for a bounded time in a cluster that never
+        catches up.
         """
         waited, timeout = now - since, self.node.config.gap_timeout
         if waited < timeout:
             return False
-        return waited >= timeout * GAP_BACKLOG_FACTOR or not self._own_backlog(now)
+        return waited >= timeout * GAP_BACKLOG_FACTOR or not self._backlog_seen(now)
 
-    def _own_backlog(self, now: float) -> bool:
-        """Whether messages wait in this worker's direct queue, as last seen by the
-        backlog probe (never asked here: see :class:`_BacklogProbe`)."""
+    def _backlog_seen(self, now: float) -> bool:
+        """Whether messages wait where a missing one may be, as last seen by the
+        backlog probe (never asked here: see :class:`BacklogProbe`)."""
         if self._backlog is None:
-            self._backlog = _BacklogProbe(self.app, self.node.queue)
+            self._backlog = BacklogProbe(self.app, self.node)
         return self._backlog.ask(now)
 
     def _past_gap(self, key: GateKey) -> _Entry | None:
@@ -825,48 +822,6 @@ class KeyGate:
         qos = getattr(self.consumer, "qos", None)
         if qos is not None:
             getattr(qos, method)()
-
-
-class _BacklogProbe:
-    """Whether messages wait in a queue, asked in a thread of its own.
-
-    Never in the consumer's event loop: a broker that does not answer (a cut or
-    blackholed connection) would stop the loop, and every key of the worker with it.
-    The thread asks about once a second while the gate keeps asking, and sleeps
-    otherwise. An answer older than ``STALE`` seconds, or none yet, counts as yes
-    (the key waits on, within its bound).
-    """
-
-    INTERVAL = 1.0
-    STALE = 5.0
-
-    def __init__(self, app: Celery, queue: str) -> None:
-        self.app = app
-        self.queue = queue
-        self._answer = True
-        self._answered = float("-inf")
-        self._wanted = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sticky-backlog", daemon=True)
-        self._thread.start()
-
-    def ask(self, now: float) -> bool:
-        self._wanted.set()
-        return self._answer or now - self._answered > self.STALE
-
-    def _run(self) -> None:
-        while True:
-            self._wanted.wait()
-            self._wanted.clear()
-            try:
-                # Bounded: a connection the network dropped silently (a blackholed
-                # broker) once held this thread for good, and every answer after it
-                # was stale, so each gap waited GAP_BACKLOG_FACTOR timeouts.
-                answer = queue_size(self.app, self.queue, timeout=self.STALE) > 0
-            except Exception:
-                logger.debug("sticky: could not read the length of %s", self.queue, exc_info=True)
-                answer = True
-            self._answer, self._answered = answer, time.monotonic()
-            time.sleep(self.INTERVAL)
 
 
 class _GatedConsumer:
