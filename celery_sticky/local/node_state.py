@@ -649,7 +649,7 @@ class NodeState:
             with self.cache.transact():
                 wk = _wk(workflow, key)
                 meta, streams = self._meta_row(wk)
-                if streams.advance(stream, seq) or meta == NO_META:
+                if streams.advance(stream, seq):
                     self.cache.set("k" + wk, _meta_row(meta, streams))
 
     def _delete_key(self, wk: str, fields: Iterable[str]) -> None:

@@ -32,7 +32,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..producer.queues import connection_options
+from ..producer.queues import broker_is_amqp, connection_options
 from ..wire import direct_queue, inflight_key
 from .delivery import is_redis_channel
 
@@ -52,6 +52,7 @@ def messages_waiting(app: Celery, own_queue: str, others: list[str], timeout: fl
     """Whether a message waits in ``own_queue`` or in one of the ``others`` (direct
     queues of other workers), ready or (Redis) in their in-flight lists. Each socket
     operation may take ``timeout`` seconds."""
+    amqp = broker_is_amqp(app)
     with app.connection_for_write(**connection_options(app, timeout)) as connection:
         channel = connection.default_channel
         for queue in (own_queue, *others):
@@ -59,9 +60,9 @@ def messages_waiting(app: Celery, own_queue: str, others: list[str], timeout: fl
                 bound: Any = direct_queue(queue).bind(channel)  # type: ignore[no-untyped-call]
                 if bound.queue_declare(passive=True).message_count:
                     return True
-            except Exception:  # RabbitMQ answers 404 for a queue it does not know
-                logger.debug("sticky: no length for %s", queue, exc_info=True)
-                channel = connection.channel()  # and closes the channel it asked on
+            except Exception:  # a queue the broker does not know (an empty one on Redis)
+                if amqp:  # RabbitMQ's 404 closed the channel it was asked on
+                    channel = connection.channel()
         if others and is_redis_channel(channel) and not channel.global_keyprefix:
             with channel.conn_or_acquire() as client:
                 pipe = client.pipeline(transaction=False)
